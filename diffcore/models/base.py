@@ -1,0 +1,93 @@
+"""Base class for Diffusers-format model modules (transformers, VAEs).
+
+A module is built from its ``config.json`` on the meta device and its weights are then assigned
+from safetensors by the loader; this class only knows how to turn a config dict into constructor
+arguments and remembers the config it was built with.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import warnings
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class ModelMixin(nn.Module):
+    """Mixin for diffcore model modules whose parameter names equal the Diffusers class of the same name.
+
+    Subclasses set ``diffusers_class_name`` (the ``_class_name`` in config.json they serve) and may
+    override ``map_state_dict_key`` to rename checkpoint keys on load.
+    """
+
+    diffusers_class_name: ClassVar[str] = ""
+    config: dict
+
+    @classmethod
+    def init_arg_names(cls) -> set[str]:
+        return {n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "args", "kwargs")}
+
+    @classmethod
+    def filter_config(cls, config: Mapping[str, Any]) -> dict:
+        """Keep the keys ``__init__`` accepts; warn about the others (Diffusers' behaviour, made visible)."""
+        accepted = cls.init_arg_names()
+        kwargs, ignored = {}, []
+        for key, value in config.items():
+            if key.startswith("_"):
+                continue
+            if key in accepted:
+                kwargs[key] = tuple(value) if isinstance(value, list) and key.endswith(("dims_rope", "types", "channels", "mult", "downsample", "scales", "size")) else value
+            else:
+                ignored.append(key)
+        if ignored:
+            log.info("%s ignores config keys %s", cls.__name__, ", ".join(sorted(ignored)))
+        return kwargs
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], device: torch.device | str | None = None):
+        """Build the module from a config dict (``device="meta"`` builds without allocating weights)."""
+        kwargs = cls.filter_config(config)
+        if device is not None:
+            with torch.device(device):
+                model = cls(**kwargs)
+        else:
+            model = cls(**kwargs)
+        model.config = {**{k: v for k, v in config.items() if not k.startswith("_")}, **kwargs}
+        return model
+
+    @classmethod
+    def map_state_dict_key(cls, key: str) -> str:
+        """Rename one checkpoint key to this module's parameter name (identity by default)."""
+        return key
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            return p.dtype
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+
+class DiagonalGaussianDistribution:
+    """The VAE posterior: ``mean`` and ``logvar`` split from the encoder's moments (as diffusers does)."""
+
+    def __init__(self, parameters: torch.Tensor, dim: int = 1):
+        self.mean, self.logvar = torch.chunk(parameters, 2, dim=dim)
+        self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
