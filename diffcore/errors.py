@@ -1,0 +1,69 @@
+"""Every error diffcore raises on purpose: each names what is wrong and what to do about it."""
+from __future__ import annotations
+
+
+class DiffcoreError(Exception):
+    """Base class for diffcore errors."""
+
+
+class ConfigError(DiffcoreError, ValueError):
+    """A configuration or sampling parameter is invalid."""
+
+
+class SamplingParamError(ConfigError):
+    """A sampling parameter has a bad value; names the parameter and what is accepted."""
+
+    def __init__(self, param: str, reason: str):
+        self.param, self.reason = param, reason
+        super().__init__(f"invalid sampling parameter {param!r}: {reason}")
+
+
+class StageVerificationError(DiffcoreError):
+    """A stage's input or output failed its declared contract."""
+
+    def __init__(self, stage: str, field: str, reason: str):
+        self.stage, self.field, self.reason = stage, field, reason
+        super().__init__(f"stage {stage!r}, field {field!r}: {reason}")
+
+
+class PipelineDataflowError(DiffcoreError):
+    """Build-time proof failed: a stage needs a field nothing before it produces."""
+
+    def __init__(self, pipeline: str, stage: str, field: str, available: list[str]):
+        self.pipeline, self.stage, self.field = pipeline, stage, field
+        super().__init__(
+            f"pipeline {pipeline!r}: stage {stage!r} requires {field!r}, which neither the request nor an "
+            f"earlier stage produces (available at that point: {', '.join(sorted(available)) or 'nothing'})"
+        )
+
+
+class PluginError(DiffcoreError):
+    """A plugin failed to load or register, or conflicts with another plugin."""
+
+
+class RegistryError(DiffcoreError, LookupError):
+    """A lookup in the registry failed (unknown model, pipeline, module or scheduler)."""
+
+
+class LoaderError(DiffcoreError):
+    """Loading a checkpoint failed."""
+
+
+class MissingFileError(LoaderError, FileNotFoundError):
+    """A file the checkpoint needs is not there."""
+
+
+class CorruptCheckpointError(LoaderError):
+    """A weight file cannot be parsed (truncated download, wrong format)."""
+
+
+class WeightMismatchError(LoaderError):
+    """Checkpoint keys or shapes do not fit the module built from its config."""
+
+
+class PickleRefusedError(LoaderError):
+    """Only pickle weights (.bin/.pt/.ckpt) exist and the user did not opt in to executing them."""
+
+
+class InputError(DiffcoreError, ValueError):
+    """A user input (image file, prompt) cannot be used."""
