@@ -1,0 +1,120 @@
+"""The public Python API: ``DiffGenerator.from_pretrained(model).generate(prompt=...)``."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .configs.engine_args import EngineArgs
+from .errors import RegistryError
+from .outputs import GenerationResult
+from .plugins import PluginManager, get_plugin_manager
+from .records import resolve_ref
+from .request import Request
+
+log = logging.getLogger(__name__)
+
+
+def _resolve_source(rec) -> Optional[str]:
+    if rec is None or rec.source is None:
+        return None
+    src = resolve_ref(rec.source) if isinstance(rec.source, str) and ":" in rec.source else rec.source
+    return str(src() if callable(src) else src)
+
+
+class DiffGenerator:
+    """A loaded pipeline, ready to generate. Build it with ``from_pretrained``."""
+
+    def __init__(self, pipeline, sampling_params_cls, model: str, folder: Path, load_time: float):
+        self.pipeline, self.sampling_params_cls = pipeline, sampling_params_cls
+        self.model, self.folder, self.load_time = model, folder, load_time
+
+    @property
+    def config(self):
+        return self.pipeline.config
+
+    @property
+    def components(self) -> dict:
+        return self.pipeline.components
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, device: str = "cpu", dtype: Any = None,
+                        plugin_manager: Optional[PluginManager] = None, **engine_args) -> "DiffGenerator":
+        """Load ``model`` (a Diffusers folder, a Hugging Face id or a registered alias).
+
+        ``dtype=None`` uses the model's per-component precisions; ``dtype="float32"`` forces fp32.
+        Other keywords are EngineArgs (attention_backend, cache, allow_pickle, revision, ...).
+        """
+        from .loader import load_component, read_model_index, resolve_model_path
+
+        start = time.perf_counter()
+        engine = EngineArgs.from_kwargs(device=device, dtype=dtype, **engine_args)
+        manager = plugin_manager or get_plugin_manager()
+        registry = manager.registry
+        model = str(model)
+        alias_rec = registry.config_for_alias(model)
+        location = _resolve_source(alias_rec) or model
+        folder = resolve_model_path(location, revision=engine.revision, allow_pickle=engine.allow_pickle)
+        index = read_model_index(folder)
+        pipeline_cls = registry.get("pipelines", index.class_name)
+        rec = alias_rec if alias_rec is not None and alias_rec.pipeline_name == index.class_name else \
+            registry.select_config(model, index, folder)
+        config = resolve_ref(rec.pipeline_config)()
+        config.configure_from_index(index)
+        sampling_cls = resolve_ref(rec.sampling_params)
+        if engine.attention_backend:
+            from .models import attention
+
+            attention.set_backend(engine.attention_backend)
+        if engine.num_threads:
+            torch.set_num_threads(engine.num_threads)
+        components: dict[str, Any] = {}
+        wanted = list(pipeline_cls._required_config_modules) + list(config.optional_components)
+        for name in dict.fromkeys(wanted):
+            spec = index.components.get(name)
+            if spec is None:
+                continue  # the pipeline constructor names required components that are missing
+            components[name] = load_component(
+                folder, spec, module_classes=registry.module_classes(), scheduler_classes=registry.scheduler_classes(),
+                dtype=config.dtype_for(name, engine.dtype), device=engine.device, allow_pickle=engine.allow_pickle,
+                custom_loaders=config.custom_loaders(),
+            )
+        pipeline = pipeline_cls(components, config, engine)
+        if engine.cache:
+            policy_cls = registry.get("cache_policies", engine.cache)
+            pipeline.stage("denoising").step_cache = policy_cls(threshold=engine.cache_threshold)
+        log.info("loaded %s (%s via %s) in %.2fs", model, index.class_name, rec.name, time.perf_counter() - start)
+        return cls(pipeline, sampling_cls, model, folder, time.perf_counter() - start)
+
+    def generate(self, prompt=None, negative_prompt=None, image=None, height=None, width=None, num_frames=None,
+                 num_inference_steps=None, guidance_scale=None, true_cfg_scale=None, guidance_scale_2=None,
+                 max_sequence_length=None, seed: int = 0, output_type: str = "pil", **kwargs) -> GenerationResult:
+        """Generate; parameters left as None take the model's defaults. Unknown keywords are errors."""
+        params = self.sampling_params_cls.from_user(
+            prompt=prompt, negative_prompt=negative_prompt, image=image, height=height, width=width,
+            num_frames=num_frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            true_cfg_scale=true_cfg_scale, guidance_scale_2=guidance_scale_2,
+            max_sequence_length=max_sequence_length, seed=seed, output_type=output_type, **kwargs)
+        return self.run(params)
+
+    def run(self, params) -> GenerationResult:
+        """Run one request from a ready SamplingParams."""
+        start = time.perf_counter()
+        device = torch.device(self.pipeline.engine_args.device)
+        prompts = params.prompts
+        req = Request(params=params, prompts=prompts, batch_size=len(prompts), device=device,
+                      generator=torch.Generator("cpu").manual_seed(params.seed))
+        req = self.pipeline.forward(req)
+        req.timings["total"] = time.perf_counter() - start
+        output = None
+        if params.output_type != "latent":
+            output = req.output.float().cpu().numpy()
+        fps = params.fps if params.fps is not None else getattr(self.config, "default_fps", None)
+        result = GenerationResult(output=output, latents=req.latents, timings=dict(req.timings),
+                                  is_video=self.config.is_video, fps=fps, output_type=params.output_type)
+        if params.output_type == "pt":
+            result.latents = req.latents
+        return result

@@ -1,0 +1,91 @@
+"""The ``diffcore`` command line: ``generate`` and ``plugins``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+DEFAULT_MODEL = "demo"
+
+
+def _plugins(args) -> int:
+    from .plugins import get_plugin_manager
+
+    manager = get_plugin_manager()
+    registry = manager.registry
+    plugins = []
+    for name, info in manager.plugins.items():
+        pipelines = sorted(n for n, e in registry.tables["pipelines"].items() if e.plugin == name)
+        plugins.append({"name": name, "distribution": info.distribution, "version": info.version, "pipelines": pipelines})
+    errors = [{"plugin": e.plugin, "error": e.error} for e in manager.errors]
+    if args.json:
+        print(json.dumps({"plugins": plugins, "errors": errors}, indent=2))
+        return 0
+    for p in plugins:
+        print(f"{p['name']:<12} {p['distribution'] or '-'} {p['version'] or ''}  pipelines: {', '.join(p['pipelines']) or '-'}")
+    for e in errors:
+        print(f"ERROR {e['plugin']}: {e['error']}")
+    return 0
+
+
+def _generate(args) -> int:
+    from .api import DiffGenerator
+    from .errors import DiffcoreError
+
+    try:
+        gen = DiffGenerator.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                            allow_pickle=args.allow_pickle, progress=not args.quiet)
+        images = args.image if args.image else None
+        if images is not None and len(images) == 1:
+            images = images[0]
+        result = gen.generate(prompt=args.prompt, negative_prompt=args.negative_prompt, image=images,
+                              height=args.height, width=args.width, num_frames=args.num_frames,
+                              num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                              true_cfg_scale=args.true_cfg_scale, seed=args.seed)
+        path = result.save(args.output)
+    except DiffcoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    total = result.timings.get("total", 0.0)
+    print(f"wrote {path} ({gen.model}, {total:.1f}s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffcore", description="Run diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate an image or a video")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="Diffusers folder, Hugging Face id or alias (default: demo)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt")
+    g.add_argument("--image", nargs="+", help="input image(s) for editing / image-to-video models")
+    g.add_argument("--height", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("--num-frames", type=int)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--guidance-scale", type=float)
+    g.add_argument("--true-cfg-scale", type=float)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default=None, help="force a dtype for every component (e.g. float32)")
+    g.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin/.pt) weights: runs code from the file")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--output", required=True, help="output file: .png/.jpg/.webp, or .mp4 for videos")
+    g.set_defaults(func=_generate)
+    p = sub.add_parser("plugins", help="list installed plugins and load errors")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_plugins)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Engine options: where and how a pipeline runs (not what it generates)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+import torch
+
+from ..errors import ConfigError
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(value) -> Optional[torch.dtype]:
+    """Accept a torch dtype or its name; None means "use the model's per-component precisions"."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.lower() in _DTYPES:
+        return _DTYPES[value.lower()]
+    raise ConfigError(f"unknown dtype {value!r}; accepted: {', '.join(_DTYPES)} or a torch.dtype")
+
+
+@attrs.define(kw_only=True)
+class EngineArgs:
+    """How to run: device, precision override, attention backend, and room for speed options."""
+
+    device: str = "cpu"
+    dtype: Optional[torch.dtype] = attrs.field(default=None, converter=parse_dtype)
+    attention_backend: Optional[str] = None
+    compile: bool = False
+    cache: Optional[str] = None  # step-cache policy name, e.g. "fbcache"
+    cache_threshold: float = 0.1
+    allow_pickle: bool = False  # executing pickle checkpoints must be an explicit choice
+    revision: Optional[str] = None
+    num_threads: Optional[int] = None
+    progress: bool = True
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineArgs":
+        names = [f.name for f in attrs.fields(cls)]
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            raise ConfigError(f"unknown engine argument(s) {', '.join(unknown)}; accepted: {', '.join(names)}")
+        return cls(**kwargs)

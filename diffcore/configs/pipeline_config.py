@@ -1,0 +1,174 @@
+"""Static, per-model configuration plus the hooks the generic stages call.
+
+A stage never knows which model it serves: where models differ (how a prompt is encoded, how
+latents are packed, what the transformer needs besides latents and timestep) the stage calls a
+hook of the model's PipelineConfig. One subclass per model family (or checkpoint variant).
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
+
+import attrs
+import torch
+
+from ..errors import ConfigError
+from .engine_args import parse_dtype
+
+if TYPE_CHECKING:
+    from ..request import PromptEmbeds, Request
+
+log = logging.getLogger(__name__)
+
+
+@attrs.define(kw_only=True)
+class PipelineConfig:
+    # Precision per component name (model_index key); others use default_dtype.
+    default_dtype: str = "bfloat16"
+    component_dtypes: dict = attrs.field(factory=dict)
+    # Latent geometry: VAE spatial/temporal compression and the transformer's patch packing.
+    vae_scale_factor: int = 8
+    vae_temporal_factor: int = 1
+    latent_patch: int = 2
+    # Flow-matching schedule: pass sigmas=linspace(1, 1/N, N) and mu from the image sequence length.
+    linear_sigmas: bool = True
+    # Classifier-free guidance policy: "none" (guidance-distilled or off), "cfg", "true_cfg".
+    cfg: str = "none"
+    cfg_norm_rescale: bool = False
+    default_negative_prompt: Optional[str] = None
+    # Two-expert denoising (Wan 2.2 A14B): switch to transformer_2 below boundary_ratio * 1000.
+    boundary_ratio: Optional[float] = None
+    is_video: bool = False
+    # How a size the model cannot take is handled: "round" (down, with a warning) or "error".
+    size_policy: str = "round"
+
+    # Components the pipeline uses but a checkpoint may omit ([null, null] in model_index.json).
+    optional_components: ClassVar[tuple[str, ...]] = ()
+
+    default_fps: Optional[int] = None
+
+    def custom_loaders(self) -> dict:
+        """Component loaders that replace the generic one, keyed by component or class name."""
+        return {}
+
+    # ---- precision ---------------------------------------------------------------------------
+    def dtype_for(self, component: str, override: Optional[torch.dtype] = None) -> torch.dtype:
+        if override is not None:
+            return override
+        return parse_dtype(self.component_dtypes.get(component, self.default_dtype))
+
+    def configure_from_index(self, model_index) -> None:
+        """Read per-checkpoint switches from model_index.json (e.g. boundary_ratio)."""
+        if model_index.extra.get("boundary_ratio") is not None:
+            self.boundary_ratio = float(model_index.extra["boundary_ratio"])
+
+    def configure_from_components(self, components: dict) -> None:
+        """Derive the latent geometry from the loaded VAE's config (diffusers does the same)."""
+        vae = components.get("vae")
+        cfg = getattr(vae, "config", None) or {}
+        if cfg.get("block_out_channels"):
+            self.vae_scale_factor = 2 ** (len(cfg["block_out_channels"]) - 1)
+        elif cfg.get("temperal_downsample") is not None:
+            self.vae_scale_factor = cfg.get("scale_factor_spatial") or 2 ** len(cfg["temperal_downsample"])
+            self.vae_temporal_factor = cfg.get("scale_factor_temporal") or 2 ** sum(cfg["temperal_downsample"])
+
+    # ---- sizes -----------------------------------------------------------------------------
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_scale_factor * self.latent_patch
+
+    def round_size(self, name: str, value: int) -> int:
+        """Round ``value`` down to what the model takes, warning (or refusing, per size_policy)."""
+        m = self.size_multiple
+        if value % m == 0:
+            return value
+        rounded = max(m, value // m * m)
+        if self.size_policy == "error":
+            raise ConfigError(f"{name}={value} is not a multiple of {m}; use e.g. {rounded}")
+        log.warning("%s=%d is not a multiple of %d; using %d (as diffusers does)", name, value, m, rounded)
+        return rounded
+
+    def resolve_size(self, req: "Request", components: dict) -> None:
+        """Set req.height / req.width (and num_frames for video) from params and model defaults."""
+        p = req.params
+        req.height = self.round_size("height", p.height or self.default_size(components)[0])
+        req.width = self.round_size("width", p.width or self.default_size(components)[1])
+
+    def default_size(self, components: dict) -> tuple[int, int]:
+        return 1024, 1024
+
+    # ---- text ------------------------------------------------------------------------------
+    def encode_prompts(self, components: dict, prompts: list[str], req: "Request") -> "PromptEmbeds":
+        raise NotImplementedError(f"{type(self).__name__} must implement encode_prompts")
+
+    def encode_image(self, components: dict, req: "Request") -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement encode_image")
+
+    # ---- latents ---------------------------------------------------------------------------
+    def latent_shape(self, req: "Request", components: dict) -> tuple[int, ...]:
+        """Shape of the initial noise, in the exact layout diffusers draws it (seed parity)."""
+        c = components["transformer"].config["in_channels"] // (self.latent_patch**2)
+        h, w = req.height // self.vae_scale_factor, req.width // self.vae_scale_factor
+        return (req.batch_size, c, h, w)
+
+    def pack_latents(self, latents: torch.Tensor, req: "Request") -> torch.Tensor:
+        """(B, C, H, W) -> (B, H/p * W/p, C*p*p) tokens; identity when latent_patch is 1."""
+        p = self.latent_patch
+        if p == 1:
+            return latents
+        b, c, h, w = latents.shape
+        latents = latents.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return latents.reshape(b, (h // p) * (w // p), c * p * p)
+
+    def unpack_latents(self, latents: torch.Tensor, req: "Request") -> torch.Tensor:
+        p = self.latent_patch
+        if p == 1:
+            return latents
+        b, _, d = latents.shape
+        h, w = req.height // self.vae_scale_factor, req.width // self.vae_scale_factor
+        latents = latents.view(b, h // p, w // p, d // (p * p), p, p).permute(0, 3, 1, 4, 2, 5)
+        return latents.reshape(b, d // (p * p), h, w)
+
+    def image_seq_len(self, req: "Request") -> int:
+        return req.latents.shape[1]
+
+    # ---- condition images ------------------------------------------------------------------
+    def encode_condition_images(self, components: dict, req: "Request") -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement encode_condition_images")
+
+    # ---- denoising -------------------------------------------------------------------------
+    def prepare_condition(self, components: dict, req: "Request") -> dict:
+        """Per-request constants for the transformer: {"cond": kwargs, "uncond": kwargs or None}."""
+        raise NotImplementedError(f"{type(self).__name__} must implement prepare_condition")
+
+    def model_input(self, latents: torch.Tensor, req: "Request") -> torch.Tensor:
+        return latents
+
+    def model_timestep(self, t: torch.Tensor, latents: torch.Tensor, req: "Request") -> torch.Tensor:
+        """The transformer's timestep input; flow models in diffusers' FLUX/Qwen convention take t/1000."""
+        return t.expand(latents.shape[0]).to(latents.dtype) / 1000
+
+    def model_output(self, noise_pred: torch.Tensor, req: "Request") -> torch.Tensor:
+        return noise_pred
+
+    def guidance_scale_at(self, t: torch.Tensor, req: "Request", expert: int) -> float:
+        p = req.params
+        if self.cfg == "true_cfg":
+            return p.true_cfg_scale
+        if expert == 1 and p.guidance_scale_2 is not None:
+            return p.guidance_scale_2
+        return p.guidance_scale
+
+    # ---- decoding --------------------------------------------------------------------------
+    def decode(self, components: dict, latents: torch.Tensor, req: "Request") -> torch.Tensor:
+        """Latents -> pixels in [0, 1], channels last: (B, H, W, C) or (B, F, H, W, C) for video."""
+        from ..models.latent_norm import denormalize
+
+        vae = components["vae"]
+        z = denormalize(self.unpack_latents(latents, req), vae)
+        pixels = vae.decode(z.to(vae.dtype))
+        pixels = (pixels.float() / 2 + 0.5).clamp(0, 1)
+        if pixels.ndim == 5:
+            pixels = pixels.permute(0, 2, 3, 4, 1)
+            return pixels if self.is_video else pixels[:, 0]
+        return pixels.permute(0, 2, 3, 1)

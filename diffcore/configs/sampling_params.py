@@ -1,0 +1,134 @@
+"""Per-request sampling parameters: typed, validated, with per-model defaults in subclasses."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import attrs
+
+from ..errors import SamplingParamError
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _positive_int(inst, attribute, value):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SamplingParamError(attribute.name, f"expected a positive integer, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise SamplingParamError(attribute.name, f"must be a positive integer, got {value}")
+
+
+def _non_negative_float(inst, attribute, value):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SamplingParamError(attribute.name, f"expected a number, got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise SamplingParamError(attribute.name, f"must be >= 0, got {value}")
+
+
+def _prompt(inst, attribute, value):
+    if value is None:
+        return
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, str) for p in items):
+        raise SamplingParamError(attribute.name, f"expected a string or a non-empty list of strings, got {value!r}")
+
+
+def _seed(inst, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SamplingParamError("seed", f"expected an integer, got {value!r} ({type(value).__name__})")
+    if not 0 <= value < 2**63:
+        raise SamplingParamError("seed", f"must be in [0, 2**63), got {value}")
+
+
+def _output_type(inst, attribute, value):
+    if value not in OUTPUT_TYPES:
+        raise SamplingParamError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, got {value!r}")
+
+
+def _image(inst, attribute, value):
+    if value is None:
+        return
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if not (isinstance(item, (str, Path)) or hasattr(item, "convert") or hasattr(item, "shape")):
+            raise SamplingParamError("image", f"expected a PIL image, a path or an array, got {type(item).__name__}")
+
+
+@attrs.define(kw_only=True)
+class SamplingParams:
+    """What one ``generate()`` call may set. Subclasses override the defaults with the model's own.
+
+    ``None`` means "not set"; InputValidationStage resolves what the model needs (e.g. a default size).
+    """
+
+    prompt: Optional[str | list[str]] = attrs.field(default=None, validator=_prompt)
+    negative_prompt: Optional[str | list[str]] = attrs.field(default=None, validator=_prompt)
+    image: Any = attrs.field(default=None, validator=_image)
+    height: Optional[int] = attrs.field(default=None, validator=_positive_int)
+    width: Optional[int] = attrs.field(default=None, validator=_positive_int)
+    num_frames: Optional[int] = attrs.field(default=None, validator=_positive_int)
+    fps: Optional[int] = attrs.field(default=None, validator=_positive_int)
+    num_inference_steps: int = attrs.field(default=50, validator=_positive_int)
+    guidance_scale: float = attrs.field(default=1.0, validator=_non_negative_float)
+    true_cfg_scale: float = attrs.field(default=1.0, validator=_non_negative_float)
+    guidance_scale_2: Optional[float] = attrs.field(default=None, validator=_non_negative_float)
+    max_sequence_length: int = attrs.field(default=512, validator=_positive_int)
+    seed: int = attrs.field(default=0, validator=_seed)
+    output_type: str = attrs.field(default="pil", validator=_output_type)
+
+    # Not user parameters: limits the model sets for validation.
+    max_sequence_length_limit: ClassVar[Optional[int]] = None
+    max_images: ClassVar[int] = 0  # 0: the model takes no input image
+    min_images: ClassVar[int] = 0
+
+    @classmethod
+    def parameter_names(cls) -> list[str]:
+        return [f.name for f in attrs.fields(cls)]
+
+    @classmethod
+    def from_user(cls, **kwargs: Any) -> "SamplingParams":
+        """Build from user keywords: ``None`` keeps the default, an unknown name is an error."""
+        names = cls.parameter_names()
+        for key in kwargs:
+            if key not in names:
+                raise SamplingParamError(key, f"unknown parameter; accepted: {', '.join(names)}")
+        params = cls(**{k: v for k, v in kwargs.items() if v is not None})
+        params.check_limits()
+        return params
+
+    def check_limits(self) -> None:
+        if self.prompt is None:
+            raise SamplingParamError("prompt", "a prompt is required (a string or a list of strings)")
+        limit = self.max_sequence_length_limit
+        if limit is not None and self.max_sequence_length > limit:
+            raise SamplingParamError("max_sequence_length", f"this model accepts at most {limit}, got {self.max_sequence_length}")
+        n_images = len(self.images)
+        if n_images < self.min_images:
+            raise SamplingParamError("image", f"this model needs at least {self.min_images} input image(s); pass image=...")
+        if n_images > self.max_images:
+            accepted = "no input image" if self.max_images == 0 else f"at most {self.max_images} input image(s)"
+            raise SamplingParamError("image", f"this model takes {accepted}, got {n_images}")
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def images(self) -> list[Any]:
+        if self.image is None:
+            return []
+        return list(self.image) if isinstance(self.image, (list, tuple)) else [self.image]
+
+    def negative_prompts(self, batch_size: int, default: Optional[str] = None) -> Optional[list[str]]:
+        """Negative prompts broadcast to the batch, or None when none was given and the model has no default."""
+        neg = self.negative_prompt if self.negative_prompt is not None else default
+        if neg is None:
+            return None
+        negs = [neg] * batch_size if isinstance(neg, str) else list(neg)
+        if len(negs) != batch_size:
+            raise SamplingParamError("negative_prompt", f"got {len(negs)} negative prompts for {batch_size} prompts")
+        return negs

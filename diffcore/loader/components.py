@@ -1,0 +1,125 @@
+"""Build one pipeline component from its subfolder, dispatching on the ``model_index.json`` entry.
+
+- a diffcore model registered for the Diffusers class name: ``config.json`` -> module on the meta
+  device -> safetensors assigned into it;
+- a diffcore scheduler registered for the class name: ``scheduler_config.json``;
+- library ``transformers``: the class of that name from ``transformers`` (text encoders, tokenizers,
+  processors), read with ``local_files_only=True``;
+- ``custom_loaders`` (keyed by component name or class name) take precedence over all of these, for
+  components the generic paths cannot build.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..errors import DiffcoreError, LoaderError, MissingFileError, RegistryError
+from .model_index import ComponentSpec, read_json
+from .safetensors_io import find_weight_files, load_into_module
+
+log = logging.getLogger(__name__)
+
+CustomLoader = Callable[[Path, ComponentSpec, "torch.dtype | None", "torch.device | str"], Any]
+
+
+def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow_pickle: bool):
+    config = read_json(path / "config.json", f"config of component {spec.name!r}")
+    saved = config.get("_class_name")
+    if saved is not None and saved != spec.class_name:
+        log.warning("%s/config.json says _class_name=%r, model_index.json says %r; using %s",
+                    path, saved, spec.class_name, cls.__name__)
+    model = cls.from_config(config, device="meta")
+    files = find_weight_files(path, allow_pickle=allow_pickle)
+    load_into_module(model, files, key_map=cls.map_state_dict_key, dtype=dtype, device=device)
+    return model.eval().requires_grad_(False)
+
+
+def _load_scheduler(path: Path, spec: ComponentSpec, cls: type):
+    config = read_json(path / "scheduler_config.json", f"scheduler config of component {spec.name!r}")
+    return cls.from_config(config)
+
+
+def _dtype_kwarg() -> str:
+    """transformers >= 4.56 spells it ``dtype``; older releases only know ``torch_dtype``."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def _load_transformers(path: Path, spec: ComponentSpec, dtype, device, allow_pickle: bool):
+    import transformers
+
+    cls = getattr(transformers, spec.class_name, None)
+    if not isinstance(cls, type):
+        raise RegistryError(
+            f"component {spec.name!r}: transformers {transformers.__version__} has no class {spec.class_name!r}; "
+            "upgrade transformers, or pass a custom loader for this component"
+        )
+    try:
+        if issubclass(cls, transformers.PreTrainedModel):
+            find_weight_files(path, allow_pickle=allow_pickle)  # same missing-file / pickle errors as diffcore models
+            kwargs = {"local_files_only": True, "use_safetensors": True if not allow_pickle else None}
+            if dtype is not None:
+                kwargs[_dtype_kwarg()] = dtype
+            model = cls.from_pretrained(path, **kwargs)
+            return model.to(device).eval().requires_grad_(False)
+        return cls.from_pretrained(path, local_files_only=True)
+    except DiffcoreError:
+        raise
+    except ImportError as e:
+        raise LoaderError(
+            f"component {spec.name!r} (transformers.{spec.class_name}) in {path} needs an optional dependency: {e}. "
+            "Install it, or pass a custom loader for this component"
+        ) from e
+    except Exception as e:
+        raise LoaderError(
+            f"component {spec.name!r} (transformers.{spec.class_name}) cannot be loaded from {path}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
+def load_component(
+    folder: Path,
+    spec: ComponentSpec,
+    *,
+    module_classes: Mapping[str, type],
+    scheduler_classes: Mapping[str, type],
+    dtype: torch.dtype | None,
+    device: torch.device | str,
+    allow_pickle: bool = False,
+    custom_loaders: Mapping[str, CustomLoader] | None = None,
+) -> Any:
+    """Load component ``spec`` from ``<folder>/<spec.name>``.
+
+    ``module_classes`` / ``scheduler_classes`` map Diffusers class names to diffcore classes
+    (:class:`~diffcore.models.base.ModelMixin` / scheduler subclasses). A custom loader is called as
+    ``loader(component_folder, spec, dtype, device)``; it is looked up by component name first,
+    then by class name.
+    """
+    folder = Path(folder)
+    path = folder / spec.name
+    custom = custom_loaders or {}
+    loader = custom.get(spec.name) or custom.get(spec.class_name)
+    if loader is not None:
+        return loader(path, spec, dtype, device)
+    if not path.is_dir():
+        raise MissingFileError(
+            f"component {spec.name!r} ({spec.library}.{spec.class_name}) is listed in "
+            f"{folder / 'model_index.json'} but its folder {path} does not exist"
+        )
+    if spec.class_name in module_classes:
+        return _load_model(path, spec, module_classes[spec.class_name], dtype, device, allow_pickle)
+    if spec.class_name in scheduler_classes:
+        return _load_scheduler(path, spec, scheduler_classes[spec.class_name])
+    if spec.library == "transformers":
+        return _load_transformers(path, spec, dtype, device, allow_pickle)
+    known = sorted(module_classes) + sorted(scheduler_classes)
+    raise RegistryError(
+        f"component {spec.name!r}: no diffcore class is registered for {spec.library}.{spec.class_name} "
+        f"(registered for {spec.library}: {', '.join(known) or 'none'}); install or enable the plugin that "
+        "supports this model, or pass a custom loader for this component"
+    )

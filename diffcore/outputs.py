@@ -1,0 +1,86 @@
+"""Generation results and writing them to disk (images, and H.264 mp4 for videos)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+import numpy as np
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def to_pil(array: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
+
+
+def write_video(frames: np.ndarray, path: Path, fps: int) -> None:
+    """Write (F, H, W, 3) floats in [0, 1] as H.264 mp4 (yuv420p, playable everywhere)."""
+    try:
+        import imageio.v2 as imageio
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise InputError("writing .mp4 needs imageio and imageio-ffmpeg: pip install 'diffcore[video]'") from exc
+    data = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+    h, w = data.shape[1:3]
+    if h % 2 or w % 2:  # yuv420p needs even sizes
+        data = np.pad(data, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    with imageio.get_writer(str(path), fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1,
+                            ffmpeg_log_level="error") as writer:
+        for frame in data:
+            writer.append_data(frame)
+
+
+@attrs.define
+class GenerationResult:
+    """What ``DiffGenerator.generate`` returns.
+
+    ``output``: numpy float32 in [0, 1], (B, H, W, 3) for images or (B, F, H, W, 3) for videos
+    (None when output_type="latent"); ``images`` / ``frames``: PIL views of it; ``latents``: the final
+    latents; ``timings``: seconds per stage.
+    """
+
+    output: Optional[np.ndarray]
+    latents: Any
+    timings: dict
+    is_video: bool = False
+    fps: Optional[int] = None
+    output_type: str = "pil"
+    _pil: Optional[list] = None
+
+    @property
+    def images(self) -> list:
+        if self.output is None:
+            return []
+        if self.is_video:
+            return [to_pil(v[0]) for v in self.output]  # first frame of each video
+        if self._pil is None:
+            self._pil = [to_pil(img) for img in self.output]
+        return self._pil
+
+    @property
+    def frames(self) -> list[list]:
+        if self.output is None:
+            return []
+        if not self.is_video:
+            return [[img] for img in self.images]
+        return [[to_pil(f) for f in video] for video in self.output]
+
+    def save(self, path: str | Path, index: int = 0) -> Path:
+        """Save item ``index``: an image (.png/.jpg/.webp) or, for videos, .mp4 (or the first frame as image)."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if self.output is None:
+            raise InputError("this result holds latents only (output_type='latent'); nothing to save as media")
+        if suffix == ".mp4":
+            frames = self.output[index] if self.is_video else self.output[index][None]
+            write_video(frames, path, self.fps or 16)
+        elif suffix in IMAGE_SUFFIXES:
+            item = self.output[index]
+            to_pil(item[0] if self.is_video else item).save(path)
+        else:
+            raise InputError(f"cannot save {str(path)!r}: use one of {', '.join(sorted(IMAGE_SUFFIXES | {'.mp4'}))}")
+        return path

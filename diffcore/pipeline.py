@@ -1,0 +1,69 @@
+"""ComposedPipelineBase: a named chain of stages whose dataflow is proven when it is built."""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+from .configs.engine_args import EngineArgs
+from .configs.pipeline_config import PipelineConfig
+from .errors import PipelineDataflowError, RegistryError
+from .request import REQUEST_INPUTS, Request
+from .stages.base import PipelineStage
+
+
+class ComposedPipelineBase:
+    """Subclasses set ``pipeline_name`` (the Diffusers ``_class_name`` served),
+    ``_required_config_modules`` and implement ``create_pipeline_stages``.
+    """
+
+    pipeline_name: ClassVar[str] = ""
+    _required_config_modules: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, components: dict[str, Any], config: PipelineConfig, engine_args: Optional[EngineArgs] = None):
+        missing = [m for m in self._required_config_modules
+                   if components.get(m) is None and m not in config.optional_components]
+        if missing:
+            raise RegistryError(
+                f"{self.pipeline_name}: model_index.json lacks required component(s) {', '.join(missing)}; "
+                f"this pipeline needs {', '.join(self._required_config_modules)}"
+            )
+        self.components, self.config = components, config
+        config.configure_from_components(components)
+        self.engine_args = engine_args or EngineArgs()
+        self.stages: list[PipelineStage] = []
+        self.create_pipeline_stages(self.engine_args)
+        self.check_dataflow()
+
+    # -- composition -------------------------------------------------------------------------
+    def create_pipeline_stages(self, engine_args: EngineArgs) -> None:
+        raise NotImplementedError
+
+    def add_stage(self, name: str, stage: PipelineStage) -> None:
+        if any(s.name == name for s in self.stages):
+            raise ValueError(f"{self.pipeline_name}: duplicate stage name {name!r}")
+        stage.name = name
+        self.stages.append(stage)
+
+    def stage(self, name: str) -> PipelineStage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"{self.pipeline_name} has no stage {name!r}; stages: {', '.join(s.name for s in self.stages)}")
+
+    def check_dataflow(self) -> None:
+        """Prove every required input is supplied by the request or an earlier stage."""
+        available = set(REQUEST_INPUTS)
+        for stage in self.stages:
+            for field in stage.inputs:
+                if field.required and field.name not in available:
+                    raise PipelineDataflowError(self.pipeline_name, stage.name, field.name, sorted(available))
+            available.update(f.name for f in stage.outputs)
+
+    # -- execution ---------------------------------------------------------------------------
+    def forward(self, req: Request) -> Request:
+        for stage in self.stages:
+            req = stage(req)
+        return req
+
+    def __repr__(self) -> str:
+        chain = "\n  ".join(repr(s) for s in self.stages)
+        return f"{type(self).__name__}[{self.pipeline_name}]:\n  {chain}"

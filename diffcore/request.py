@@ -1,0 +1,52 @@
+"""The state of one generation as it flows through the stages. Explicit fields only."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attrs
+import torch
+
+from .configs.sampling_params import SamplingParams
+
+
+@attrs.frozen
+class PromptEmbeds:
+    """What a text encoder produced for a batch of prompts."""
+
+    embeds: torch.Tensor
+    pooled: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+
+
+# Fields a freshly built Request already holds (the start of the dataflow proof).
+REQUEST_INPUTS = ("params", "prompts", "batch_size", "device", "generator")
+
+
+@attrs.define(kw_only=True)
+class Request:
+    params: SamplingParams
+    prompts: list[str]
+    batch_size: int
+    device: torch.device
+    generator: torch.Generator
+    height: Optional[int] = None
+    width: Optional[int] = None
+    num_frames: Optional[int] = None
+    negative_prompts: Optional[list[str]] = None
+    do_cfg: bool = False
+    images: Optional[list[Any]] = None  # validated RGB PIL condition images
+    prompt_embeds: Optional[PromptEmbeds] = None
+    negative_prompt_embeds: Optional[PromptEmbeds] = None
+    image_embeds: Optional[torch.Tensor] = None  # e.g. CLIP vision features
+    image_latents: Optional[torch.Tensor] = None  # VAE-encoded condition images, model layout
+    condition: dict = attrs.field(factory=dict)  # model-specific per-request constants (ids, rope, masks)
+    timesteps: Optional[torch.Tensor] = None
+    scheduler: Any = None  # a per-request copy, so requests never share solver state
+    latents: Optional[torch.Tensor] = None
+    output: Optional[torch.Tensor] = None  # decoded pixels in [0, 1], (B, H, W, C) or (B, F, H, W, C)
+    timings: dict = attrs.field(factory=dict)
+    extra: dict = attrs.field(factory=dict)  # scratch space for plugin-specific stages
+
+    def has(self, name: str) -> bool:
+        value = getattr(self, name)
+        return value is not None and not (isinstance(value, dict) and not value and name != "condition")

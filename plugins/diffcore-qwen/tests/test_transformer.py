@@ -1,0 +1,142 @@
+"""Parity of diffcore_qwen's QwenImageTransformer2DModel against diffusers (the numerics oracle)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+try:
+    import diffcore_qwen  # noqa: F401
+except ImportError:  # plugin not installed: run from the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffusers import QwenImageTransformer2DModel as RefModel  # noqa: E402
+
+from diffcore_qwen.transformer import QwenImageTransformer2DModel  # noqa: E402
+
+try:
+    from diffcore.testing.weights import perturb_
+except ImportError:
+    @torch.no_grad()
+    def perturb_(module: torch.nn.Module, seed: int) -> None:
+        """Biases/zeros += N(0, .05); all-ones norm weights = 1 + N(0, .2); everything += N(0, .02)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in module.named_parameters():
+            noise = lambda s: torch.randn(p.shape, generator=g) * s  # noqa: E731
+            if name.endswith("bias") or bool((p == 0).all()):
+                p.add_(noise(0.05))
+            elif bool((p == 1).all()):
+                p.copy_(1 + noise(0.2))
+            p.add_(noise(0.02))
+
+
+TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6))
+REAL = {"_class_name": "QwenImageTransformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56],
+        "guidance_embeds": False, "in_channels": 64, "joint_attention_dim": 3584, "num_attention_heads": 24,
+        "num_layers": 60, "out_channels": 16, "patch_size": 2, "pooled_projection_dim": 768}
+
+
+def _pair(**extra):
+    torch.manual_seed(0)
+    ref = RefModel(**TINY, **extra).eval()
+    perturb_(ref, seed=1)
+    ours = QwenImageTransformer2DModel.from_config({**TINY, **extra, "pooled_projection_dim": 768}).eval()
+    missing, unexpected = ours.load_state_dict(ref.state_dict(), strict=True)
+    assert not missing and not unexpected
+    return ref, ours
+
+
+def _inputs(img_shapes, batch=2, n_txt=7, lens=(7, 4)):
+    g = torch.Generator().manual_seed(2)
+    n_img = sum(f * h * w for f, h, w in img_shapes)
+    x = torch.randn(batch, n_img, TINY["in_channels"], generator=g)
+    txt = torch.randn(batch, n_txt, TINY["joint_attention_dim"], generator=g)
+    mask = (torch.arange(n_txt)[None] < torch.tensor(lens)[:, None]).long()
+    t = torch.tensor([0.93, 0.27])[:batch]
+    return x, txt, mask, t, [list(img_shapes)] * batch
+
+
+def _compare(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+    return cos, (a - b).abs().max().item()
+
+
+CASES = {
+    "t2i_nonsquare": ({}, [(1, 3, 5)], {}),
+    "edit_two_images": ({}, [(1, 4, 6), (1, 3, 3)], {}),
+    "edit2511_zero_cond_t": ({"zero_cond_t": True}, [(1, 4, 6), (1, 5, 2)], {}),
+    "layered": ({"use_additional_t_cond": True, "use_layer3d_rope": True}, [(1, 2, 4), (1, 2, 4), (1, 3, 3)],
+                {"additional_t_cond": torch.tensor([0, 1])}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_parity_with_diffusers(case):
+    extra, shapes, kw = CASES[case]
+    ref, ours = _pair(**extra)
+    x, txt, mask, t, img_shapes = _inputs(shapes)
+    with torch.no_grad():
+        want = ref(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=mask, timestep=t,
+                   img_shapes=img_shapes, return_dict=False, **kw)[0]
+        got = ours(x, txt, mask, t, img_shapes=img_shapes, **kw)
+        rope = ours.rope(img_shapes, txt.shape[1])
+        got_pre = ours(x, txt, mask, t, img_shapes=img_shapes, rotary_emb=rope, **kw)
+    cos, diff = _compare(got, want)
+    print(f"{case}: cosine={cos:.8f} max|diff|={diff:.2e}")
+    assert got.shape == want.shape
+    assert cos >= 0.99999 and diff <= 1e-4, (cos, diff)
+    assert torch.equal(got, got_pre)
+
+
+def test_rope_tables_match_diffusers_complex_freqs():
+    ref, ours = _pair(use_layer3d_rope=False)
+    shapes = [[(1, 4, 6), (1, 3, 3)]]
+    img_f, txt_f = ref.pos_embed(shapes, max_txt_seq_len=5, device=torch.device("cpu"))
+    cos, sin = ours.rope(shapes, 5)
+    want = torch.cat([txt_f, img_f])  # joint [text, image] order
+    assert cos.dtype == torch.float32 and cos.shape == (5 + 24 + 9, 16)
+    torch.testing.assert_close(cos[:, 0::2], want.real, atol=1e-6, rtol=0)
+    torch.testing.assert_close(sin[:, 1::2], want.imag, atol=1e-6, rtol=0)
+
+
+def test_no_mask_equals_all_ones_mask_and_padding_is_ignored():
+    _, ours = _pair()
+    x, txt, mask, t, img_shapes = _inputs([(1, 3, 5)], lens=(7, 7))
+    with torch.no_grad():
+        full = ours(x, txt, None, t, img_shapes=img_shapes)
+        torch.testing.assert_close(ours(x, txt, mask, t, img_shapes=img_shapes), full, atol=1e-6, rtol=0)
+        short = (torch.arange(7)[None] < torch.tensor([[7], [3]])).long()
+        base = ours(x, txt, short, t, img_shapes=img_shapes)
+        txt2 = txt.clone()
+        txt2[1, 3:] = torch.randn(4, txt.shape[-1]) * 5
+        moved = ours(x, txt2, short, t, img_shapes=img_shapes)
+    assert (base[1] - full[1]).abs().max() > 1e-3  # the mask changes the result ...
+    torch.testing.assert_close(moved, base, atol=1e-5, rtol=0)  # ... and masked tokens have no influence
+
+
+def test_rejects_bad_inputs_and_unsupported_options():
+    _, ours = _pair()
+    x, txt, mask, t, _ = _inputs([(1, 3, 5)])
+    with pytest.raises(ValueError, match="share img_shapes"):
+        ours(x, txt, mask, t, img_shapes=[[(1, 3, 5)], [(1, 5, 3)]])
+    with pytest.raises(ValueError, match="image tokens"):
+        ours(x, txt, mask, t, img_shapes=[[(1, 3, 4)]] * 2)
+    with pytest.raises(NotImplementedError, match="guidance_embeds"):
+        QwenImageTransformer2DModel(**{**TINY, "guidance_embeds": True})
+
+
+def test_real_config_parameter_shapes_match_diffusers_on_meta():
+    with torch.device("meta"):
+        ref = RefModel.from_config({k: v for k, v in REAL.items() if k != "pooled_projection_dim"})
+    ours = QwenImageTransformer2DModel.from_config(REAL, device="meta")
+    want = {(n, tuple(p.shape)) for n, p in ref.state_dict().items()}
+    got = {(n, tuple(p.shape)) for n, p in ours.state_dict().items()}
+    assert got == want
+    assert len(got) == len(list(ours.state_dict())) and len(got) > 60 * 20
+    assert ours.config["pooled_projection_dim"] == 768
+    assert all(p.is_meta for p in ours.parameters())
