@@ -46,7 +46,3 @@ class Request:
     output: Optional[torch.Tensor] = None  # decoded pixels in [0, 1], (B, H, W, C) or (B, F, H, W, C)
     timings: dict = attrs.field(factory=dict)
     extra: dict = attrs.field(factory=dict)  # scratch space for plugin-specific stages
-
-    def has(self, name: str) -> bool:
-        value = getattr(self, name)
-        return value is not None and not (isinstance(value, dict) and not value and name != "condition")

@@ -111,6 +111,11 @@ class PipelineConfig:
         h, w = req.height // self.vae_scale_factor, req.width // self.vae_scale_factor
         return (req.batch_size, c, h, w)
 
+    def latent_dtype(self, components: dict) -> torch.dtype:
+        """dtype of the initial noise and of the latents the scheduler steps: the transformer's, as in
+        diffusers' FLUX/Qwen pipelines (Wan overrides it: float32, cast per step in ``model_input``)."""
+        return components["transformer"].dtype
+
     def pack_latents(self, latents: torch.Tensor, req: "Request") -> torch.Tensor:
         """(B, C, H, W) -> (B, H/p * W/p, C*p*p) tokens; identity when latent_patch is 1."""
         p = self.latent_patch

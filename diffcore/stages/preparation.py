@@ -46,7 +46,7 @@ class LatentPreparationStage(PipelineStage):
 
     def forward(self, req: Request) -> Request:
         shape = self.config.latent_shape(req, self.components)
-        dtype = self.components["transformer"].dtype
+        dtype = self.config.latent_dtype(self.components)
         noise = torch.randn(shape, generator=req.generator, dtype=dtype, device="cpu").to(req.device)
         req.latents = self.config.pack_latents(noise, req)
         return req

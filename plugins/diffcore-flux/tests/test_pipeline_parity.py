@@ -26,9 +26,9 @@ def _compare(ours, ref):
 
 CASES = [
     # variant, prompts, height, width, extra
-    ("dev", "a red circle on a blue background", 32, 32, {"guidance_scale": 3.5}),
+    ("dev", "a red circle on a blue background", 64, 64, {"guidance_scale": 3.5}),
     ("dev", ["a cat", "two yellow squares on a white background"], 48, 80, {"guidance_scale": 4.0}),
-    ("schnell", "a cat", 64, 32, {"guidance_scale": 0.0}),
+    ("schnell", "a cat", 64, 96, {"guidance_scale": 0.0}),
     ("schnell", ["a dog", "a red cat"], 32, 48, {"guidance_scale": 0.0}),
     ("dev", "a red circle", 48, 32, {"negative_prompt": "blurry", "true_cfg_scale": 3.0}),
     ("dev", ["a red circle", "a blue square"], 32, 64, {"negative_prompt": ["blurry", "dark"], "true_cfg_scale": 2.0}),
