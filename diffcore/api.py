@@ -71,6 +71,7 @@ class DiffGenerator:
             attention.set_backend(engine.attention_backend)
         if engine.num_threads:
             torch.set_num_threads(engine.num_threads)
+        pipeline_cls.check_components(index.components, config)  # before loading any weights
         components: dict[str, Any] = {}
         wanted = list(pipeline_cls._required_config_modules) + list(config.optional_components)
         for name in dict.fromkeys(wanted):
@@ -91,22 +92,26 @@ class DiffGenerator:
 
     def generate(self, prompt=None, negative_prompt=None, image=None, height=None, width=None, num_frames=None,
                  num_inference_steps=None, guidance_scale=None, true_cfg_scale=None, guidance_scale_2=None,
-                 max_sequence_length=None, seed: int = 0, output_type: str = "pil", **kwargs) -> GenerationResult:
-        """Generate; parameters left as None take the model's defaults. Unknown keywords are errors."""
+                 max_sequence_length=None, seed: int = 0, output_type: str = "pil", callback=None,
+                 **kwargs) -> GenerationResult:
+        """Generate; parameters left as None take the model's defaults. Unknown keywords are errors.
+
+        ``callback(step, timestep, latents)`` is called after every denoising step.
+        """
         params = self.sampling_params_cls.from_user(
             prompt=prompt, negative_prompt=negative_prompt, image=image, height=height, width=width,
             num_frames=num_frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             true_cfg_scale=true_cfg_scale, guidance_scale_2=guidance_scale_2,
             max_sequence_length=max_sequence_length, seed=seed, output_type=output_type, **kwargs)
-        return self.run(params)
+        return self.run(params, callback=callback)
 
-    def run(self, params) -> GenerationResult:
+    def run(self, params, callback=None) -> GenerationResult:
         """Run one request from a ready SamplingParams."""
         start = time.perf_counter()
         device = torch.device(self.pipeline.engine_args.device)
         prompts = params.prompts
         req = Request(params=params, prompts=prompts, batch_size=len(prompts), device=device,
-                      generator=torch.Generator("cpu").manual_seed(params.seed))
+                      generator=torch.Generator("cpu").manual_seed(params.seed), callback=callback)
         req = self.pipeline.forward(req)
         req.timings["total"] = time.perf_counter() - start
         output = None

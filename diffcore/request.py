@@ -45,4 +45,5 @@ class Request:
     latents: Optional[torch.Tensor] = None
     output: Optional[torch.Tensor] = None  # decoded pixels in [0, 1], (B, H, W, C) or (B, F, H, W, C)
     timings: dict = attrs.field(factory=dict)
+    callback: Any = None  # per-step callback(step, timestep, latents) for this request
     extra: dict = attrs.field(factory=dict)  # scratch space for plugin-specific stages

@@ -74,8 +74,9 @@ class DenoisingStage(PipelineStage):
                 scale = self.config.guidance_scale_at(t, req, expert)
                 pred = combine_guidance(pred, uncond, scale, self.config.cfg_norm_rescale)
             latents = scheduler.step(pred, t, latents)
-            if self.callback is not None:
-                self.callback(i, t, latents)
+            callback = req.callback or self.callback
+            if callback is not None:
+                callback(i, t, latents)
         req.latents = latents
         self._req = None
         return req
