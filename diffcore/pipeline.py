@@ -19,19 +19,24 @@ class ComposedPipelineBase:
     _required_config_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, components: dict[str, Any], config: PipelineConfig, engine_args: Optional[EngineArgs] = None):
-        missing = [m for m in self._required_config_modules
-                   if components.get(m) is None and m not in config.optional_components]
-        if missing:
-            raise RegistryError(
-                f"{self.pipeline_name}: model_index.json lacks required component(s) {', '.join(missing)}; "
-                f"this pipeline needs {', '.join(self._required_config_modules)}"
-            )
+        self.check_components(components, config)
         self.components, self.config = components, config
         config.configure_from_components(components)
         self.engine_args = engine_args or EngineArgs()
         self.stages: list[PipelineStage] = []
         self.create_pipeline_stages(self.engine_args)
         self.check_dataflow()
+
+    @classmethod
+    def check_components(cls, components: dict[str, Any], config: PipelineConfig) -> None:
+        """Refuse a checkpoint lacking a required component (the loader calls this before loading anything)."""
+        missing = [m for m in cls._required_config_modules
+                   if components.get(m) is None and m not in config.optional_components]
+        if missing:
+            raise RegistryError(
+                f"{cls.pipeline_name}: model_index.json lacks required component(s) {', '.join(missing)}; "
+                f"this pipeline needs {', '.join(cls._required_config_modules)}"
+            )
 
     # -- composition -------------------------------------------------------------------------
     def create_pipeline_stages(self, engine_args: EngineArgs) -> None:
