@@ -22,8 +22,11 @@ def register_schedulers():
     ]
 
 
+_STAGES = ("InputValidationStage", "TextEncodingStage", "ImageEncodingStage", "ImageVAEEncodingStage",
+           "TimestepPreparationStage", "LatentPreparationStage", "ConditioningStage", "DenoisingStage", "DecodingStage")
+
+
 @hookimpl
 def register_stages():
-    from .stages import STANDARD_STAGES  # no torch-heavy work: stage modules import torch lazily at use
-
-    return [StageRegistration(name, f"diffcore.stages:{name}") for name in STANDARD_STAGES]
+    # Import strings, so building the registry (e.g. `diffcore plugins`) does not import torch.
+    return [StageRegistration(name, f"diffcore.stages:{name}") for name in _STAGES]

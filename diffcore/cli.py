@@ -34,6 +34,9 @@ def _generate(args) -> int:
     from .errors import DiffcoreError
 
     try:
+        from .outputs import check_save_path
+
+        check_save_path(args.output)  # before minutes of loading and generating
         gen = DiffGenerator.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                             allow_pickle=args.allow_pickle, progress=not args.quiet)
         images = args.image if args.image else None

@@ -82,5 +82,13 @@ class GenerationResult:
             item = self.output[index]
             to_pil(item[0] if self.is_video else item).save(path)
         else:
-            raise InputError(f"cannot save {str(path)!r}: use one of {', '.join(sorted(IMAGE_SUFFIXES | {'.mp4'}))}")
+            check_save_path(path)
         return path
+
+
+def check_save_path(path: str | Path) -> Path:
+    """Refuse a file name ``GenerationResult.save`` cannot write (the CLI checks before generating)."""
+    path = Path(path)
+    if path.suffix.lower() not in IMAGE_SUFFIXES | {".mp4"}:
+        raise InputError(f"cannot save {str(path)!r}: use one of {', '.join(sorted(IMAGE_SUFFIXES | {'.mp4'}))}")
+    return path

@@ -140,8 +140,10 @@ class PluginManager:
         """Call one hook on every plugin separately, so one plugin's exception costs only that plugin."""
         results = []
         hook = getattr(self.pm.hook, hook_name)
-        for impl in reversed(hook.get_hookimpls()):  # registration order
+        trace = self.pm.trace.root.get("hook")  # writes only when DIFFCORE_TRACE_PLUGINS set a writer
+        for impl in hook.get_hookimpls():  # registration order (pluggy *calls* them last-first)
             plugin_name = self.pm.get_name(impl.plugin)
+            trace(f"{hook_name} [{plugin_name}]")
             info = self.plugins.get(plugin_name) or PluginInfo(plugin_name)
             try:
                 records = impl.function() or []

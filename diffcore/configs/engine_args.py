@@ -14,11 +14,11 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 def parse_dtype(value) -> Optional[torch.dtype]:
     """Accept a torch dtype or its name; None means "use the model's per-component precisions"."""
-    if value is None or isinstance(value, torch.dtype):
+    if value is None or (isinstance(value, torch.dtype) and value.is_floating_point):
         return value
     if isinstance(value, str) and value.lower() in _DTYPES:
         return _DTYPES[value.lower()]
-    raise ConfigError(f"unknown dtype {value!r}; accepted: {', '.join(_DTYPES)} or a torch.dtype")
+    raise ConfigError(f"unknown dtype {value!r}; accepted: {', '.join(_DTYPES)} or a floating-point torch.dtype")
 
 
 @attrs.define(kw_only=True)

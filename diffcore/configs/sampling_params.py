@@ -85,6 +85,14 @@ class SamplingParams:
     max_images: ClassVar[int] = 0  # 0: the model takes no input image
     min_images: ClassVar[int] = 0
 
+    def __attrs_post_init__(self) -> None:
+        # A subclass overriding a default with a plain ``height: int = 1024`` replaces the whole attrs
+        # field and drops its validator; re-apply the base validators so every model's params validate.
+        for field in attrs.fields(type(self)):
+            check = _BASE_VALIDATORS.get(field.name)
+            if check is not None and field.validator is None:
+                check(self, field, getattr(self, field.name))
+
     @classmethod
     def parameter_names(cls) -> list[str]:
         return [f.name for f in attrs.fields(cls)]
@@ -132,3 +140,6 @@ class SamplingParams:
         if len(negs) != batch_size:
             raise SamplingParamError("negative_prompt", f"got {len(negs)} negative prompts for {batch_size} prompts")
         return negs
+
+
+_BASE_VALIDATORS = {f.name: f.validator for f in attrs.fields(SamplingParams) if f.validator is not None}

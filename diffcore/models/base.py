@@ -17,6 +17,22 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def _repair_device_context() -> None:
+    """Make ``with torch.device(...)`` cover ``torch.linspace`` again.
+
+    transformers 5 swaps ``torch.linspace`` for a wrapper while it builds a model on the meta device.
+    torch caches the set of factory functions a device context redirects on first use; if that first
+    use falls inside transformers' window (loading a text encoder before any diffcore module), the
+    cache holds the wrapper and, for the rest of the process, ``torch.linspace`` ignores the context.
+    """
+    try:
+        from torch.utils._device import _device_constructors
+    except ImportError:  # private torch API; without it there is nothing to repair
+        return
+    if torch.linspace not in _device_constructors():
+        _device_constructors.cache_clear()
+
+
 class ModelMixin(nn.Module):
     """Mixin for diffcore model modules whose parameter names equal the Diffusers class of the same name.
 
@@ -52,6 +68,7 @@ class ModelMixin(nn.Module):
         """Build the module from a config dict (``device="meta"`` builds without allocating weights)."""
         kwargs = cls.filter_config(config)
         if device is not None:
+            _repair_device_context()
             with torch.device(device):
                 model = cls(**kwargs)
         else:
@@ -66,9 +83,14 @@ class ModelMixin(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        for p in self.parameters():
-            return p.dtype
-        return torch.float32
+        """The compute dtype: that of the first parameter outside ``_keep_in_fp32_modules`` (as in diffusers)."""
+        keep = getattr(self, "_keep_in_fp32_modules", None) or ()
+        first = None
+        for name, p in self.named_parameters():
+            first = first or p.dtype
+            if not any(m in name.split(".") for m in keep):
+                return p.dtype
+        return first or torch.float32
 
     @property
     def device(self) -> torch.device:
