@@ -220,10 +220,16 @@ class WanTransformer3DModel(ModelMixin):
     """
 
     diffusers_class_name = "WanTransformer3DModel"
-    # diffusers keeps these in float32 when loading in half precision; the loader may honour it.
-    keep_in_fp32_modules = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+    # diffusers keeps these in float32 when loading in half precision; so does diffcore's loader.
+    _keep_in_fp32_modules = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
     # present in some original checkpoints, unused by the model (diffusers ignores it on load).
     ignore_unexpected_keys = ("norm_added_q",)
+
+    @classmethod
+    def map_state_dict_key(cls, key: str) -> str | None:
+        """Drop the checkpoint keys diffusers ignores (``None`` tells the loader to skip a key)."""
+        parts = key.split(".")
+        return None if any(p in cls.ignore_unexpected_keys for p in parts) else key
 
     def __init__(
         self,
