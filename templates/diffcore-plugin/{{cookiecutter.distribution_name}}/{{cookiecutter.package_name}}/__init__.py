@@ -1,0 +1,3 @@
+"""{{ cookiecutter.description }} (a diffcore plugin). Importing the package does not import torch."""
+
+__version__ = "0.1.0"
