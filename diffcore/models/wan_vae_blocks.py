@@ -168,7 +168,8 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        qkv = self.to_qkv(self.norm(_frames(x))).flatten(2).transpose(1, 2)  # (BT, HW, 3C)
+        # contiguous: SDPA takes its flash path (no HW x HW score matrix) only for unit-stride head dims
+        qkv = self.to_qkv(self.norm(_frames(x))).flatten(2).transpose(1, 2).contiguous()  # (BT, HW, 3C)
         q, k, v = qkv.unsqueeze(2).chunk(3, dim=-1)  # (BT, HW, 1, C) each
         out = attention(q, k, v).reshape(b * t, h * w, c).transpose(1, 2).reshape(b * t, c, h, w)
         return x + _unframes(self.proj(out), b)
