@@ -9,25 +9,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # noqa: E402  (the test oracle)
 
 from diffcore.models.autoencoder_kl_wan import AutoencoderKLQwenImage, AutoencoderKLWan  # noqa: E402
 
-try:
-    from diffcore.testing.weights import perturb_
-except ImportError:  # shared helper not written yet
-
-    @torch.no_grad()
-    def perturb_(module: torch.nn.Module, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        for name, p in module.named_parameters():
-            noise = lambda std: torch.randn(p.shape, generator=g) * std  # noqa: E731
-            if name.endswith("bias") or bool((p == 0).all()):
-                p.add_(noise(0.05))
-            elif bool((p == 1).all()):
-                p.copy_(1 + noise(0.2))
-            else:
-                p.add_(noise(0.02))
+from diffcore.testing.weights import perturb_  # noqa: E402
 
 
 TINY_WAN21 = dict(

@@ -2,36 +2,16 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-try:
-    import diffcore_qwen  # noqa: F401
-except ImportError:  # plugin not installed: run from the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from diffusers import QwenImageTransformer2DModel as RefModel  # noqa: E402
 
 from diffcore_qwen.transformer import QwenImageTransformer2DModel  # noqa: E402
 
-try:
-    from diffcore.testing.weights import perturb_
-except ImportError:
-    @torch.no_grad()
-    def perturb_(module: torch.nn.Module, seed: int) -> None:
-        """Biases/zeros += N(0, .05); all-ones norm weights = 1 + N(0, .2); everything += N(0, .02)."""
-        g = torch.Generator().manual_seed(seed)
-        for name, p in module.named_parameters():
-            noise = lambda s: torch.randn(p.shape, generator=g) * s  # noqa: E731
-            if name.endswith("bias") or bool((p == 0).all()):
-                p.add_(noise(0.05))
-            elif bool((p == 1).all()):
-                p.copy_(1 + noise(0.2))
-            p.add_(noise(0.02))
+from diffcore.testing.weights import perturb_  # noqa: E402
 
 
 TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
