@@ -23,7 +23,11 @@ def _plugins(args) -> int:
         print(json.dumps({"plugins": plugins, "errors": errors}, indent=2))
         return 0
     for p in plugins:
-        print(f"{p['name']:<12} {p['distribution'] or '-'} {p['version'] or ''}  pipelines: {', '.join(p['pipelines']) or '-'}")
+        models = sorted(n for n, e in registry.tables["configs"].items() if e.plugin == p["name"])
+        print(f"{p['name']:<10} {p['distribution'] or '-'} {p['version'] or ''}")
+        print(f"{'':<10} pipelines: {', '.join(p['pipelines']) or '-'}")
+        if models:
+            print(f"{'':<10} models:    {', '.join(models)}")
     for e in errors:
         print(f"ERROR {e['plugin']}: {e['error']}")
     return 0
