@@ -87,6 +87,10 @@ class DiffGenerator:
         if engine.cache:
             policy_cls = registry.get("cache_policies", engine.cache)
             pipeline.stage("denoising").step_cache = policy_cls(threshold=engine.cache_threshold)
+        if engine.compile:  # opt-in: torch.compile the denoisers' forward (slow first call, faster steps)
+            for name in ("transformer", "transformer_2"):
+                if isinstance(components.get(name), torch.nn.Module):
+                    components[name].compile()
         log.info("loaded %s (%s via %s) in %.2fs", model, index.class_name, rec.name, time.perf_counter() - start)
         return cls(pipeline, sampling_cls, model, folder, time.perf_counter() - start)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .hookspecs import hookimpl
-from .records import ModuleRegistration, SchedulerRegistration, StageRegistration
+from .records import CachePolicyRegistration, ModuleRegistration, SchedulerRegistration, StageRegistration
 
 
 @hookimpl
@@ -30,3 +30,11 @@ _STAGES = ("InputValidationStage", "TextEncodingStage", "ImageEncodingStage", "I
 def register_stages():
     # Import strings, so building the registry (e.g. `diffcore plugins`) does not import torch.
     return [StageRegistration(name, f"diffcore.stages:{name}") for name in _STAGES]
+
+
+@hookimpl
+def register_cache_policies():
+    return [
+        CachePolicyRegistration("fbcache", "diffcore.cache.policies:FirstBlockCache"),
+        CachePolicyRegistration("teacache", "diffcore.cache.policies:TeaCache"),
+    ]

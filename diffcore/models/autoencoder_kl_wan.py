@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from .base import DiagonalGaussianDistribution, ModelMixin
 from .wan_vae_blocks import Cache, CausalConv3d, Decoder3d, Encoder3d, patchify, unpatchify_view
@@ -77,6 +78,18 @@ class AutoencoderKLWan(ModelMixin):
             dropout, out_channels, is_residual,
         )  # fmt: skip
         self.out_channels = out_channels
+        self._channels_last = False
+
+    def _use_channels_last(self) -> None:
+        """On the CPU, oneDNN convolutions (and the channel RMS norms) run ~20% faster on channels-last
+        layouts; the decoder's weights are converted once, on the first decode."""
+        if self._channels_last:
+            return
+        for m in [self.post_quant_conv, *self.decoder.modules()]:
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                fmt = torch.channels_last_3d if m.weight.ndim == 5 else torch.channels_last
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+        self._channels_last = True
 
     # ------------------------------------------------------------------ encode
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +113,9 @@ class AutoencoderKLWan(ModelMixin):
         b, num_frames = z.shape[0], z.shape[2]
         p = self.patch_size or 1
         x = self.post_quant_conv(z)
+        if x.device.type == "cpu":
+            self._use_channels_last()
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         cache = Cache()
         out = None
         t0 = 0

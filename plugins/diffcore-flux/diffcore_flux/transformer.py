@@ -11,6 +11,12 @@ Per-step work is kept lean:
 * ``silu(temb)`` is shared by all AdaLN modulations instead of being recomputed per block.
 * Single-stream blocks run on one joint ``[text, image]`` sequence that is concatenated once and
   split once, instead of a concat/split in every block.
+* AdaLN modulation and gated residuals are single fused ops (``layer_norm`` with the per-sample
+  scale/shift as its affine for batch 1, ``addcmul`` otherwise), RoPE is one complex multiply.
+
+The model implements diffcore's block-cache protocol (``cache_embed`` / ``cache_blocks`` /
+``cache_tail``, see ``diffcore.cache``) and ``forward`` is exactly their composition, so step caches
+(FBCache, TeaCache) reuse the same code path.
 """
 from __future__ import annotations
 
@@ -18,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffcore.cache.base import CacheState
 from diffcore.models.attention import attention
 from diffcore.models.base import ModelMixin
-from diffcore.models.embeddings import TimestepEmbedding, apply_rotary_interleaved, rope_frequencies, timestep_embedding
+from diffcore.models.embeddings import TimestepEmbedding, rope_frequencies, timestep_embedding
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -33,8 +40,24 @@ def _layer_norm(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), eps=_LN_EPS)
 
 
+def _rotary_table(rope: Rope) -> torch.Tensor:
+    """(cos, sin) interleaved tables (S, D) -> complex (1, S, 1, D/2) rotations, built once per call."""
+    cos, sin = rope
+    return torch.complex(cos[:, 0::2].float(), sin[:, 0::2].float())[None, :, None, :]
+
+
+def _rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` (B, S, H, D) in float32 (as diffusers does) and cast back."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * freqs).flatten(3).to(x.dtype)
+
+
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return _layer_norm(x) * (1 + scale) + shift
+    """``layer_norm(x) * (1 + scale) + shift``; for one sample the scale/shift are the norm's own affine."""
+    if x.shape[0] == 1 and scale.shape[0] == 1:
+        d = x.shape[-1]
+        return F.layer_norm(x, (d,), (1 + scale).reshape(d), shift.reshape(d), eps=_LN_EPS)
+    return torch.addcmul(shift, _layer_norm(x), 1 + scale)
 
 
 class AdaLNModulation(nn.Module):
@@ -116,15 +139,14 @@ class FluxAttention(nn.Module):
         k = norm_k(to_k(x).unflatten(-1, split))
         return q, k, to_v(x).unflatten(-1, split)
 
-    def forward(self, x: torch.Tensor, rope: Rope, context: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, context: torch.Tensor | None = None):
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
         if context is not None:
             cq, ck, cv = self._qkv(
                 context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k
             )
             q, k, v = torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1)
-        cos, sin = rope
-        q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
+        q, k = _rotate(q, rope), _rotate(k, rope)
         out = attention(q, k, v).flatten(2, 3).to(q.dtype)
         if context is None:
             return out
@@ -143,16 +165,16 @@ class FluxTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.ff_context = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, temb_act: torch.Tensor, rope: Rope):
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, temb_act: torch.Tensor, rope: torch.Tensor):
         shift, scale, gate, shift2, scale2, gate2 = self.norm1(temb_act)
         c_shift, c_scale, c_gate, c_shift2, c_scale2, c_gate2 = self.norm1_context(temb_act)
         attn_x, attn_c = self.attn(_modulate(x, shift, scale), rope, _modulate(ctx, c_shift, c_scale))
 
-        x = x + gate * attn_x
-        x = x + gate2 * self.ff(_modulate(x, shift2, scale2))
+        x = torch.addcmul(x, gate, attn_x)
+        x = torch.addcmul(x, gate2, self.ff(_modulate(x, shift2, scale2)))
 
-        ctx = ctx + c_gate * attn_c
-        ctx = ctx + c_gate2 * self.ff_context(_modulate(ctx, c_shift2, c_scale2))
+        ctx = torch.addcmul(ctx, c_gate, attn_c)
+        ctx = torch.addcmul(ctx, c_gate2, self.ff_context(_modulate(ctx, c_shift2, c_scale2)))
         if ctx.dtype == torch.float16:
             ctx = ctx.clip(-65504, 65504)
         return x, ctx
@@ -169,11 +191,11 @@ class FluxSingleTransformerBlock(nn.Module):
         self.proj_out = nn.Linear(dim + self.mlp_hidden_dim, dim)
         self.attn = FluxAttention(dim, heads, head_dim, joint=False)
 
-    def forward(self, h: torch.Tensor, temb_act: torch.Tensor, rope: Rope) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, temb_act: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = self.norm(temb_act)
         normed = _modulate(h, shift, scale)
         mlp = F.gelu(self.proj_mlp(normed), approximate="tanh")
-        h = h + gate * self.proj_out(torch.cat([self.attn(normed, rope), mlp], dim=2))
+        h = torch.addcmul(h, gate, self.proj_out(torch.cat([self.attn(normed, rope), mlp], dim=2)))
         if h.dtype == torch.float16:
             h = h.clip(-65504, 65504)
         return h
@@ -281,6 +303,14 @@ class FluxTransformer2DModel(ModelMixin):
 
         ``guidance`` is required by guidance-distilled models (FLUX.1-dev) and ignored otherwise.
         """
+        state = self.cache_embed(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                                 guidance, rotary_emb)
+        return self.cache_tail(self.cache_blocks(state, 0, self.cache_num_blocks))
+
+    # -- block-cache protocol (diffcore.cache): forward == tail(blocks(embed)) ------------------------
+    def cache_embed(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids=None,
+                    txt_ids=None, guidance=None, rotary_emb=None) -> CacheState:
+        """Embeddings and conditioning; ``state.hidden`` is the image stream ``x``."""
         if rotary_emb is None:
             if img_ids is None or txt_ids is None:
                 raise ValueError("pass either rotary_emb or both img_ids and txt_ids")
@@ -296,13 +326,33 @@ class FluxTransformer2DModel(ModelMixin):
         else:
             guidance = None
         temb = self.time_text_embed(timestep, guidance, pooled_projections)
-        temb_act = F.silu(temb)
-        ctx = self.context_embedder(encoder_hidden_states)
+        extra = {"temb_act": F.silu(temb), "ctx": self.context_embedder(encoder_hidden_states),
+                 "rope": _rotary_table(rotary_emb)}
+        return CacheState(hidden=x, extra=extra)
 
-        for block in self.transformer_blocks:
-            x, ctx = block(x, ctx, temb_act, rotary_emb)
-        n_txt = ctx.shape[1]
-        h = torch.cat([ctx, x], dim=1)
-        for block in self.single_transformer_blocks:
-            h = block(h, temb_act, rotary_emb)
-        return self.proj_out(self.norm_out(h[:, n_txt:], temb_act))
+    @property
+    def cache_num_blocks(self) -> int:
+        return len(self.transformer_blocks) + len(self.single_transformer_blocks)
+
+    def cache_blocks(self, state: CacheState, start: int, stop: int) -> CacheState:
+        """Blocks ``[start, stop)``: double-stream blocks first, then single-stream ones on ``[ctx, x]``."""
+        x, ctx, temb_act, rope = state.hidden, state.extra["ctx"], state.extra["temb_act"], state.extra["rope"]
+        n_double = len(self.transformer_blocks)
+        for block in self.transformer_blocks[start:stop]:
+            x, ctx = block(x, ctx, temb_act, rope)
+        if stop > n_double:
+            n_txt = ctx.shape[1]
+            h = torch.cat([ctx, x], dim=1)
+            for block in self.single_transformer_blocks[max(start - n_double, 0):stop - n_double]:
+                h = block(h, temb_act, rope)
+            ctx, x = h[:, :n_txt], h[:, n_txt:]
+        state.hidden, state.extra["ctx"] = x, ctx
+        return state
+
+    def cache_probe(self, state: CacheState) -> torch.Tensor:
+        """TeaCache's signal: the first block's timestep-modulated image input."""
+        shift, scale = self.transformer_blocks[0].norm1(state.extra["temb_act"])[:2]
+        return _modulate(state.hidden, shift, scale)
+
+    def cache_tail(self, state: CacheState) -> torch.Tensor:
+        return self.proj_out(self.norm_out(state.hidden, state.extra["temb_act"]))

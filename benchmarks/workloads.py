@@ -1,0 +1,188 @@
+"""Benchmark workloads: medium random-weight checkpoints built with diffusers (the oracle), cached on disk.
+
+Each workload names a Diffusers pipeline class, a builder that returns the diffusers pipeline object
+(weights perturbed off their trivial init so outputs depend on every weight), and the generation
+arguments both engines receive. ``checkpoint(name)`` builds the folder once under benchmarks/.cache
+(keyed by a hash of the builder's settings) and returns it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import attrs
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+PROMPT = "a red circle on a blue background, two yellow squares"
+NEGATIVE = "blurry, dark"
+
+
+@attrs.frozen
+class Workload:
+    name: str
+    pipeline: str  # diffusers pipeline class name
+    settings: dict  # builder settings (hashed into the cache key)
+    params: dict  # generation arguments shared by both engines (diffcore spelling)
+    quick_params: dict  # overrides for --quick
+    build: Callable  # settings -> diffusers pipeline
+    calls_per_step: int = 1  # transformer calls per denoising step (2 with CFG)
+
+
+# ------------------------------------------------------------------------------------------ FLUX
+FLUX_MEDIUM = dict(
+    transformer=dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=128,
+                     num_attention_heads=6, joint_attention_dim=512, pooled_projection_dim=256, guidance_embeds=True,
+                     axes_dims_rope=(16, 56, 56)),
+    clip=dict(hidden=256, layers=2, heads=4, projection_dim=256),
+    t5=dict(d_model=512, layers=2, heads=8),
+    vae=dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=16, norm_num_groups=32,
+             scaling_factor=0.3611, shift_factor=0.1159),
+    seed=0,
+)
+
+
+def build_flux(s: dict):
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from diffcore.testing.text_encoders import tiny_clip_text_model, tiny_t5_encoder
+    from diffcore.testing.tokenizers import tiny_clip_tokenizer, tiny_t5_tokenizer
+    from diffcore.testing.weights import perturb_
+
+    torch.manual_seed(s["seed"])
+    clip_tok, t5_tok = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    clip = tiny_clip_text_model(clip_tok, seed=s["seed"], **s["clip"])
+    t5 = tiny_t5_encoder(t5_tok, seed=s["seed"] + 1, **s["t5"])
+    transformer = FluxTransformer2DModel(**s["transformer"])
+    v = s["vae"]
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
+                        sample_size=256, **v)
+    perturb_(transformer, seed=s["seed"] + 2)
+    perturb_(vae, seed=s["seed"] + 3)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
+                        tokenizer_2=t5_tok, transformer=transformer, vae=vae)
+
+
+# ------------------------------------------------------------------------------------- Qwen-Image
+QWEN_MEDIUM = dict(
+    transformer=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=4, attention_head_dim=128,
+                     num_attention_heads=6, joint_attention_dim=256, axes_dims_rope=(16, 56, 56)),
+    text=dict(hidden=256, layers=2, heads=4, kv_heads=2),
+    vae=dict(base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]),
+    seed=0,
+)
+QWEN_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                      base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+
+
+def _latent_stats(n: int, seed: int) -> tuple[list, list]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g) * 0.5).tolist(), (0.5 + torch.rand(n, generator=g) * 1.5).tolist()
+
+
+def build_qwen(s: dict):
+    import torch
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+
+    from diffcore.testing.text_encoders import tiny_qwen25vl
+    from diffcore.testing.tokenizers import tiny_qwen2_tokenizer
+    from diffcore.testing.weights import perturb_
+
+    torch.manual_seed(s["seed"])
+    tokenizer = tiny_qwen2_tokenizer()
+    text_encoder = tiny_qwen25vl(tokenizer, seed=s["seed"], **s["text"])
+    transformer = QwenImageTransformer2DModel(**s["transformer"])
+    mean, std = _latent_stats(s["vae"]["z_dim"], s["seed"])
+    vae = AutoencoderKLQwenImage(**s["vae"], latents_mean=mean, latents_std=std)
+    perturb_(transformer, seed=s["seed"] + 1)
+    perturb_(vae, seed=s["seed"] + 2)
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=vae.eval(),
+                             text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer.eval())
+
+
+# -------------------------------------------------------------------------------------------- Wan
+WAN_MEDIUM = dict(
+    transformer=dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=128, in_channels=16,
+                     out_channels=16, text_dim=512, freq_dim=256, ffn_dim=1536, num_layers=4, cross_attn_norm=True,
+                     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+    text=dict(d_model=512, layers=2, heads=8),
+    vae=dict(base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]),
+    flow_shift=3.0,  # = diffcore's WanConfig default, so both engines use the same schedule
+    seed=0,
+)
+
+
+def build_wan(s: dict):
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    from diffcore.testing.text_encoders import tiny_umt5_encoder
+    from diffcore.testing.tokenizers import tiny_t5_tokenizer
+    from diffcore.testing.weights import perturb_
+
+    torch.manual_seed(s["seed"])
+    tok = tiny_t5_tokenizer()
+    text_encoder = tiny_umt5_encoder(tok, seed=s["seed"], **s["text"])
+    mean, std = _latent_stats(s["vae"]["z_dim"], s["seed"])
+    vae = perturb_(AutoencoderKLWan(**s["vae"], latents_mean=mean, latents_std=std), seed=s["seed"] + 1)
+    transformer = perturb_(WanTransformer3DModel(**s["transformer"]), seed=s["seed"] + 2)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=s["flow_shift"], num_train_timesteps=1000)
+    return WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae.eval(), scheduler=scheduler,
+                       transformer=transformer.eval())
+
+
+WORKLOADS: dict[str, Workload] = {
+    "flux": Workload(
+        name="flux", pipeline="FluxPipeline", settings=FLUX_MEDIUM, build=build_flux,
+        params=dict(prompt=PROMPT, height=256, width=256, num_inference_steps=28, guidance_scale=3.5,
+                    max_sequence_length=256),
+        quick_params=dict(num_inference_steps=6),
+    ),
+    "qwen": Workload(
+        name="qwen", pipeline="QwenImagePipeline", settings=QWEN_MEDIUM, build=build_qwen, calls_per_step=2,
+        params=dict(prompt=PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=4.0, height=256, width=256,
+                    num_inference_steps=10, max_sequence_length=128),
+        quick_params=dict(num_inference_steps=4),
+    ),
+    "wan": Workload(
+        name="wan", pipeline="WanPipeline", settings=WAN_MEDIUM, build=build_wan, calls_per_step=2,
+        params=dict(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=5.0, height=256, width=256, num_frames=33,
+                    num_inference_steps=10),
+        quick_params=dict(num_inference_steps=3, num_frames=9),
+    ),
+}
+
+
+def register(workload: Workload) -> None:
+    WORKLOADS[workload.name] = workload
+
+
+def _key(w: Workload) -> str:
+    blob = json.dumps({"pipeline": w.pipeline, "settings": w.settings}, sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def checkpoint(name: str, log=print) -> Path:
+    """The cached Diffusers folder of workload ``name`` (built with diffusers on first use)."""
+    w = WORKLOADS[name]
+    folder = CACHE / f"{name}-{_key(w)}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    log(f"building {name} checkpoint in {folder} ...")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    w.build(w.settings).save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder

@@ -1,0 +1,140 @@
+"""Step caches (diffcore.cache): exact when they never skip, skipping when allowed, close when skipping;
+and the other engine speed option, EngineArgs(compile=True).
+
+Runs a tiny FLUX-architecture checkpoint written with diffcore's own classes (no diffusers needed).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffcore_flux")
+
+from diffcore import DiffGenerator  # noqa: E402
+from diffcore.cache import FirstBlockCache, TeaCache, supports_step_cache  # noqa: E402
+from diffcore.testing.weights import psnr  # noqa: E402
+
+STEPS = 12
+PARAMS = dict(prompt="a red circle on a blue background", height=32, width=32, num_inference_steps=STEPS,
+              guidance_scale=3.5, max_sequence_length=16, seed=3, output_type="latent")
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    from diffcore_flux.transformer import FluxTransformer2DModel
+
+    from diffcore.testing.checkpoints import flow_match_scheduler, tiny_autoencoder_kl, tiny_clip, write_checkpoint
+    from diffcore.testing.text_encoders import tiny_t5_encoder
+    from diffcore.testing.tokenizers import tiny_t5_tokenizer
+    from diffcore.testing.weights import perturb_
+
+    clip_tok, clip = tiny_clip()
+    t5_tok = tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformer = FluxTransformer2DModel.from_config(dict(
+            in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6)))
+    perturb_(transformer, seed=1)
+    return write_checkpoint(tmp_path_factory.mktemp("cache") / "flux", "FluxPipeline", {
+        "scheduler": flow_match_scheduler(shift=3.0), "text_encoder": clip, "tokenizer": clip_tok,
+        "text_encoder_2": tiny_t5_encoder(t5_tok), "tokenizer_2": t5_tok, "transformer": transformer,
+        "vae": tiny_autoencoder_kl(),
+    })
+
+
+@pytest.fixture(scope="module")
+def uncached(flux_folder):
+    gen = DiffGenerator.from_pretrained(flux_folder, dtype="float32", progress=False)
+    return gen.generate(**PARAMS).latents.numpy()
+
+
+def _psnr(out, ref) -> float:
+    """PSNR of final latents (they respond to every transformer call; decoded pixels blur that)."""
+    return psnr(out, ref, data_range=float(ref.max() - ref.min()))
+
+
+def _cached(folder, policy: str, threshold: float, **params):
+    gen = DiffGenerator.from_pretrained(folder, dtype="float32", progress=False, cache=policy, cache_threshold=threshold)
+    model = gen.components["transformer"]
+    body_runs = []  # the last block runs only when the cache did not skip the call
+    handle = model.single_transformer_blocks[-1].register_forward_hook(lambda *a: body_runs.append(1))
+    out = gen.generate(**{**PARAMS, **params}).latents.numpy()
+    handle.remove()
+    cache = gen.pipeline.stage("denoising").step_cache
+    return out, dict(cache.stats), len(body_runs), cache
+
+
+def test_policies_are_registered_and_the_model_opts_in(flux_folder):
+    from diffcore.plugins import get_plugin_manager
+
+    registry = get_plugin_manager().registry
+    assert registry.get("cache_policies", "fbcache") is FirstBlockCache
+    assert registry.get("cache_policies", "teacache") is TeaCache
+    assert registry.origin("cache_policies", "fbcache").plugin == "diffcore"  # the built-in plugin
+    gen = DiffGenerator.from_pretrained(flux_folder, dtype="float32", progress=False, cache="fbcache")
+    assert isinstance(gen.pipeline.stage("denoising").step_cache, FirstBlockCache)
+    assert supports_step_cache(gen.components["transformer"])
+
+
+@pytest.mark.parametrize("policy", ["fbcache", "teacache"])
+def test_threshold_zero_equals_uncached_exactly(flux_folder, uncached, policy):
+    out, stats, body_runs, _ = _cached(flux_folder, policy, 0.0)
+    assert stats == {"computed": STEPS, "skipped": 0}
+    assert body_runs == STEPS
+    assert np.array_equal(out, uncached)
+
+
+@pytest.mark.parametrize("policy,threshold", [("fbcache", 0.3), ("teacache", 0.3)])
+def test_skips_calls_and_stays_close(flux_folder, uncached, policy, threshold):
+    out, stats, body_runs, _ = _cached(flux_folder, policy, threshold)
+    assert stats["computed"] + stats["skipped"] == STEPS
+    assert stats["skipped"] >= 4, stats
+    assert body_runs == stats["computed"]  # skipped calls really did not run the remaining blocks
+    quality = _psnr(out, uncached)
+    assert 30 <= quality < 100, f"{policy}@{threshold}: PSNR {quality:.1f} dB with {stats}"
+
+
+def test_higher_threshold_skips_more_and_drifts_more(flux_folder, uncached):
+    runs = [_cached(flux_folder, "fbcache", t) for t in (0.2, 0.3, 1.0)]
+    skipped = [r[1]["skipped"] for r in runs]
+    quality = [_psnr(r[0], uncached) for r in runs]
+    assert skipped == sorted(skipped) and skipped[-1] > skipped[0], skipped
+    assert quality == sorted(quality, reverse=True) and quality[0] > quality[-1], quality
+
+
+def test_cfg_branches_have_separate_caches(flux_folder):
+    out, stats, body_runs, cache = _cached(flux_folder, "fbcache", 0.3, negative_prompt="blurry", true_cfg_scale=2.0)
+    assert stats["computed"] + stats["skipped"] == 2 * STEPS
+    assert {branch for _, branch in cache._slots} == {"cond", "uncond"}
+    assert body_runs == stats["computed"] and stats["skipped"] > 0
+
+
+def test_model_without_protocol_runs_uncached():
+    class Plain(torch.nn.Module):
+        def forward(self, hidden_states, timestep, scale=1.0):
+            return hidden_states * scale + timestep
+
+    cache = FirstBlockCache(threshold=10.0)
+    cache.reset(3)
+    x, t = torch.ones(2, 3), torch.tensor(0.5)
+    for step in range(3):
+        assert torch.equal(cache(Plain(), step, "cond", hidden_states=x, timestep=t, scale=2.0), x * 2 + t)
+    assert cache.stats == {"computed": 3, "skipped": 0}
+    with pytest.raises(ValueError):
+        TeaCache(threshold=-1)
+
+
+def test_teacache_polynomial_rescales_the_signal():
+    cache = TeaCache(threshold=0.1, coefficients=[2.0, 0.5])  # 2x + 0.5
+    assert cache._rescale(0.25, model=None) == pytest.approx(1.0)
+    assert TeaCache(threshold=0.1)._rescale(0.25, model=None) == 0.25
+
+
+def test_compile_option_compiles_the_denoiser_lazily(flux_folder):
+    """EngineArgs(compile=True) wraps the transformer's forward in torch.compile (compiled on first call)."""
+    gen = DiffGenerator.from_pretrained(flux_folder, dtype="float32", progress=False, compile=True)
+    assert gen.components["transformer"]._compiled_call_impl is not None
+    plain = DiffGenerator.from_pretrained(flux_folder, dtype="float32", progress=False)
+    assert plain.components["transformer"]._compiled_call_impl is None
