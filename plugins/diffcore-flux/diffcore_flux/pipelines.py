@@ -6,17 +6,21 @@ from diffcore.stages import (ConditioningStage, DecodingStage, DenoisingStage, I
                              InputValidationStage, LatentPreparationStage, TextEncodingStage,
                              TimestepPreparationStage)
 
-_MODULES = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer", "vae", "scheduler")
-
 
 class FluxPipeline(ComposedPipelineBase):
+    """Text-to-image: CLIP + T5 prompt, packed latents, flow-matching Euler, AutoencoderKL decode."""
+
     pipeline_name = "FluxPipeline"
-    _required_config_modules = _MODULES
+    _required_config_modules = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer", "vae",
+                                "scheduler")
+    encodes_image = False
 
     def create_pipeline_stages(self, engine_args) -> None:
         c, cfg = self.components, self.config
         self.add_stage("input_validation", InputValidationStage(cfg, c))
         self.add_stage("text_encoding", TextEncodingStage(cfg, c))
+        if self.encodes_image:
+            self.add_stage("image_vae_encoding", ImageVAEEncodingStage(cfg, c))
         self.add_stage("timestep_preparation", TimestepPreparationStage(cfg, c["scheduler"]))
         self.add_stage("latent_preparation", LatentPreparationStage(cfg, c))
         self.add_stage("conditioning", ConditioningStage(cfg, c))
@@ -24,17 +28,8 @@ class FluxPipeline(ComposedPipelineBase):
         self.add_stage("decoding", DecodingStage(cfg, c))
 
 
-class FluxKontextPipeline(ComposedPipelineBase):
+class FluxKontextPipeline(FluxPipeline):
+    """Image editing: the same chain plus the VAE-encoded input image, concatenated in sequence."""
+
     pipeline_name = "FluxKontextPipeline"
-    _required_config_modules = _MODULES
-
-    def create_pipeline_stages(self, engine_args) -> None:
-        c, cfg = self.components, self.config
-        self.add_stage("input_validation", InputValidationStage(cfg, c))
-        self.add_stage("text_encoding", TextEncodingStage(cfg, c))
-        self.add_stage("image_vae_encoding", ImageVAEEncodingStage(cfg, c))
-        self.add_stage("timestep_preparation", TimestepPreparationStage(cfg, c["scheduler"]))
-        self.add_stage("latent_preparation", LatentPreparationStage(cfg, c))
-        self.add_stage("conditioning", ConditioningStage(cfg, c))
-        self.add_stage("denoising", DenoisingStage(cfg, [c["transformer"]], progress=engine_args.progress))
-        self.add_stage("decoding", DecodingStage(cfg, c))
+    encodes_image = True
