@@ -4,8 +4,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-START, END = "<!-- results:start -->", "<!-- results:end -->"
-
 
 def _f(x, fmt=".2f") -> str:
     return "–" if x is None else format(x, fmt)
@@ -14,7 +12,7 @@ def _f(x, fmt=".2f") -> str:
 def markdown(doc: dict) -> str:
     m = doc["machine"]
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, no GPU ({m['gpu']}); Python {m['python']}, torch {m['torch']}, "
+        f"Machine: {m['cpu']} (lscpu model name), {m['cores']} cores; GPU: {m['gpu']}. Python {m['python']}, torch {m['torch']}, "
         f"diffusers {m['diffusers']}. Started {doc['started']}, load average at start "
         f"{', '.join(f'{x:.1f}' for x in doc['load_avg_start'])}, at end "
         f"{', '.join(f'{x:.1f}' for x in doc['load_avg_end'])} (other jobs shared the 2 cores). "
@@ -79,9 +77,12 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(path: Path, table: str) -> None:
-    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
-    if START not in text:
-        text += f"\n{START}\n{END}\n"
-    text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{table}{END}", text, flags=re.S)
+def update_readme(path: Path, table: str, section: str = "latest") -> None:
+    """Replace the text between ``<!-- results[:section]:start/end -->`` markers (appended if absent)."""
+    tag = "results" if section == "latest" else f"results:{section}"
+    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
+    text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{table}{end}", text, flags=re.S)
     path.write_text(text)

@@ -166,7 +166,7 @@ def machine() -> dict:
     import torch
 
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "gpu": "none (this task was not lent a GPU: not measured)"}
+            "diffusers": diffusers.__version__, "gpu": "none lent to this task, not measured"}
 
 
 def parse_thresholds(text: str) -> list[tuple[str, float]]:
@@ -188,6 +188,8 @@ def main(argv=None) -> None:
     ap.add_argument("--thresholds", default="fbcache@0.3,fbcache@0.4,fbcache@0.5,fbcache@0.6,teacache@0.2,teacache@0.4,teacache@0.8",
                     help="FLUX fp32 step-cache curve, policy@threshold,... ('' to skip)")
     ap.add_argument("--cache-runs", type=int, default=None)
+    ap.add_argument("--name", default=None, help="results/<name>.json and README section <name> (default: latest; "
+                    "quick runs: quick, README untouched)")
     ap.add_argument("--compile", action="store_true", help="run diffcore with EngineArgs(compile=True) (opt-in "
                     "torch.compile; the warm-up absorbs the compilation); load times then include no compilation")
     args = ap.parse_args(argv)
@@ -235,12 +237,13 @@ def main(argv=None) -> None:
     info["load_avg_end"] = os.getloadavg()
     info["wall_s"] = time.time() - started
     doc = {**info, "results": results, "errors": errors}
-    out = RESULTS / ("quick.json" if args.quick else "latest.json")
+    name = args.name or ("quick" if args.quick else "latest")
+    out = RESULTS / f"{name}.json"
     out.write_text(json.dumps(doc, indent=2) + "\n")
     table = report.markdown(doc)
     print(table)
-    if not args.quick:
-        report.update_readme(HERE / "README.md", table)
+    if not args.quick or args.name:
+        report.update_readme(HERE / "README.md", table, section=name)
     log(f"wrote {out} ({info['wall_s'] / 60:.1f} min)")
 
 

@@ -37,14 +37,21 @@ def _status() -> dict:
     return out
 
 
-def _sdpa_flops():
-    """FlopCounterMode does not count the CPU flash-attention op; count it as SDPA."""
+def _extra_flops():
+    """FlopCounterMode counts neither the CPU flash-attention op nor oneDNN's fused linear; add both."""
     from torch.utils.flop_counter import sdpa_flop_count
 
-    def count(q, k, v, *args, out_shape=None, **kwargs):
+    def sdpa(q, k, v, *args, out_shape=None, **kwargs):
         return sdpa_flop_count(q, k, v)
 
-    return {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: count}
+    def linear(x, w, *args, out_shape=None, **kwargs):
+        rows = 1
+        for d in x[:-1]:
+            rows *= d
+        return 2 * rows * w[0] * w[1]
+
+    return {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa,
+            torch.ops.mkldnn._linear_pointwise: linear}
 
 
 def _preimport(folder: str) -> None:
@@ -85,7 +92,7 @@ class Engine:
         finally:
             handle.remove()
         args, kwargs = self._captured
-        with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_sdpa_flops()) as counter:
+        with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_extra_flops()) as counter:
             self.transformer(*args, **kwargs)
         return float(counter.get_total_flops())
 

@@ -13,6 +13,8 @@ Per-step work is kept lean:
   split once, instead of a concat/split in every block.
 * AdaLN modulation and gated residuals are single fused ops (``layer_norm`` with the per-sample
   scale/shift as its affine for batch 1, ``addcmul`` otherwise), RoPE is one complex multiply.
+* Token-wise projections use ``diffcore.models.linear`` (oneDNN GEMMs on the CPU, GELU fused into
+  the MLP's first GEMM).
 
 The model implements diffcore's block-cache protocol (``cache_embed`` / ``cache_blocks`` /
 ``cache_tail``, see ``diffcore.cache``) and ``forward`` is exactly their composition, so step caches
@@ -28,6 +30,7 @@ from diffcore.cache.base import CacheState
 from diffcore.models.attention import attention
 from diffcore.models.base import ModelMixin
 from diffcore.models.embeddings import TimestepEmbedding, rope_frequencies, timestep_embedding
+from diffcore.models.linear import Linear, linear
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -41,15 +44,24 @@ def _layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rotary_table(rope: Rope) -> torch.Tensor:
-    """(cos, sin) interleaved tables (S, D) -> complex (1, S, 1, D/2) rotations, built once per call."""
+    """(cos, sin) interleaved tables (S, D) -> (1, S, 1, D/2, 2) per-pair [cos, sin], built once per call."""
     cos, sin = rope
-    return torch.complex(cos[:, 0::2].float(), sin[:, 0::2].float())[None, :, None, :]
+    return torch.stack([cos[:, 0::2], sin[:, 0::2]], dim=-1).float()[None, :, None]
 
 
-def _rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of ``x`` (B, S, H, D) in float32 (as diffusers does) and cast back."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * freqs).flatten(3).to(x.dtype)
+def _rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` (B, S, H, D) in float32 (as diffusers does) and cast back.
+
+    Eager: one complex multiply. Under torch.compile (no complex kernels in inductor): the real form.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        re, im = pairs.unbind(-1)
+        cos, sin = table.unbind(-1)
+        out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
+    else:
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(table))
+    return out.flatten(3).to(x.dtype)
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -91,10 +103,10 @@ class AdaLNContinuous(nn.Module):
 class _GELUProj(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, inner)
+        self.proj = Linear(dim, inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
+        return linear(x, self.proj, "gelu_tanh")
 
 
 class FeedForward(nn.Module):
@@ -102,7 +114,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.ModuleList([_GELUProj(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+        self.net = nn.ModuleList([_GELUProj(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](self.net[0](x))
@@ -121,17 +133,17 @@ class FluxAttention(nn.Module):
         inner = heads * head_dim
         self.norm_q = nn.RMSNorm(head_dim, eps=_QK_EPS)
         self.norm_k = nn.RMSNorm(head_dim, eps=_QK_EPS)
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
-        self.to_v = nn.Linear(dim, inner)
+        self.to_q = Linear(dim, inner)
+        self.to_k = Linear(dim, inner)
+        self.to_v = Linear(dim, inner)
         if joint:
-            self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])
+            self.to_out = nn.ModuleList([Linear(inner, dim), nn.Identity()])
             self.norm_added_q = nn.RMSNorm(head_dim, eps=_QK_EPS)
             self.norm_added_k = nn.RMSNorm(head_dim, eps=_QK_EPS)
-            self.add_q_proj = nn.Linear(dim, inner)
-            self.add_k_proj = nn.Linear(dim, inner)
-            self.add_v_proj = nn.Linear(dim, inner)
-            self.to_add_out = nn.Linear(inner, dim)
+            self.add_q_proj = Linear(dim, inner)
+            self.add_k_proj = Linear(dim, inner)
+            self.add_v_proj = Linear(dim, inner)
+            self.to_add_out = Linear(inner, dim)
 
     def _qkv(self, x: torch.Tensor, to_q, to_k, to_v, norm_q, norm_k):
         split = (self.heads, self.head_dim)
@@ -187,14 +199,14 @@ class FluxSingleTransformerBlock(nn.Module):
         super().__init__()
         self.mlp_hidden_dim = int(dim * mlp_ratio)
         self.norm = AdaLNModulation(dim, 3)
-        self.proj_mlp = nn.Linear(dim, self.mlp_hidden_dim)
-        self.proj_out = nn.Linear(dim + self.mlp_hidden_dim, dim)
+        self.proj_mlp = Linear(dim, self.mlp_hidden_dim)
+        self.proj_out = Linear(dim + self.mlp_hidden_dim, dim)
         self.attn = FluxAttention(dim, heads, head_dim, joint=False)
 
     def forward(self, h: torch.Tensor, temb_act: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         shift, scale, gate = self.norm(temb_act)
         normed = _modulate(h, shift, scale)
-        mlp = F.gelu(self.proj_mlp(normed), approximate="tanh")
+        mlp = linear(normed, self.proj_mlp, "gelu_tanh")
         h = torch.addcmul(h, gate, self.proj_out(torch.cat([self.attn(normed, rope), mlp], dim=2)))
         if h.dtype == torch.float16:
             h = h.clip(-65504, 65504)
@@ -259,8 +271,8 @@ class FluxTransformer2DModel(ModelMixin):
         self.rope_theta = 10000.0
 
         self.time_text_embed = TimeTextEmbedding(dim, pooled_projection_dim, guidance_embeds)
-        self.context_embedder = nn.Linear(joint_attention_dim, dim)
-        self.x_embedder = nn.Linear(in_channels, dim)
+        self.context_embedder = Linear(joint_attention_dim, dim)
+        self.x_embedder = Linear(in_channels, dim)
         self.transformer_blocks = nn.ModuleList(
             [FluxTransformerBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_layers)]
         )
@@ -268,7 +280,7 @@ class FluxTransformer2DModel(ModelMixin):
             [FluxSingleTransformerBlock(dim, num_attention_heads, attention_head_dim) for _ in range(num_single_layers)]
         )
         self.norm_out = AdaLNContinuous(dim)
-        self.proj_out = nn.Linear(dim, patch_size * patch_size * self.out_channels)
+        self.proj_out = Linear(dim, patch_size * patch_size * self.out_channels)
 
     @torch.no_grad()
     def rope(self, img_ids: torch.Tensor, txt_ids: torch.Tensor) -> Rope:
