@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -14,6 +13,7 @@ from diffcore_flux.transformer import FluxTransformer2DModel  # noqa: E402
 import diffusers  # noqa: E402  (the test oracle)
 DiffusersFlux = diffusers.FluxTransformer2DModel
 
+from diffcore.testing.dtypes import DtypeRecorder  # noqa: E402
 from diffcore.testing.weights import perturb_  # noqa: E402
 
 
@@ -121,25 +121,12 @@ def test_scalar_timestep_and_missing_guidance():
             ours(**inp)
 
 
-class _DtypeRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.dtypes: set[torch.dtype] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.dtypes.add(t.dtype)
-        return out
-
-
 def test_step_path_has_no_float64():
     _, ours = _pair(True)
     inp = _inputs()
     rope = ours.rope(inp["img_ids"], inp["txt_ids"])
     step_inputs = {k: v for k, v in inp.items() if not k.endswith("_ids")}
-    recorder = _DtypeRecorder()
+    recorder = DtypeRecorder()
     with torch.no_grad(), recorder:
         ours(**step_inputs, guidance=torch.tensor([3.5, 3.5]), rotary_emb=rope)
     assert torch.float32 in recorder.dtypes and torch.float64 not in recorder.dtypes

@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -15,6 +14,7 @@ from diffcore_wan.transformer import WanTransformer3DModel  # noqa: E402
 import diffusers  # noqa: E402  (the test oracle)
 DiffusersWan = diffusers.WanTransformer3DModel
 
+from diffcore.testing.dtypes import DtypeRecorder  # noqa: E402
 from diffcore.testing.weights import perturb_  # noqa: E402
 
 
@@ -162,24 +162,11 @@ def test_all_attention_goes_through_diffcore_attention():
     assert sorted(calls) == sorted([seq, 9, 7] * I2V["num_layers"])
 
 
-class _DtypeRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.dtypes: set[torch.dtype] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.dtypes.add(t.dtype)
-        return out
-
-
 def test_step_path_has_no_float64():
     _, ours = _pair(I2V)
     inp = _inputs(I2V, n_txt=9, n_img=7)
     rope = ours.rope(F, H, W)
-    recorder = _DtypeRecorder()
+    recorder = DtypeRecorder()
     with torch.no_grad(), recorder:
         ours(**inp, rotary_emb=rope)
         ours(**{**inp, "timestep": _per_token_timestep()}, rotary_emb=rope)
