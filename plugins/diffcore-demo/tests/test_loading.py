@@ -48,7 +48,8 @@ def test_diffusers_loads_it_and_agrees(demo):
     diffusers = pytest.importorskip("diffusers")
     pipe = diffusers.FluxPipeline.from_pretrained(model_path(), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe(PROMPT, height=128, width=128, num_inference_steps=8, guidance_scale=0.0, max_sequence_length=12,
+    ref = pipe(PROMPT, negative_prompt="", true_cfg_scale=2.5, height=128, width=128, num_inference_steps=8,
+               guidance_scale=0.0, max_sequence_length=12,
                generator=torch.Generator("cpu").manual_seed(5), output_type="np").images
     ours = demo.generate(prompt=PROMPT, seed=5, num_inference_steps=8, output_type="np").output
     diff = float(np.abs(ours - ref).max())

@@ -36,7 +36,7 @@ def export_checkpoint(run: Path, folder: Path, dtype: torch.dtype = torch.float1
     return step
 
 
-def measure(folder, n: int, seed: int, steps=None, dtype=None, grid=None) -> dict:
+def measure(folder, n: int, seed: int, steps=None, dtype=None, grid=None, cfg=None) -> dict:
     from diffcore import DiffGenerator
     from diffcore_demo.shapes import classify, random_scene
 
@@ -44,7 +44,9 @@ def measure(folder, n: int, seed: int, steps=None, dtype=None, grid=None) -> dic
     rng = np.random.default_rng(seed)
     scenes = [random_scene(rng) for _ in range(n)]
     t = time.time()
-    images = gen.generate(prompt=[s.caption for s in scenes], seed=seed, num_inference_steps=steps, output_type="np").output
+    extra = {} if cfg is None else {"true_cfg_scale": cfg}
+    images = gen.generate(prompt=[s.caption for s in scenes], seed=seed, num_inference_steps=steps, output_type="np",
+                          **extra).output
     elapsed = time.time() - t
     res = [classify(im) for im in images]
     if grid:
@@ -69,6 +71,7 @@ def main() -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--dtype", help="run dtype (default: the model's)")
     p.add_argument("--store-dtype", default="float16", help="with --run: weight dtype of the exported checkpoint")
+    p.add_argument("--cfg", type=float, nargs="*", help="true-CFG scales to measure (default: the model's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--grid", help="save the generated images here (8 per row) and print each result")
     args = p.parse_args()
@@ -78,7 +81,8 @@ def main() -> None:
         print("checkpoint step", export_checkpoint(args.run, folder, getattr(torch, args.store_dtype)))
     else:
         folder = args.model
-    print(measure(folder, args.n, args.seed, args.steps, args.dtype, args.grid))
+    for cfg in args.cfg or [None]:
+        print(f"true_cfg_scale={cfg}:", measure(folder, args.n, args.seed, args.steps, args.dtype, args.grid, cfg))
 
 
 if __name__ == "__main__":

@@ -237,6 +237,9 @@ def train_transformer(args, out: Path, data: dict, text: tuple[torch.Tensor, tor
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         idx = torch.randint(len(x0_all), (args.batch,), generator=g)
         x0, cap = x0_all[idx], data["captions"][idx]
+        if args.cond_dropout > 0:  # the empty caption (last row of the text cache) teaches the unconditional
+            drop = torch.rand(args.batch, generator=g) < args.cond_dropout  # model that true CFG samples with
+            cap = torch.where(drop, torch.full_like(cap, len(embeds) - 1), cap)
         noise = torch.randn(x0.shape, generator=g)
         sigma = torch.sigmoid(torch.randn(args.batch, generator=g))  # logit-normal(0, 1)
         s = sigma[:, None, None]
@@ -324,6 +327,8 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=7e-4)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--ckpt-minutes", type=float, default=2.0)
+    p.add_argument("--cond-dropout", type=float, default=0.0,
+                   help="fraction of training captions replaced by the empty caption (for true CFG sampling)")
     p.add_argument("--dtype", default="float16", help="stored weight dtype of transformer and VAE")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -332,7 +337,7 @@ def main(argv=None) -> None:
 
     text_parts = build_text(args.seed)
     captions = all_captions()
-    text = encode_text(captions, *text_parts)
+    text = encode_text(captions + [""], *text_parts)  # last row: the empty caption (--cond-dropout)
     if args.init and not (args.out / "vae.pt").exists():
         shutil.copy(args.init / "vae.pt", args.out / "vae.pt")
     vae = train_vae(args, args.out)
