@@ -3,8 +3,23 @@
 Dual-stream blocks: image and text tokens keep separate weights (adaLN modulation, QKV, MLP) but
 attend jointly over ``[text, image]``. Positions use a 3-axis (frame, height, width) RoPE whose
 height/width axes are centred on the image (``scale_rope``); text tokens sit on the diagonal just
-after the largest image half-extent. The RoPE tables only depend on the request's shapes, so
-``rope()`` builds them once per request and ``forward(rotary_emb=...)`` reuses them every step.
+after the largest image half-extent.
+
+Per-step work is kept lean (numerics follow diffusers; fp32 parity is tested against it):
+
+* The RoPE tables only depend on the request's shapes: ``rope()`` builds them once per request and
+  ``forward(rotary_emb=...)`` reuses them every step; RoPE is applied as one complex multiply.
+* ``silu(temb)`` is computed once per call and shared by every block's modulation.
+* AdaLN modulation is one ``layer_norm`` with the per-sample ``(1 + scale)`` / ``shift`` as its affine
+  for one sample (``addcmul`` otherwise); gated residuals are ``addcmul``.
+* Token-wise projections use ``diffcore.models.linear`` (oneDNN GEMMs on the CPU, GELU fused into
+  the MLP's first GEMM).
+* The model returns only the image stream, so the last block stops its text stream after attention
+  (no ``to_add_out``, text residual or text MLP there).
+
+The model implements diffcore's block-cache protocol (``cache_embed`` / ``cache_blocks`` /
+``cache_tail``, see ``diffcore.cache``) and ``forward`` is exactly their composition, so step caches
+(FBCache, TeaCache) reuse the same code path.
 """
 from __future__ import annotations
 
@@ -15,12 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffcore.cache.base import CacheState
 from diffcore.models.attention import attention
 from diffcore.models.base import ModelMixin
-from diffcore.models.embeddings import TimestepEmbedding, Timesteps, apply_rotary_interleaved
+from diffcore.models.embeddings import TimestepEmbedding, Timesteps
+from diffcore.models.linear import Linear, linear
 
 Shape3 = tuple[int, int, int]
 RopeTables = tuple[torch.Tensor, torch.Tensor]
+
+_EPS = 1e-6
 
 
 class RMSNorm(nn.Module):
@@ -39,14 +58,14 @@ class RMSNorm(nn.Module):
 
 
 class GELUProj(nn.Module):
-    """``net.0`` of diffusers' FeedForward: linear ``proj`` followed by tanh-GELU."""
+    """``net.0`` of diffusers' FeedForward: linear ``proj`` with tanh-GELU fused into the GEMM."""
 
     def __init__(self, dim: int, inner_dim: int):
         super().__init__()
-        self.proj = nn.Linear(dim, inner_dim)
+        self.proj = Linear(dim, inner_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
+        return linear(x, self.proj, "gelu_tanh")
 
 
 class FeedForward(nn.Module):
@@ -54,12 +73,10 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.ModuleList([GELUProj(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+        self.net = nn.ModuleList([GELUProj(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
+        return self.net[2](self.net[0](x))
 
 
 class QwenTimestepProjEmbeddings(nn.Module):
@@ -82,6 +99,47 @@ class QwenTimestepProjEmbeddings(nn.Module):
         return emb
 
 
+def _rotary_table(rope: RopeTables) -> torch.Tensor:
+    """``(cos, sin)`` interleaved tables ``(S, D)`` -> per-pair ``[cos, sin]`` ``(1, S, 1, D/2, 2)``, once per call."""
+    cos, sin = rope
+    return torch.stack([cos[:, 0::2], sin[:, 0::2]], dim=-1).float()[None, :, None]
+
+
+def _rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` (B, S, H, D) in fp32 and cast back, as diffusers' complex
+    ``apply_rotary_emb_qwen``: eager, one complex multiply; under torch.compile (no complex kernels in
+    inductor) the same product in real form."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        re, im = pairs.unbind(-1)
+        cos, sin = table.unbind(-1)
+        out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
+    else:
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(table))
+    return out.flatten(3).to(x.dtype)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``layer_norm(x) * (1 + scale) + shift``; for one sample the scale/shift are the norm's own affine."""
+    d = x.shape[-1]
+    if x.shape[0] == 1 and scale.numel() == d:
+        return F.layer_norm(x, (d,), (1 + scale).reshape(d), shift.reshape(d), eps=_EPS)
+    return torch.addcmul(shift, F.layer_norm(x, (d,), eps=_EPS), 1 + scale)
+
+
+def _mod_params(params: torch.Tensor, cond_tokens: Optional[torch.Tensor] = None):
+    """``(shift, scale, gate)`` from ``params`` ``(B, 3D)``, each ``(B, 1, D)``.
+
+    With ``cond_tokens`` (zero_cond_t) ``params`` has ``2B`` rows: the first ``B`` (real timestep) modulate the
+    generated image, the last ``B`` (timestep 0) the condition-image tokens marked True; each is then ``(B, S, D)``.
+    """
+    shift, scale, gate = params.unsqueeze(1).chunk(3, dim=-1)
+    if cond_tokens is not None:
+        b = shift.shape[0] // 2
+        shift, scale, gate = (torch.where(cond_tokens, t[b:], t[:b]) for t in (shift, scale, gate))
+    return shift, scale, gate
+
+
 class QwenJointAttention(nn.Module):
     """Joint attention: per-stream QKV + per-head RMS q/k norms, RoPE and softmax over ``[text, image]``."""
 
@@ -89,36 +147,24 @@ class QwenJointAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         inner = heads * head_dim
-        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner) for _ in range(3))
-        self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, inner) for _ in range(3))
+        self.to_q, self.to_k, self.to_v = (Linear(dim, inner) for _ in range(3))
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (Linear(dim, inner) for _ in range(3))
         self.norm_q, self.norm_k = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
         self.norm_added_q, self.norm_added_k = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
-        self.to_add_out = nn.Linear(inner, dim)
+        self.to_out = nn.ModuleList([Linear(inner, dim), nn.Dropout(0.0)])
+        self.to_add_out = Linear(inner, dim)
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, rope: RopeTables, attn_mask: Optional[torch.Tensor]):
+    def forward(self, img, txt, rope: torch.Tensor, attn_mask: Optional[torch.Tensor], txt_out: bool = True):
+        """``(image output, text output)``; the text output is ``None`` when ``txt_out`` is False."""
         split = lambda t: t.unflatten(-1, (-1, self.head_dim))  # noqa: E731  (B, S, H, D)
         q = torch.cat([self.norm_added_q(split(self.add_q_proj(txt))), self.norm_q(split(self.to_q(img)))], dim=1)
         k = torch.cat([self.norm_added_k(split(self.add_k_proj(txt))), self.norm_k(split(self.to_k(img)))], dim=1)
         v = torch.cat([split(self.add_v_proj(txt)), split(self.to_v(img))], dim=1)
-        cos, sin = rope
-        q, k = apply_rotary_interleaved(q, cos, sin), apply_rotary_interleaved(k, cos, sin)
+        q, k = _rotate(q, rope), _rotate(k, rope)
         out = attention(q, k, v, attn_mask=attn_mask).flatten(2, 3).to(q.dtype)
         n_txt = txt.shape[1]
-        return self.to_out[0](out[:, n_txt:].contiguous()), self.to_add_out(out[:, :n_txt].contiguous())
-
-
-def _modulate(x: torch.Tensor, params: torch.Tensor, cond_tokens: Optional[torch.Tensor] = None):
-    """adaLN: ``x * (1 + scale) + shift`` and the residual gate.
-
-    With ``cond_tokens`` (zero_cond_t) ``params`` has ``2B`` rows: the first ``B`` (real timestep) modulate the
-    generated image, the last ``B`` (timestep 0) modulate the condition-image tokens marked True.
-    """
-    shift, scale, gate = params.unsqueeze(1).chunk(3, dim=-1)
-    if cond_tokens is not None:
-        b = shift.shape[0] // 2
-        shift, scale, gate = (torch.where(cond_tokens, t[b:], t[:b]) for t in (shift, scale, gate))
-    return x * (1 + scale) + shift, gate
+        img_out = self.to_out[0](out[:, n_txt:].contiguous())
+        return img_out, (self.to_add_out(out[:, :n_txt].contiguous()) if txt_out else None)
 
 
 class QwenImageTransformerBlock(nn.Module):
@@ -127,50 +173,51 @@ class QwenImageTransformerBlock(nn.Module):
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, eps: float = 1e-6,
                  zero_cond_t: bool = False):
         super().__init__()
-        self.eps, self.zero_cond_t = eps, zero_cond_t
-        self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.zero_cond_t = zero_cond_t
+        self.img_mod = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
+        self.txt_mod = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
         self.attn = QwenJointAttention(dim, num_attention_heads, attention_head_dim, eps)
         self.img_mlp = FeedForward(dim)
         self.txt_mlp = FeedForward(dim)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+    def forward(self, img, txt, temb_act, rope: torch.Tensor, attn_mask=None, cond_tokens=None, txt_out: bool = True):
+        """``temb_act`` is ``silu(temb)``. With ``txt_out=False`` (last block: the model discards the text
+        stream) only the image stream is updated and the returned text stream is ``None``."""
+        img_mod1, img_mod2 = self.img_mod[1](temb_act).chunk(2, dim=-1)
+        txt_temb = temb_act.chunk(2, dim=0)[0] if self.zero_cond_t else temb_act
+        txt_mod1, txt_mod2 = self.txt_mod[1](txt_temb).chunk(2, dim=-1)
 
-    def forward(self, img, txt, temb, rope: RopeTables, attn_mask=None, cond_tokens=None):
-        img_mod1, img_mod2 = self.img_mod(temb).chunk(2, dim=-1)
-        txt_temb = temb.chunk(2, dim=0)[0] if self.zero_cond_t else temb
-        txt_mod1, txt_mod2 = self.txt_mod(txt_temb).chunk(2, dim=-1)
-
-        img_in, img_gate = _modulate(self._norm(img), img_mod1, cond_tokens)
-        txt_in, txt_gate = _modulate(self._norm(txt), txt_mod1)
-        img_attn, txt_attn = self.attn(img_in, txt_in, rope, attn_mask)
-        img = img + img_gate * img_attn
-        txt = txt + txt_gate * txt_attn
-
-        img_in, img_gate = _modulate(self._norm(img), img_mod2, cond_tokens)
-        img = img + img_gate * self.img_mlp(img_in)
-        txt_in, txt_gate = _modulate(self._norm(txt), txt_mod2)
-        txt = txt + txt_gate * self.txt_mlp(txt_in)
-
-        if txt.dtype == torch.float16:  # diffusers clips to keep fp16 finite
-            txt = txt.clip(-65504, 65504)
-        if img.dtype == torch.float16:
+        shift, scale, gate = _mod_params(img_mod1, cond_tokens)
+        c_shift, c_scale, c_gate = _mod_params(txt_mod1)
+        img_attn, txt_attn = self.attn(_modulate(img, shift, scale), _modulate(txt, c_shift, c_scale), rope,
+                                       attn_mask, txt_out)
+        img = torch.addcmul(img, gate, img_attn)
+        shift, scale, gate = _mod_params(img_mod2, cond_tokens)
+        img = torch.addcmul(img, gate, self.img_mlp(_modulate(img, shift, scale)))
+        if img.dtype == torch.float16:  # diffusers clips to keep fp16 finite
             img = img.clip(-65504, 65504)
+        if not txt_out:
+            return img, None
+
+        txt = torch.addcmul(txt, c_gate, txt_attn)
+        c_shift, c_scale, c_gate = _mod_params(txt_mod2)
+        txt = torch.addcmul(txt, c_gate, self.txt_mlp(_modulate(txt, c_shift, c_scale)))
+        if txt.dtype == torch.float16:
+            txt = txt.clip(-65504, 65504)
         return img, txt
 
 
 class AdaLayerNormContinuous(nn.Module):
     """Final adaLN (no affine): ``LN(x) * (1 + scale) + shift`` with ``scale, shift = linear(silu(temb))``."""
 
-    def __init__(self, dim: int, cond_dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, cond_dim: int):
         super().__init__()
-        self.eps = eps
         self.linear = nn.Linear(cond_dim, 2 * dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(F.silu(cond).to(x.dtype)).chunk(2, dim=1)
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * (1 + scale)[:, None] + shift[:, None]
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
+        """``temb_act`` is the already-activated ``silu(temb)``."""
+        scale, shift = self.linear(temb_act.to(x.dtype)).unsqueeze(1).chunk(2, dim=-1)
+        return _modulate(x, shift, scale)
 
 
 def _sample_shapes(img_shapes) -> list[Shape3]:
@@ -228,14 +275,14 @@ class QwenImageTransformer2DModel(ModelMixin):
 
         self.time_text_embed = QwenTimestepProjEmbeddings(self.inner_dim, use_additional_t_cond)
         self.txt_norm = RMSNorm(joint_attention_dim, eps=1e-6)
-        self.img_in = nn.Linear(in_channels, self.inner_dim)
-        self.txt_in = nn.Linear(joint_attention_dim, self.inner_dim)
+        self.img_in = Linear(in_channels, self.inner_dim)
+        self.txt_in = Linear(joint_attention_dim, self.inner_dim)
         self.transformer_blocks = nn.ModuleList(
             QwenImageTransformerBlock(self.inner_dim, num_attention_heads, attention_head_dim, zero_cond_t=zero_cond_t)
             for _ in range(num_layers)
         )
-        self.norm_out = AdaLayerNormContinuous(self.inner_dim, self.inner_dim, eps=1e-6)
-        self.proj_out = nn.Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
+        self.norm_out = AdaLayerNormContinuous(self.inner_dim, self.inner_dim)
+        self.proj_out = Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
 
     # ------------------------------------------------------------------ RoPE (per request)
     def _axis_angles(self, axis: int, positions: torch.Tensor) -> torch.Tensor:
@@ -305,6 +352,14 @@ class QwenImageTransformer2DModel(ModelMixin):
         ``rotary_emb`` is ``self.rope(img_shapes, S_txt)`` precomputed per request; ``img_shapes`` is needed
         when it is not given, and for zero_cond_t models.
         """
+        state = self.cache_embed(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep,
+                                 img_shapes, rotary_emb, additional_t_cond)
+        return self.cache_tail(self.cache_blocks(state, 0, self.cache_num_blocks))
+
+    # -- block-cache protocol (diffcore.cache): forward == tail(blocks(embed)) ------------------------
+    def cache_embed(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask=None, timestep=None,
+                    img_shapes=None, rotary_emb=None, additional_t_cond=None) -> CacheState:
+        """Embeddings and per-call conditioning; ``state.hidden`` is the image stream."""
         batch, n_txt = encoder_hidden_states.shape[:2]
         n_img = hidden_states.shape[1]
         img = self.img_in(hidden_states)
@@ -334,10 +389,34 @@ class QwenImageTransformer2DModel(ModelMixin):
                                  f"must be (batch, text_len)=({batch}, {n_txt})")
             img_keys = torch.ones(batch, n_img, dtype=torch.bool, device=img.device)
             attn_mask = torch.cat([encoder_hidden_states_mask.to(torch.bool), img_keys], dim=1)[:, None, None, :]
+        extra = {"txt": txt, "temb_act": F.silu(temb), "rope": _rotary_table(rotary_emb), "attn_mask": attn_mask,
+                 "cond_tokens": cond_tokens}
+        return CacheState(hidden=img, extra=extra)
 
-        for block in self.transformer_blocks:
-            img, txt = block(img, txt, temb, rotary_emb, attn_mask, cond_tokens)
+    @property
+    def cache_num_blocks(self) -> int:
+        return len(self.transformer_blocks)
 
+    def cache_blocks(self, state: CacheState, start: int, stop: int) -> CacheState:
+        """Blocks ``[start, stop)``; the model's last block leaves ``extra["txt"]`` as ``None`` (unused by the tail)."""
+        img, e = state.hidden, state.extra
+        txt = e["txt"]
+        last = len(self.transformer_blocks) - 1
+        for i in range(start, stop):
+            img, txt = self.transformer_blocks[i](img, txt, e["temb_act"], e["rope"], e["attn_mask"],
+                                                  e["cond_tokens"], txt_out=i < last)
+        state.hidden, e["txt"] = img, txt
+        return state
+
+    def cache_probe(self, state: CacheState) -> torch.Tensor:
+        """TeaCache's signal: the first block's timestep-modulated image input."""
+        block = self.transformer_blocks[0]
+        shift, scale, _ = _mod_params(block.img_mod[1](state.extra["temb_act"]).chunk(2, dim=-1)[0],
+                                      state.extra["cond_tokens"])
+        return _modulate(state.hidden, shift, scale)
+
+    def cache_tail(self, state: CacheState) -> torch.Tensor:
+        temb_act = state.extra["temb_act"]
         if self.zero_cond_t:
-            temb = temb.chunk(2, dim=0)[0]
-        return self.proj_out(self.norm_out(img, temb))
+            temb_act = temb_act.chunk(2, dim=0)[0]
+        return self.proj_out(self.norm_out(state.hidden, temb_act))
