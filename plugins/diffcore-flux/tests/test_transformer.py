@@ -94,6 +94,22 @@ def test_parity_with_diffusers(guidance_embeds):
     assert (other - got).abs().max() > 1e-3
 
 
+def test_last_block_computes_image_rows_only():
+    """The last single block skips the text rows' outputs; the result equals computing every row."""
+    _, ours = _pair(True)
+    inp = {**_inputs(), "guidance": torch.tensor([3.5, 2.0])}
+    n, n_txt = ours.cache_num_blocks, inp["encoder_hidden_states"].shape[1]
+    with torch.no_grad():
+        got = ours(**inp)
+        state = ours.cache_blocks(ours.cache_embed(**inp), 0, n - 1)
+        h = torch.cat([state.extra["ctx"], state.hidden], 1)
+        state.hidden = ours.single_transformer_blocks[-1](h, state.extra["temb_act"], state.extra["rope"])[:, n_txt:]
+        all_rows = ours.cache_tail(state)
+        split = ours.cache_blocks(ours.cache_blocks(ours.cache_embed(**inp), 0, 1), 1, n)  # FBCache's path
+    torch.testing.assert_close(got, all_rows, rtol=1e-6, atol=1e-6)
+    assert split.extra["ctx"] is None and torch.equal(ours.cache_tail(split), got)
+
+
 def test_rope_matches_diffusers_pos_embed():
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 

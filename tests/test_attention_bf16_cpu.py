@@ -1,0 +1,57 @@
+"""diffcore.models.attention's bf16 CPU path (per-head GEMMs), at a small FLUX-like shape."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffcore.models import attention as attn
+
+
+def _sdpa64(q, k, v, mask=None):
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+
+@pytest.fixture
+def qkv():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(2, 48, 3, 32, generator=g) * 1.5).bfloat16() for _ in range(3)]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "key-padding"])
+def test_bf16_cpu_path_matches_float64_like_flash(qkv, masked):
+    q, k, v = qkv
+    mask = None
+    if masked:
+        mask = torch.ones(2, 1, 1, 48, dtype=torch.bool)
+        mask[1, ..., 5:20] = False
+    ref = _sdpa64(q, k, v, mask)
+    got = attn._bf16_cpu(q, k, v, attn_mask=mask)
+    flash = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask).transpose(1, 2)
+    err, flash_err = (got.double() - ref).abs(), (flash.double() - ref).abs()
+    print(f"bf16 attention mean|err| {err.mean():.2e} (flash {flash_err.mean():.2e}), max {err.max():.2e}")
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    assert err.mean() <= 4 * flash_err.mean() and err.max() <= 0.05  # bf16 scores: ~3x flash here
+
+
+def test_default_backend_routes_single_threaded_cpu_bf16_only(qkv, monkeypatch):
+    q, k, v = qkv
+    flash = lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in qkv)).transpose(1, 2)  # noqa: E731
+    assert attn.get_backend() == "sdpa"
+    monkeypatch.setattr(attn, "BF16_CPU", True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(attn.attention(q, k, v), attn._bf16_cpu(q, k, v))
+        q32, k32, v32 = (t.float() for t in qkv)  # fp32 stays on torch SDPA
+        expected = F.scaled_dot_product_attention(q32.transpose(1, 2), k32.transpose(1, 2), v32.transpose(1, 2))
+        assert torch.equal(attn.attention(q32, k32, v32), expected.transpose(1, 2))
+        monkeypatch.setattr(attn, "_BF16_CPU_MAX_SCORES", 48 * 48 - 1)  # too long -> flash SDPA
+        assert torch.equal(attn.attention(q, k, v), flash())
+        monkeypatch.undo()
+        monkeypatch.setattr(attn, "BF16_CPU", True)
+        torch.set_num_threads(2)  # multi-threaded -> flash SDPA
+        assert torch.equal(attn.attention(q, k, v), flash())
+    finally:
+        torch.set_num_threads(threads)
