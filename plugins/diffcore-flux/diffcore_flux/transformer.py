@@ -33,46 +33,12 @@ from diffcore.cache.base import CacheState
 from diffcore.models.attention import attention
 from diffcore.models.base import ModelMixin
 from diffcore.models.embeddings import TimestepEmbedding, rope_frequencies, timestep_embedding
+from diffcore.models.dit import FeedForward, modulate, rotary_table, rotate
 from diffcore.models.linear import Linear, linear
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
-_LN_EPS = 1e-6
 _QK_EPS = 1e-6
-
-
-def _layer_norm(x: torch.Tensor) -> torch.Tensor:
-    """Affine-free LayerNorm: every FLUX LayerNorm is followed by an AdaLN scale/shift instead."""
-    return F.layer_norm(x, (x.shape[-1],), eps=_LN_EPS)
-
-
-def _rotary_table(rope: Rope) -> torch.Tensor:
-    """(cos, sin) interleaved tables (S, D) -> (1, S, 1, D/2, 2) per-pair [cos, sin], built once per call."""
-    cos, sin = rope
-    return torch.stack([cos[:, 0::2], sin[:, 0::2]], dim=-1).float()[None, :, None]
-
-
-def _rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of ``x`` (B, S, H, D) in float32 (as diffusers does) and cast back.
-
-    Eager: one complex multiply. Under torch.compile (no complex kernels in inductor): the real form.
-    """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    if torch.compiler.is_compiling():
-        re, im = pairs.unbind(-1)
-        cos, sin = table.unbind(-1)
-        out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
-    else:
-        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(table))
-    return out.flatten(3).to(x.dtype)
-
-
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``layer_norm(x) * (1 + scale) + shift``; for one sample the scale/shift are the norm's own affine."""
-    if x.shape[0] == 1 and scale.shape[0] == 1:
-        d = x.shape[-1]
-        return F.layer_norm(x, (d,), (1 + scale).reshape(d), shift.reshape(d), eps=_LN_EPS)
-    return torch.addcmul(shift, _layer_norm(x), 1 + scale)
 
 
 class AdaLNModulation(nn.Module):
@@ -100,27 +66,7 @@ class AdaLNContinuous(nn.Module):
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         scale, shift = self.linear(temb_act.to(x.dtype)).unsqueeze(1).chunk(2, dim=-1)
-        return _modulate(x, shift, scale)
-
-
-class _GELUProj(nn.Module):
-    def __init__(self, dim: int, inner: int):
-        super().__init__()
-        self.proj = Linear(dim, inner)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.proj, "gelu_tanh")
-
-
-class FeedForward(nn.Module):
-    """GELU(tanh) MLP with diffusers' ``net.0.proj`` / ``net.2`` names (``net.1`` is a parameter-free dropout)."""
-
-    def __init__(self, dim: int, mult: int = 4):
-        super().__init__()
-        self.net = nn.ModuleList([_GELUProj(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
+        return modulate(x, shift, scale)
 
 
 class FluxAttention(nn.Module):
@@ -162,7 +108,7 @@ class FluxAttention(nn.Module):
                 context, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k
             )
             q, k, v = torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1)
-        q, k = _rotate(q, rope[:, queries_from:]), _rotate(k, rope)
+        q, k = rotate(q, rope[:, queries_from:]), rotate(k, rope)
         out = attention(q, k, v).flatten(2, 3).to(q.dtype)
         if context is None:
             return out
@@ -184,13 +130,13 @@ class FluxTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, temb_act: torch.Tensor, rope: torch.Tensor):
         shift, scale, gate, shift2, scale2, gate2 = self.norm1(temb_act)
         c_shift, c_scale, c_gate, c_shift2, c_scale2, c_gate2 = self.norm1_context(temb_act)
-        attn_x, attn_c = self.attn(_modulate(x, shift, scale), rope, _modulate(ctx, c_shift, c_scale))
+        attn_x, attn_c = self.attn(modulate(x, shift, scale), rope, modulate(ctx, c_shift, c_scale))
 
         x = torch.addcmul(x, gate, attn_x)
-        x = torch.addcmul(x, gate2, self.ff(_modulate(x, shift2, scale2)))
+        x = torch.addcmul(x, gate2, self.ff(modulate(x, shift2, scale2)))
 
         ctx = torch.addcmul(ctx, c_gate, attn_c)
-        ctx = torch.addcmul(ctx, c_gate2, self.ff_context(_modulate(ctx, c_shift2, c_scale2)))
+        ctx = torch.addcmul(ctx, c_gate2, self.ff_context(modulate(ctx, c_shift2, c_scale2)))
         if ctx.dtype == torch.float16:
             ctx = ctx.clip(-65504, 65504)
         return x, ctx
@@ -210,7 +156,7 @@ class FluxSingleTransformerBlock(nn.Module):
     def forward(self, h: torch.Tensor, temb_act: torch.Tensor, rope: torch.Tensor, keep_from: int = 0) -> torch.Tensor:
         """Returns rows ``keep_from:`` of the block's output; the other rows only serve as keys/values."""
         shift, scale, gate = self.norm(temb_act)
-        normed = _modulate(h, shift, scale)
+        normed = modulate(h, shift, scale)
         mlp = linear(normed[:, keep_from:], self.proj_mlp, "gelu_tanh")
         attn = self.attn(normed, rope, queries_from=keep_from)
         h = torch.addcmul(h[:, keep_from:], gate, self.proj_out(torch.cat([attn, mlp], dim=2)))
@@ -345,7 +291,7 @@ class FluxTransformer2DModel(ModelMixin):
             guidance = None
         temb = self.time_text_embed(timestep, guidance, pooled_projections)
         extra = {"temb_act": F.silu(temb), "ctx": self.context_embedder(encoder_hidden_states),
-                 "rope": _rotary_table(rotary_emb)}
+                 "rope": rotary_table(rotary_emb)}
         return CacheState(hidden=x, extra=extra)
 
     @property
@@ -376,7 +322,7 @@ class FluxTransformer2DModel(ModelMixin):
     def cache_probe(self, state: CacheState) -> torch.Tensor:
         """TeaCache's signal: the first block's timestep-modulated image input."""
         shift, scale = self.transformer_blocks[0].norm1(state.extra["temb_act"])[:2]
-        return _modulate(state.hidden, shift, scale)
+        return modulate(state.hidden, shift, scale)
 
     def cache_tail(self, state: CacheState) -> torch.Tensor:
         return self.proj_out(self.norm_out(state.hidden, state.extra["temb_act"]))

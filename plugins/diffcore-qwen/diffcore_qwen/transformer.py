@@ -34,12 +34,12 @@ from diffcore.cache.base import CacheState
 from diffcore.models.attention import attention
 from diffcore.models.base import ModelMixin
 from diffcore.models.embeddings import TimestepEmbedding, Timesteps
-from diffcore.models.linear import Linear, linear
+from diffcore.models.dit import FeedForward, modulate, rotary_table, rotate
+from diffcore.models.linear import Linear
 
 Shape3 = tuple[int, int, int]
 RopeTables = tuple[torch.Tensor, torch.Tensor]
 
-_EPS = 1e-6
 
 
 class RMSNorm(nn.Module):
@@ -55,28 +55,6 @@ class RMSNorm(nn.Module):
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             x = x.to(self.weight.dtype)
         return x * self.weight
-
-
-class GELUProj(nn.Module):
-    """``net.0`` of diffusers' FeedForward: linear ``proj`` with tanh-GELU fused into the GEMM."""
-
-    def __init__(self, dim: int, inner_dim: int):
-        super().__init__()
-        self.proj = Linear(dim, inner_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.proj, "gelu_tanh")
-
-
-class FeedForward(nn.Module):
-    """4x tanh-GELU MLP; ``net`` keeps diffusers' indices (0: proj+act, 1: dropout slot, 2: out)."""
-
-    def __init__(self, dim: int, mult: int = 4):
-        super().__init__()
-        self.net = nn.ModuleList([GELUProj(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
 
 
 class QwenTimestepProjEmbeddings(nn.Module):
@@ -97,34 +75,6 @@ class QwenTimestepProjEmbeddings(nn.Module):
                 raise ValueError("this model has use_additional_t_cond=True: pass additional_t_cond (0/1 per sample)")
             emb = emb + self.addition_t_embedding(addition_t_cond).to(dtype)
         return emb
-
-
-def _rotary_table(rope: RopeTables) -> torch.Tensor:
-    """``(cos, sin)`` interleaved tables ``(S, D)`` -> per-pair ``[cos, sin]`` ``(1, S, 1, D/2, 2)``, once per call."""
-    cos, sin = rope
-    return torch.stack([cos[:, 0::2], sin[:, 0::2]], dim=-1).float()[None, :, None]
-
-
-def _rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of ``x`` (B, S, H, D) in fp32 and cast back, as diffusers' complex
-    ``apply_rotary_emb_qwen``: eager, one complex multiply; under torch.compile (no complex kernels in
-    inductor) the same product in real form."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    if torch.compiler.is_compiling():
-        re, im = pairs.unbind(-1)
-        cos, sin = table.unbind(-1)
-        out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
-    else:
-        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(table))
-    return out.flatten(3).to(x.dtype)
-
-
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``layer_norm(x) * (1 + scale) + shift``; for one sample the scale/shift are the norm's own affine."""
-    d = x.shape[-1]
-    if x.shape[0] == 1 and scale.numel() == d:
-        return F.layer_norm(x, (d,), (1 + scale).reshape(d), shift.reshape(d), eps=_EPS)
-    return torch.addcmul(shift, F.layer_norm(x, (d,), eps=_EPS), 1 + scale)
 
 
 def _mod_params(params: torch.Tensor, cond_tokens: Optional[torch.Tensor] = None):
@@ -160,7 +110,7 @@ class QwenJointAttention(nn.Module):
         q = torch.cat([self.norm_added_q(split(self.add_q_proj(txt))), self.norm_q(split(self.to_q(img)))], dim=1)
         k = torch.cat([self.norm_added_k(split(self.add_k_proj(txt))), self.norm_k(split(self.to_k(img)))], dim=1)
         v = torch.cat([split(self.add_v_proj(txt)), split(self.to_v(img))], dim=1)
-        q, k = _rotate(q, rope), _rotate(k, rope)
+        q, k = rotate(q, rope), rotate(k, rope)
         out = attention(q, k, v, attn_mask=attn_mask).flatten(2, 3).to(q.dtype)
         n_txt = txt.shape[1]
         img_out = self.to_out[0](out[:, n_txt:].contiguous())
@@ -189,11 +139,11 @@ class QwenImageTransformerBlock(nn.Module):
 
         shift, scale, gate = _mod_params(img_mod1, cond_tokens)
         c_shift, c_scale, c_gate = _mod_params(txt_mod1)
-        img_attn, txt_attn = self.attn(_modulate(img, shift, scale), _modulate(txt, c_shift, c_scale), rope,
+        img_attn, txt_attn = self.attn(modulate(img, shift, scale), modulate(txt, c_shift, c_scale), rope,
                                        attn_mask, txt_out)
         img = torch.addcmul(img, gate, img_attn)
         shift, scale, gate = _mod_params(img_mod2, cond_tokens)
-        img = torch.addcmul(img, gate, self.img_mlp(_modulate(img, shift, scale)))
+        img = torch.addcmul(img, gate, self.img_mlp(modulate(img, shift, scale)))
         if img.dtype == torch.float16:  # diffusers clips to keep fp16 finite
             img = img.clip(-65504, 65504)
         if not txt_out:
@@ -201,7 +151,7 @@ class QwenImageTransformerBlock(nn.Module):
 
         txt = torch.addcmul(txt, c_gate, txt_attn)
         c_shift, c_scale, c_gate = _mod_params(txt_mod2)
-        txt = torch.addcmul(txt, c_gate, self.txt_mlp(_modulate(txt, c_shift, c_scale)))
+        txt = torch.addcmul(txt, c_gate, self.txt_mlp(modulate(txt, c_shift, c_scale)))
         if txt.dtype == torch.float16:
             txt = txt.clip(-65504, 65504)
         return img, txt
@@ -217,7 +167,7 @@ class AdaLayerNormContinuous(nn.Module):
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         """``temb_act`` is the already-activated ``silu(temb)``."""
         scale, shift = self.linear(temb_act.to(x.dtype)).unsqueeze(1).chunk(2, dim=-1)
-        return _modulate(x, shift, scale)
+        return modulate(x, shift, scale)
 
 
 def _sample_shapes(img_shapes) -> list[Shape3]:
@@ -389,7 +339,7 @@ class QwenImageTransformer2DModel(ModelMixin):
                                  f"must be (batch, text_len)=({batch}, {n_txt})")
             img_keys = torch.ones(batch, n_img, dtype=torch.bool, device=img.device)
             attn_mask = torch.cat([encoder_hidden_states_mask.to(torch.bool), img_keys], dim=1)[:, None, None, :]
-        extra = {"txt": txt, "temb_act": F.silu(temb), "rope": _rotary_table(rotary_emb), "attn_mask": attn_mask,
+        extra = {"txt": txt, "temb_act": F.silu(temb), "rope": rotary_table(rotary_emb), "attn_mask": attn_mask,
                  "cond_tokens": cond_tokens}
         return CacheState(hidden=img, extra=extra)
 
@@ -413,7 +363,7 @@ class QwenImageTransformer2DModel(ModelMixin):
         block = self.transformer_blocks[0]
         shift, scale, _ = _mod_params(block.img_mod[1](state.extra["temb_act"]).chunk(2, dim=-1)[0],
                                       state.extra["cond_tokens"])
-        return _modulate(state.hidden, shift, scale)
+        return modulate(state.hidden, shift, scale)
 
     def cache_tail(self, state: CacheState) -> torch.Tensor:
         temb_act = state.extra["temb_act"]
