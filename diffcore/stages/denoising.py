@@ -78,6 +78,7 @@ class DenoisingStage(PipelineStage):
             if callback is not None:
                 callback(i, t, latents)
         req.latents = latents
+        req.condition = None  # per-request tensors (RoPE tables, cached text K/V) must not outlive the loop into decoding
         self._req = None
         return req
 

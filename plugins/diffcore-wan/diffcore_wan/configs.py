@@ -225,6 +225,8 @@ class WanConfig(PipelineConfig):
     def prepare_condition(self, components, req) -> dict:
         import torch
 
+        from .transformer import ContextCache
+
         model = components.get("transformer") or components["transformer_2"]
         dtype = req.extra["model_dtype"] = model.dtype
         f, h, w = req.latents.shape[2:]
@@ -239,8 +241,9 @@ class WanConfig(PipelineConfig):
             token_t[:per_frame] = 0
             req.extra["token_timestep_mask"] = token_t
 
-        def kwargs(p):
-            return dict(encoder_hidden_states=p.embeds.to(dtype), encoder_hidden_states_image=image, rotary_emb=rope)
+        def kwargs(p):  # a ContextCache per branch: the context's K/V are projected on the first step only
+            return dict(encoder_hidden_states=p.embeds.to(dtype), encoder_hidden_states_image=image, rotary_emb=rope,
+                        context_cache=ContextCache())
 
         neg = req.negative_prompt_embeds
         return {"cond": kwargs(req.prompt_embeds), "uncond": kwargs(neg) if neg is not None else None}

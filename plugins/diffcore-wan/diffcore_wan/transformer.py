@@ -14,6 +14,18 @@ Per-step work is kept lean:
 * Per-token timesteps (Wan 2.2 TI2V-5B, ``expand_timesteps``) take only a handful of distinct values,
   so the timestep MLP and the modulation tables run on the distinct values and are gathered per
   token right where they are used, instead of materialising ``(B, S, 6, D)`` float32 tensors.
+* The text (and image) context is the same at every step: with a ``ContextCache`` (the pipeline
+  passes one per request and CFG branch) the text embedder and every block's cross-attention K/V
+  run once per request instead of once per step.
+* AdaLN modulation is one ``layer_norm`` with the per-sample ``1 + scale`` / ``shift`` as its affine
+  (batch 1; ``addcmul`` otherwise), gated residuals are one ``addcmul`` and RoPE is one complex
+  multiply; all in float32 like diffusers, rounded once to the activation dtype.
+* Token-wise projections use ``diffcore.models.linear`` (oneDNN GEMMs on the CPU, the FFN's
+  GELU(tanh) fused into its first GEMM).
+
+The model implements diffcore's block-cache protocol (``cache_embed`` / ``cache_blocks`` /
+``cache_tail``, see ``diffcore.cache``) and ``forward`` is exactly their composition, so step caches
+(FBCache, TeaCache) run the same code.
 """
 from __future__ import annotations
 
@@ -24,36 +36,53 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffcore.cache.base import CacheState
 from diffcore.models.attention import attention
 from diffcore.models.base import ModelMixin
 from diffcore.models.embeddings import TimestepEmbedding, timestep_embedding
+from diffcore.models.linear import Linear, linear
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+KV = tuple[torch.Tensor, ...]  # one block's cross-attention (k, v) or (k, v, k_img, v_img), each (B, S, H, D)
 
 
 def _fp32_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    """diffusers' FP32LayerNorm: normalise in float32 (output stays float32; callers cast back)."""
+    """diffusers' FP32LayerNorm: statistics and affine in float32, rounded once to ``x``'s dtype."""
     w = norm.weight.float() if norm.weight is not None else None
     b = norm.bias.float() if norm.bias is not None else None
-    return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps)
+    return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps).to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of ``x`` ``(B, S, H, D)`` by half tables ``(S, 1, D/2)``; math in float32."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+def rope_table(rope: Rope) -> torch.Tensor | Rope:
+    """Half tables ``(S, 1, D/2)`` -> the complex rotations ``cos + i sin``, built once per call.
+
+    Under torch.compile (inductor has no complex kernels) the ``(cos, sin)`` pair is kept.
+    """
+    return rope if torch.compiler.is_compiling() else torch.complex(*rope)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor | Rope) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` ``(B, S, H, D)`` by ``rope_table(...)``; math in float32, as diffusers."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if isinstance(table, tuple):
+        (x1, x2), (cos, sin) = pairs.unbind(-1), table
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    else:
+        out = torch.view_as_real(torch.view_as_complex(pairs) * table)
     return out.flatten(-2).to(x.dtype)
 
 
 class _GELUProj(nn.Module):
-    """``net.0`` of diffusers' FeedForward: a Linear followed by GELU (exact or tanh)."""
+    """``net.0`` of diffusers' FeedForward: a Linear followed by GELU (tanh: fused into the GEMM)."""
 
     def __init__(self, dim: int, inner: int, approximate: str):
         super().__init__()
         self.approximate = approximate
-        self.proj = nn.Linear(dim, inner)
+        self.proj = Linear(dim, inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.approximate == "tanh":
+            return linear(x, self.proj, "gelu_tanh")
         return F.gelu(self.proj(x), approximate=self.approximate)
 
 
@@ -62,7 +91,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, inner: int, out: Optional[int] = None, approximate: str = "tanh"):
         super().__init__()
-        self.net = nn.ModuleList([_GELUProj(dim, inner, approximate), nn.Identity(), nn.Linear(inner, out or dim)])
+        self.net = nn.ModuleList([_GELUProj(dim, inner, approximate), nn.Identity(), Linear(inner, out or dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](self.net[0](x))
@@ -73,11 +102,30 @@ class TextProjection(nn.Module):
 
     def __init__(self, in_features: int, hidden: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_features, hidden)
-        self.linear_2 = nn.Linear(hidden, hidden)
+        self.linear_1 = Linear(in_features, hidden)
+        self.linear_2 = Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+        return self.linear_2(linear(x, self.linear_1, "gelu_tanh"))
+
+
+class ContextCache:
+    """What a model derives from one request's text/image context: every block's cross-attention K/V.
+
+    The context is the same at every denoising step, so the pipeline passes one cache per request
+    and CFG branch and the projections run on the first step only. Entries are keyed by model, so
+    the two experts of Wan 2.2 A14B keep their own. Costs ``2 * num_layers`` context-sized tensors per
+    branch (bench checkpoint: 8 MB fp32 for ~3% of a step; Wan 14B bf16: ~0.4 GB, a far smaller share
+    of its long-sequence steps).
+    """
+
+    def __init__(self):
+        self._kv: dict[nn.Module, list[KV]] = {}
+
+    def get(self, model: nn.Module, build) -> list[KV]:
+        if model not in self._kv:
+            self._kv[model] = build()
+        return self._kv[model]
 
 
 class WanImageEmbedding(nn.Module):
@@ -97,9 +145,7 @@ class WanImageEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is not None:
             x = x.reshape(-1, 2 * x.shape[1], x.shape[2]) + self.pos_embed
-        x = _fp32_layer_norm(x, self.norm1).to(x.dtype)
-        x = self.ff(x)
-        return _fp32_layer_norm(x, self.norm2).to(x.dtype)
+        return _fp32_layer_norm(self.ff(_fp32_layer_norm(x, self.norm1)), self.norm2)
 
 
 class WanTimeTextImageEmbedding(nn.Module):
@@ -110,7 +156,7 @@ class WanTimeTextImageEmbedding(nn.Module):
         super().__init__()
         self.freq_dim = time_freq_dim
         self.time_embedder = TimestepEmbedding(time_freq_dim, dim)
-        self.time_proj = nn.Linear(dim, time_proj_dim)
+        self.time_proj = Linear(dim, time_proj_dim)
         self.text_embedder = TextProjection(text_embed_dim, dim)
         self.image_embedder = (
             WanImageEmbedding(image_embed_dim, dim, pos_embed_seq_len) if image_embed_dim is not None else None
@@ -127,41 +173,50 @@ class WanTimeTextImageEmbedding(nn.Module):
 class WanAttention(nn.Module):
     """Multi-head attention with RMSNorm over all heads on q/k (diffusers WanAttention).
 
-    Cross-attention layers of I2V models also attend from the same queries to the image tokens
-    (``add_k_proj``/``add_v_proj``/``norm_added_k``) and add the two results.
+    Self-attention (``forward``) rotates q/k by RoPE. Cross-attention takes the context's K/V from
+    ``context_kv`` (computed once per request); cross-attention layers of I2V models also attend from
+    the same queries to the image tokens (``add_k_proj``/``add_v_proj``/``norm_added_k``) and add the
+    two results.
     """
 
     def __init__(self, dim: int, heads: int, eps: float, added_kv_proj_dim: Optional[int] = None):
         super().__init__()
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Identity()])
+        self.to_q = Linear(dim, dim)
+        self.to_k = Linear(dim, dim)
+        self.to_v = Linear(dim, dim)
+        self.to_out = nn.ModuleList([Linear(dim, dim), nn.Identity()])
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
         self.add_k_proj = self.add_v_proj = None
         if added_kv_proj_dim is not None:
-            self.add_k_proj = nn.Linear(added_kv_proj_dim, dim)
-            self.add_v_proj = nn.Linear(added_kv_proj_dim, dim)
+            self.add_k_proj = Linear(added_kv_proj_dim, dim)
+            self.add_v_proj = Linear(added_kv_proj_dim, dim)
             self.norm_added_k = nn.RMSNorm(dim, eps=eps)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, -1))
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, rotary_emb: Optional[Rope] = None,
-                context_img: Optional[torch.Tensor] = None) -> torch.Tensor:
-        kv = x if context is None else context
-        q = self._heads(self.norm_q(self.to_q(x)))
-        k = self._heads(self.norm_k(self.to_k(kv)))
-        v = self._heads(self.to_v(kv))
-        if rotary_emb is not None:
-            q, k = apply_rope(q, *rotary_emb), apply_rope(k, *rotary_emb)
-        out = attention(q, k, v).flatten(2).to(q.dtype)
+    def _kv(self, x: torch.Tensor, to_k: nn.Linear, to_v: nn.Linear, norm_k: nn.RMSNorm) -> KV:
+        return self._heads(norm_k(to_k(x))), self._heads(to_v(x))
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | Rope) -> torch.Tensor:
+        q = apply_rope(self._heads(self.norm_q(self.to_q(x))), rope)
+        k, v = self._kv(x, self.to_k, self.to_v, self.norm_k)
+        return self.to_out[0](attention(q, apply_rope(k, rope), v).flatten(2).to(x.dtype))
+
+    def context_kv(self, context: torch.Tensor, context_img: Optional[torch.Tensor] = None) -> KV:
+        """Cross-attention K/V of the text tokens (and of the image tokens when the layer has image projections)."""
+        kv = self._kv(context, self.to_k, self.to_v, self.norm_k)
         if context_img is not None and self.add_k_proj is not None:
-            k_img = self._heads(self.norm_added_k(self.add_k_proj(context_img)))
-            v_img = self._heads(self.add_v_proj(context_img))
-            out = out + attention(q, k_img, v_img).flatten(2).to(q.dtype)
+            kv += self._kv(context_img, self.add_k_proj, self.add_v_proj, self.norm_added_k)
+        return kv
+
+    def cross(self, x: torch.Tensor, kv: KV) -> torch.Tensor:
+        q = self._heads(self.norm_q(self.to_q(x)))
+        out = attention(q, kv[0], kv[1]).flatten(2).to(x.dtype)
+        if len(kv) == 4:
+            out = out + attention(q, kv[2], kv[3]).flatten(2).to(x.dtype)
         return self.to_out[0](out)
 
 
@@ -174,12 +229,24 @@ class _Modulation:
 
     __slots__ = ("mod", "index")
 
-    def __init__(self, mod: torch.Tensor, index: Optional[torch.Tensor]):
-        self.mod, self.index = mod, index
+    def __init__(self, table: torch.Tensor, temb: torch.Tensor, index: Optional[torch.Tensor]):
+        self.mod, self.index = table.float() + temb.float(), index
 
     def __getitem__(self, i: int) -> torch.Tensor:
         m = self.mod[:, i]
         return m.unsqueeze(1) if self.index is None else m[self.index]
+
+    def norm(self, x: torch.Tensor, eps: float, shift: int, scale: int) -> torch.Tensor:
+        """``layer_norm(x) * (1 + scale) + shift`` in float32, in ``x``'s dtype; for one sample a single
+        ``layer_norm`` with the scale/shift as its affine."""
+        d = x.shape[-1]
+        if self.index is None and self.mod.shape[0] == 1 and x.shape[0] == 1:
+            return F.layer_norm(x.float(), (d,), 1 + self.mod[0, scale], self.mod[0, shift], eps).to(x.dtype)
+        return torch.addcmul(self[shift], F.layer_norm(x.float(), (d,), eps=eps), 1 + self[scale]).to(x.dtype)
+
+    def gate(self, x: torch.Tensor, y: torch.Tensor, gate: int) -> torch.Tensor:
+        """Gated residual ``x + y * gate`` in float32 (the gate is float32), in ``x``'s dtype."""
+        return torch.addcmul(x, y, self[gate]).to(x.dtype)
 
 
 class WanTransformerBlock(nn.Module):
@@ -195,23 +262,16 @@ class WanTransformerBlock(nn.Module):
         self.ffn = FeedForward(dim, ffn_dim)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)
+    def modulation(self, temb_proj: torch.Tensor, token_index: Optional[torch.Tensor]) -> _Modulation:
+        return _Modulation(self.scale_shift_table, temb_proj, token_index)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, temb_proj: torch.Tensor,
-                token_index: Optional[torch.Tensor], rotary_emb: Rope,
-                context_img: Optional[torch.Tensor] = None) -> torch.Tensor:
-        mod = _Modulation(self.scale_shift_table.float() + temb_proj.float(), token_index)
-        dtype = x.dtype
-
-        h = (self._norm(x) * (1 + mod[1]) + mod[0]).to(dtype)
-        x = (x.float() + self.attn1(h, rotary_emb=rotary_emb) * mod[2]).to(dtype)
-
-        h = x if self.norm2 is None else _fp32_layer_norm(x, self.norm2).to(dtype)
-        x = x + self.attn2(h, context, context_img=context_img)
-
-        h = (self._norm(x) * (1 + mod[4]) + mod[3]).to(dtype)
-        return (x.float() + self.ffn(h).float() * mod[5]).to(dtype)
+    def forward(self, x: torch.Tensor, kv: KV, temb_proj: torch.Tensor, token_index: Optional[torch.Tensor],
+                rope: torch.Tensor | Rope) -> torch.Tensor:
+        mod = self.modulation(temb_proj, token_index)
+        x = mod.gate(x, self.attn1(mod.norm(x, self.eps, 0, 1), rope), 2)
+        h = x if self.norm2 is None else _fp32_layer_norm(x, self.norm2)
+        x = x + self.attn2.cross(h, kv)
+        return mod.gate(x, self.ffn(mod.norm(x, self.eps, 3, 4)), 5)
 
 
 class WanTransformer3DModel(ModelMixin):
@@ -267,7 +327,7 @@ class WanTransformer3DModel(ModelMixin):
             for _ in range(num_layers)
         )
         self.eps = eps
-        self.proj_out = nn.Linear(inner, out_channels * math.prod(self.patch_size))
+        self.proj_out = Linear(inner, out_channels * math.prod(self.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner) / inner**0.5)
 
     # ---- per-request constants -------------------------------------------------------------------
@@ -298,6 +358,16 @@ class WanTransformer3DModel(ModelMixin):
 
     # ---- denoising step --------------------------------------------------------------------------
 
+    def context_kv(self, encoder_hidden_states: torch.Tensor,
+                   encoder_hidden_states_image: Optional[torch.Tensor] = None) -> list[KV]:
+        """Every block's cross-attention K/V of the (embedded) text and image context."""
+        emb = self.condition_embedder
+        context = emb.text_embedder(encoder_hidden_states)
+        context_img = None
+        if encoder_hidden_states_image is not None and emb.image_embedder is not None:
+            context_img = emb.image_embedder(encoder_hidden_states_image)
+        return [block.attn2.context_kv(context, context_img) for block in self.blocks]
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -305,35 +375,61 @@ class WanTransformer3DModel(ModelMixin):
         encoder_hidden_states: torch.Tensor,
         encoder_hidden_states_image: Optional[torch.Tensor] = None,
         rotary_emb: Optional[Rope] = None,
+        context_cache: Optional[ContextCache] = None,
     ) -> torch.Tensor:
-        b, _, f, h, w = hidden_states.shape
-        pt, ph, pw = self.patch_size
+        """One denoiser evaluation. Pass ``rotary_emb=self.rope(F, H, W)`` and a ``ContextCache`` (one per
+        request and CFG branch) to compute RoPE and the context's K/V once per request."""
+        state = self.cache_embed(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
+                                 rotary_emb, context_cache)
+        return self.cache_tail(self.cache_blocks(state, 0, self.cache_num_blocks))
+
+    # -- block-cache protocol (diffcore.cache): forward == tail(blocks(embed)) ------------------------
+    def cache_embed(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
+                    rotary_emb=None, context_cache=None) -> CacheState:
+        """Patch embedding, timestep modulation and context K/V; ``state.hidden`` is the video tokens."""
+        _, _, f, h, w = hidden_states.shape
         if rotary_emb is None:
             rotary_emb = self.rope(f, h, w, device=hidden_states.device)
-
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
-        dtype = encoder_hidden_states.dtype
-        emb = self.condition_embedder
 
         # Per-token timesteps have few distinct values: embed those, keep a token -> row index.
         if timestep.ndim == 2:
             timestep, token_index = torch.unique(timestep, return_inverse=True)
         else:
             timestep, token_index = timestep.reshape(-1), None  # (B,) or a scalar shared by the batch
-        temb, temb_proj = emb.time(timestep, dtype)
+        temb, temb_proj = self.condition_embedder.time(timestep, encoder_hidden_states.dtype)
 
-        context = emb.text_embedder(encoder_hidden_states)
-        context_img = None
-        if encoder_hidden_states_image is not None and emb.image_embedder is not None:
-            context_img = emb.image_embedder(encoder_hidden_states_image)
+        def build():
+            return self.context_kv(encoder_hidden_states, encoder_hidden_states_image)
 
-        for block in self.blocks:
-            x = block(x, context, temb_proj, token_index, rotary_emb, context_img)
+        kv = build() if context_cache is None else context_cache.get(self, build)
+        extra = {"temb": temb, "temb_proj": temb_proj, "token_index": token_index, "kv": kv,
+                 "rope": rope_table(rotary_emb), "size": hidden_states.shape[2:]}
+        return CacheState(hidden=x, extra=extra)
 
-        mod = _Modulation(self.scale_shift_table.float() + temb.float().unsqueeze(1), token_index)
-        x = (F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1 + mod[1]) + mod[0]).to(x.dtype)
-        x = self.proj_out(x)
+    @property
+    def cache_num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def cache_blocks(self, state: CacheState, start: int, stop: int) -> CacheState:
+        e, x = state.extra, state.hidden
+        for block, kv in zip(self.blocks[start:stop], e["kv"][start:stop]):
+            x = block(x, kv, e["temb_proj"], e["token_index"], e["rope"])
+        state.hidden = x
+        return state
+
+    def cache_probe(self, state: CacheState) -> torch.Tensor:
+        """TeaCache's signal: the first block's timestep-modulated input."""
+        block, e = self.blocks[0], state.extra
+        return block.modulation(e["temb_proj"], e["token_index"]).norm(state.hidden, block.eps, 0, 1)
+
+    def cache_tail(self, state: CacheState) -> torch.Tensor:
+        """Final modulated norm, projection and unpatchify to ``(B, out_channels, F, H, W)``."""
+        e, x = state.extra, state.hidden
+        mod = _Modulation(self.scale_shift_table, e["temb"].unsqueeze(1), e["token_index"])
+        x = self.proj_out(mod.norm(x, self.eps, 0, 1))
 
         # unpatchify: (B, F'H'W', pt*ph*pw*C) -> (B, C, F, H, W)
+        (f, h, w), (pt, ph, pw), b = e["size"], self.patch_size, x.shape[0]
         x = x.reshape(b, f // pt, h // ph, w // pw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, -1, f // pt * pt, h // ph * ph, w // pw * pw)

@@ -100,6 +100,20 @@ def test_parity_with_diffusers(case):
             assert (other_img - got).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("case", ["t2v", "i2v"])
+def test_parity_with_diffusers_batch_one(case):
+    """One sample takes the fused path (the AdaLN scale/shift as the layer_norm's affine)."""
+    cfg, opts = CASES[case]
+    ref, ours = _pair(cfg)
+    inp = {k: v[:1] for k, v in _inputs(cfg, **opts).items()}
+    with torch.no_grad():
+        expected = ref(**inp, return_dict=False)[0]
+        got = ours(**inp)
+    cos, err = _compare(got, expected)
+    print(f"wan transformer parity [{case}, batch 1]: cosine={cos:.9f} max|diff|={err:.3e}")
+    assert cos >= 0.99999 and err <= 1e-4
+
+
 def test_bfloat16_runs_and_tracks_fp32():
     """bf16 weights + inputs keep bf16 activations and stay close to the fp32 diffusers result."""
     ref, ours = _pair(I2V)
