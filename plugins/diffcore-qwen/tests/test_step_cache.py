@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffcore import DiffGenerator
-from diffcore.cache import supports_step_cache
+from diffcore.testing.step_cache import generate_with_step_cache
 
 STEPS = 4
 PARAMS = dict(prompt="a red circle on a blue background", negative_prompt="blurry", true_cfg_scale=4.0,
@@ -25,15 +25,7 @@ def uncached(folder):
 
 
 def _cached(folder, policy: str, threshold: float):
-    gen = DiffGenerator.from_pretrained(folder, dtype="float32", progress=False, cache=policy,
-                                        cache_threshold=threshold)
-    model = gen.components["transformer"]
-    assert supports_step_cache(model)
-    body_runs = []  # the last block runs only when the cache did not skip the call
-    handle = model.transformer_blocks[-1].register_forward_hook(lambda *a: body_runs.append(1))
-    out = gen.generate(**PARAMS).latents.numpy()
-    handle.remove()
-    return out, dict(gen.pipeline.stage("denoising").step_cache.stats), len(body_runs)
+    return generate_with_step_cache(folder, policy, threshold, PARAMS, lambda m: m.transformer_blocks[-1])
 
 
 @pytest.mark.parametrize("policy", ["fbcache", "teacache"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffcore import DiffGenerator
-from diffcore.cache import FirstBlockCache, TeaCache, supports_step_cache
+from diffcore.testing.step_cache import generate_with_step_cache
 from diffcore.testing.weights import perturb_, psnr
 from diffcore_wan.transformer import ContextCache, WanTransformer3DModel
 
@@ -51,17 +51,7 @@ def uncached(folder):
 
 
 def _cached(folder, policy: str, threshold: float):
-    gen = DiffGenerator.from_pretrained(folder, dtype="float32", progress=False, cache=policy,
-                                        cache_threshold=threshold)
-    model = gen.components["transformer"]
-    assert supports_step_cache(model)
-    body_runs = []  # the last block runs only when the cache did not skip the call
-    handle = model.blocks[-1].register_forward_hook(lambda *a: body_runs.append(1))
-    out = gen.generate(**PARAMS).latents.numpy()
-    handle.remove()
-    cache = gen.pipeline.stage("denoising").step_cache
-    assert isinstance(cache, {"fbcache": FirstBlockCache, "teacache": TeaCache}[policy])
-    return out, dict(cache.stats), len(body_runs)
+    return generate_with_step_cache(folder, policy, threshold, PARAMS, lambda m: m.blocks[-1])
 
 
 @pytest.mark.parametrize("policy", ["fbcache", "teacache"])
