@@ -173,9 +173,20 @@ class DiffcoreEngine(Engine):
         self.registry = get_plugin_manager().registry
         _preimport(self.folder)
         index = json.loads(open(os.path.join(self.folder, "model_index.json")).read())
-        for value in index.values():  # diffcore's own module classes (imported on first use)
-            if isinstance(value, list) and value[1] in self.registry.module_classes():
-                self.registry.module_classes()[value[1]]
+        for value in index.values():  # diffcore's own module and scheduler classes (imported on first use)
+            for table in (self.registry.module_classes(), self.registry.scheduler_classes()):
+                if isinstance(value, list) and value[1] in table:
+                    table[value[1]]
+        # the pipeline class and its config/sampling records (diffusers' preload imports its pipeline class)
+        from pathlib import Path
+
+        from diffcore.loader import read_model_index
+        from diffcore.records import resolve_ref
+
+        model_index = read_model_index(self.folder)
+        self.registry.get("pipelines", model_index.class_name)
+        rec = self.registry.select_config(self.folder, model_index, Path(self.folder))
+        resolve_ref(rec.pipeline_config), resolve_ref(rec.sampling_params)
 
     def load(self):
         self.pipe = None

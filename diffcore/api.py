@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import loader
 from .configs.engine_args import EngineArgs
 from .errors import RegistryError
 from .outputs import GenerationResult
@@ -48,8 +49,6 @@ class DiffGenerator:
         ``dtype=None`` uses the model's per-component precisions; ``dtype="float32"`` forces fp32.
         Other keywords are EngineArgs (attention_backend, cache, allow_pickle, revision, ...).
         """
-        from .loader import load_component, read_model_index, resolve_model_path
-
         start = time.perf_counter()
         engine = EngineArgs.from_kwargs(device=device, dtype=dtype, **engine_args)
         manager = plugin_manager or get_plugin_manager()
@@ -57,8 +56,8 @@ class DiffGenerator:
         model = str(model)
         alias_rec = registry.config_for_alias(model)
         location = _resolve_source(alias_rec) or model
-        folder = resolve_model_path(location, revision=engine.revision, allow_pickle=engine.allow_pickle)
-        index = read_model_index(folder)
+        folder = loader.resolve_model_path(location, revision=engine.revision, allow_pickle=engine.allow_pickle)
+        index = loader.read_model_index(folder)
         pipeline_cls = registry.get("pipelines", index.class_name)
         rec = alias_rec if alias_rec is not None and alias_rec.pipeline_name == index.class_name else \
             registry.select_config(model, index, folder)
@@ -78,7 +77,7 @@ class DiffGenerator:
             spec = index.components.get(name)
             if spec is None:
                 continue  # the pipeline constructor names required components that are missing
-            components[name] = load_component(
+            components[name] = loader.load_component(
                 folder, spec, module_classes=registry.module_classes(), scheduler_classes=registry.scheduler_classes(),
                 dtype=config.dtype_for(name, engine.dtype), device=engine.device, allow_pickle=engine.allow_pickle,
                 custom_loaders=config.custom_loaders(),

@@ -183,6 +183,21 @@ def test_non_persistent_buffer_hook(tmp_path):
         load(tmp_path, modules={"TinyNet": TableNet})
 
 
+def test_extra_state_goes_to_set_extra_state(tmp_path):
+    class WithState(TinyNet):
+        got = None
+
+        def get_extra_state(self):
+            return torch.zeros(2)
+
+        def set_extra_state(self, state):
+            self.got = state
+
+    write_component(tmp_path, state={**reference_state(), "_extra_state": torch.tensor([4.0, 5.0])})
+    model = load(tmp_path, modules={"TinyNet": WithState})
+    assert torch.equal(model.got, torch.tensor([4.0, 5.0])) and "_extra_state" not in model._buffers
+
+
 def test_strict_false_ignores_unexpected_but_not_missing_meta(tmp_path):
     folder, state = write_component(tmp_path, state={**reference_state(), "bogus.weight": torch.zeros(3)})
     files = find_weight_files(folder)

@@ -4,7 +4,8 @@
   device -> safetensors assigned into it;
 - a diffcore scheduler registered for the class name: ``scheduler_config.json``;
 - library ``transformers``: the class of that name from ``transformers`` (text encoders, tokenizers,
-  processors), read with ``local_files_only=True``;
+  processors), read with ``local_files_only=True``; the common text encoders are built and assigned
+  memory-mapped weights by diffcore (``transformers_models``), the rest go through ``from_pretrained``;
 - ``custom_loaders`` (keyed by component name or class name) take precedence over all of these, for
   components the generic paths cannot build.
 """
@@ -18,7 +19,8 @@ import torch
 
 from ..errors import DiffcoreError, LoaderError, MissingFileError, RegistryError
 from .model_index import ComponentSpec, read_json
-from .safetensors_io import find_weight_files, load_into_module
+from .safetensors_io import find_weight_files, load_into_module, skip_init
+from .transformers_models import load_fast
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,8 @@ def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow
     if saved is not None and saved != spec.class_name:
         log.warning("%s/config.json says _class_name=%r, model_index.json says %r; using %s",
                     path, saved, spec.class_name, cls.__name__)
-    model = cls.from_config(config, device="meta")
+    with skip_init():
+        model = cls.from_config(config, device="meta")
     files = find_weight_files(path, allow_pickle=allow_pickle)
     load_into_module(model, files, key_map=cls.map_state_dict_key, dtype=dtype, device=device)
     return model.eval().requires_grad_(False)
@@ -61,7 +64,10 @@ def _load_transformers(path: Path, spec: ComponentSpec, dtype, device, allow_pic
         )
     try:
         if issubclass(cls, transformers.PreTrainedModel):
-            find_weight_files(path, allow_pickle=allow_pickle)  # same missing-file / pickle errors as diffcore models
+            files = find_weight_files(path, allow_pickle=allow_pickle)  # same errors as diffcore models
+            model = load_fast(cls, path, files, dtype, device)
+            if model is not None:
+                return model.eval().requires_grad_(False)
             kwargs = {"local_files_only": True, "use_safetensors": True if not allow_pickle else None}
             if dtype is not None:
                 kwargs[_dtype_kwarg()] = dtype
