@@ -10,7 +10,6 @@ import torch
 
 from . import loader
 from .configs.engine_args import EngineArgs
-from .errors import RegistryError
 from .outputs import GenerationResult
 from .plugins import PluginManager, get_plugin_manager
 from .records import resolve_ref

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
 from importlib import metadata
 from typing import Any, Iterable, Optional

@@ -7,7 +7,7 @@ hook of the model's PipelineConfig. One subclass per model family (or checkpoint
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 import attrs
 import torch

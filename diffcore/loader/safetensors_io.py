@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import CorruptCheckpointError, LoaderError, MissingFileError, PickleRefusedError, WeightMismatchError
+from ..memory import map_file
 from .model_index import read_json
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ class _SafetensorsViews:
             return self._get_tensor(key)
         if self.base is None:
             with open(self.path, "rb") as f:
-                self.base = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+                self.base = map_file(f.fileno())
         return self.base[begin:end].view(dtype).view(info["shape"])
 
     def _get_tensor(self, key: str) -> torch.Tensor:

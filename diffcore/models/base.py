@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import warnings
 from typing import Any, ClassVar, Mapping
 
 import torch

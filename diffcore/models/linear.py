@@ -5,25 +5,48 @@ MKL path ``F.linear`` takes, and fusing ``gelu(tanh)`` into the GEMM epilogue sa
 over an MLP's widest activation (~17% of that layer in fp32 and bf16). bf16 ``F.linear`` already
 uses oneDNN; there only the fusion helps. Results equal ``F.linear`` up to GEMM summation order.
 
+``Linear`` layers also re-lay out their weight once, on first use, in oneDNN's blocked format
+(``PREPACK``): each GEMM then skips re-packing the weight, 3-7% faster per call, bit-identical. The
+packed weight replaces the plain one (no second copy; pages of a memory-mapped checkpoint are handed
+back); ``state_dict``, ``load_state_dict`` and ``.to()`` see and give plain tensors as usual.
+
 The fast path is taken for CPU float32/bfloat16 inference (no autograd); anything else (other
 devices, half precision, gradients, torch.compile tracing, which fuses on its own) runs the plain
-PyTorch ops. ``ONEDNN = False`` turns it off.
+PyTorch ops. ``ONEDNN = False`` turns it off, ``PREPACK = False`` only the re-layout.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffcore.memory import release_pages
+
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+PREPACK = ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and weight.dtype == x.dtype and weight.is_contiguous() and not torch.compiler.is_compiling()
+            and weight.dtype == x.dtype and (weight.is_mkldnn or weight.is_contiguous())
+            and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def _packed(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer``'s weight in oneDNN's layout, packing it on first use when ``layer`` alone owns it."""
+    w = layer.weight
+    if w.is_mkldnn or not PREPACK or not isinstance(layer, Linear) or w.requires_grad:
+        return w
+    if sys.getrefcount(w) > 3:  # tied or referenced elsewhere (refs: _parameters, w, the call's argument)
+        return w
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, max(1, x.numel() // x.shape[-1]))
+    layer._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
+    release_pages(w)
+    return packed
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, activation: Optional[str] = None) -> torch.Tensor:
@@ -31,11 +54,13 @@ def linear(x: torch.Tensor, layer: nn.Linear, activation: Optional[str] = None) 
     if activation not in (None, "gelu_tanh"):
         raise ValueError(f"unsupported activation {activation!r}; expected None or 'gelu_tanh'")
     if _onednn(x, layer.weight):
+        weight = _packed(layer, x)
         bias = layer.bias if layer.bias is None or layer.bias.dtype == x.dtype else layer.bias.to(x.dtype)
         if activation is None:
-            return torch.ops.mkldnn._linear_pointwise(x, layer.weight, bias, "none", [], "")
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, bias, "gelu", [], "tanh")
-    y = F.linear(x, layer.weight, layer.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
+    weight = layer.weight.to_dense() if layer.weight.is_mkldnn else layer.weight
+    y = F.linear(x, weight, layer.bias)
     return F.gelu(y, approximate="tanh") if activation else y
 
 
@@ -44,3 +69,28 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self)
+
+    def unpack(self) -> None:
+        """Put the weight back in the plain layout (before ``.to()``, state-dict loads, copies); the next
+        inference call packs it again."""
+        w = self._parameters.get("weight")
+        if w is not None and w.is_mkldnn:
+            self._parameters["weight"] = nn.Parameter(w.to_dense(), requires_grad=False)
+
+    def __getstate__(self):  # copy.deepcopy, pickling
+        self.unpack()
+        return super().__getstate__()
+
+    def _apply(self, fn, recurse=True):
+        self.unpack()
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        w = destination.get(prefix + "weight")
+        if w is not None and w.is_mkldnn:
+            destination[prefix + "weight"] = w.to_dense()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.unpack()
+        return super()._load_from_state_dict(*args, **kwargs)

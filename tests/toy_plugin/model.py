@@ -20,7 +20,7 @@ class _Attention(nn.Module):
         self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, h = x.shape[0], self.heads
+        h = self.heads
         q = self.to_q(x).unflatten(-1, (h, -1))
         k, v = self.to_k(context).unflatten(-1, (h, -1)), self.to_v(context).unflatten(-1, (h, -1))
         return self.to_out(attention(q, k, v).flatten(2))
