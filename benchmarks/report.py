@@ -22,21 +22,32 @@ def markdown(doc: dict) -> str:
         f"Measured matmul peak (2048³, best of 10): fp32 {doc['matmul']['fp32']['gflops_best']:.0f} GFLOP/s, "
         f"bf16 {doc['matmul']['bf16']['gflops_best']:.0f} GFLOP/s.",
         "",
-        "| workload | dtype | diffusers s | diffcore s | speed-up (median, min–max) | text enc s (df / dc) "
-        "| denoise s/step (df / dc) | VAE decode s (df / dc) | load s (df / dc) | load speed-up | peak RSS MB (df / dc) "
-        "| max abs diff | PSNR dB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        'Checkpoints: each row runs and loads a checkpoint stored in the dtype of its "ckpt" column (bf16: a '
+        "file-level bf16 copy of the fp32 one, as public FLUX / Qwen-Image / Wan checkpoints are stored). Load: "
+        f"`from_pretrained` in fresh processes, imports excluded, median of {doc.get('load_pairs', '?')} per engine; "
+        '"fp32 ckpt cast": bf16 loaded from the fp32-stored checkpoint, every weight converted at load.',
+        "",
+        "| workload | dtype | ckpt | diffusers s | diffcore s | speed-up (median, min–max) | text enc s (df / dc) "
+        "| denoise s/step (df / dc) | VAE decode s (df / dc) | load s, ckpt as stored (df / dc) | load speed-up "
+        "| load s, fp32 ckpt cast (df / dc, speed-up) | peak RSS MB (df / dc) | max abs diff | PSNR dB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["results"]:
         a, b = r["engines"]["diffusers"], r["engines"]["diffcore"]
         s, o = r["speedup"], r["output"]
+        cast = "–"
+        if "load_cast" in r:
+            c = r["load_cast"]["engines"]
+            cast = (f"{c['diffusers']['load']['median']:.2f} / {c['diffcore']['load']['median']:.2f}, "
+                    f"{r['load_cast']['speedup']:.2f}x")
         lines.append(
-            f"| {r['workload']}{' (compiled)' if r.get('compile') else ''} | {r['dtype']} | {a['total_s']['median']:.2f} | {b['total_s']['median']:.2f} "
+            f"| {r['workload']}{' (compiled)' if r.get('compile') else ''} | {r['dtype']} | {r.get('checkpoint_dtype', 'fp32')} "
+            f"| {a['total_s']['median']:.2f} | {b['total_s']['median']:.2f} "
             f"| **{s['median']:.2f}x** ({s['min']:.2f}–{s['max']:.2f}) "
             f"| {a['text_encoding_s']:.3f} / {b['text_encoding_s']:.3f} "
             f"| {a['denoising_step_s']:.3f} / {b['denoising_step_s']:.3f} "
             f"| {a['decoding_s']:.3f} / {b['decoding_s']:.3f} "
-            f"| {a['load']['median']:.2f} / {b['load']['median']:.2f} | {r['load_speedup']:.2f}x "
+            f"| {a['load']['median']:.2f} / {b['load']['median']:.2f} | {r['load_speedup']:.2f}x | {cast} "
             f"| {a['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f} "
             f"| {_f(o.get('max_abs_diff'), '.1e')} | {_f(o.get('psnr_db'), '.1f')} |")
     flops = [r for r in doc["results"] if "achieved_gflops" in r]

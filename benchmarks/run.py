@@ -6,6 +6,11 @@ per-pair ratios diffusers/diffcore, with min-max. Load time is measured in fresh
 excluded), peak RSS is each worker's VmHWM after loading and all runs. Outputs of the two engines
 (same seed) are compared with max|diff| and PSNR. Results: benchmarks/results/latest.json and the
 tables in benchmarks/README.md (``--quick`` writes results/quick.json only).
+
+Checkpoints: fp32 runs use the fp32-stored checkpoint the harness builds; bf16 runs (timings, RSS,
+outputs, load) use a bf16-stored copy of it (built once next to it, as public FLUX / Qwen-Image / Wan
+checkpoints are stored). For bf16 the load time is also measured on the fp32-stored checkpoint cast
+to bf16 at load ("fp32 ckpt cast" in the table).
 """
 from __future__ import annotations
 
@@ -90,11 +95,35 @@ def _summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def bench_pair(w, folder: Path, dtype: str, args, params: dict) -> dict:
-    """Both engines on one workload and dtype: load, warm-up, alternating timed runs, RSS, outputs."""
+def read_files(folder: Path) -> None:
+    """Read every file once, so that no engine's load pays for a cold page cache (the first load would)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+
+def load_times(w, folder: Path, dtype: str, args, n: int) -> dict[str, list[float]]:
+    """``n`` from_pretrained times per engine, each in a fresh process, engines alternating."""
+    times: dict[str, list[float]] = {e: [] for e in ENGINES}
+    for _ in range(n):
+        for e in ENGINES:
+            wk = Worker(e, folder, w.pipeline, dtype, args.threads)
+            times[e].append(wk.call("load")["load_s"])
+            wk.close()
+    return times
+
+
+def bench_pair(w, folder: Path, dtype: str, args, params: dict, cast_folder: Path | None = None) -> dict:
+    """Both engines on one workload and dtype: load, warm-up, alternating timed runs, RSS, outputs.
+    ``folder`` stores the weights in ``dtype``; with ``cast_folder`` (stored in another dtype) the load
+    time is also measured casting that checkpoint to ``dtype`` at load (``res["load_cast"]``)."""
     tag = f"{w.name}-{dtype}"
+    read_files(folder)
     workers = {e: Worker(e, folder, w.pipeline, dtype, args.threads, args.compile) for e in ENGINES}
-    res: dict = {"workload": w.name, "dtype": dtype, "params": params, "engines": {}, "compile": args.compile}
+    res: dict = {"workload": w.name, "dtype": dtype, "checkpoint_dtype": dtype, "params": params, "engines": {},
+                 "compile": args.compile}
     try:
         for e, wk in workers.items():
             res["engines"][e] = {"load_s": [wk.call("load")["load_s"]], "runs": []}
@@ -117,11 +146,14 @@ def bench_pair(w, folder: Path, dtype: str, args, params: dict) -> dict:
             except Exception as exc:  # noqa: BLE001
                 log(f"{e} worker: {exc}")
                 wk.proc.kill()
-    for _ in range(args.load_pairs - 1):  # more load measurements, each in a fresh process
-        for e in ENGINES:
-            wk = Worker(e, folder, w.pipeline, dtype, args.threads)
-            res["engines"][e]["load_s"].append(wk.call("load")["load_s"])
-            wk.close()
+    for e, times in load_times(w, folder, dtype, args, args.load_pairs - 1).items():
+        res["engines"][e]["load_s"] += times
+    if cast_folder is not None:
+        read_files(cast_folder)
+        cast = {e: {"load_s": t, "load": _summary(t)}
+                for e, t in load_times(w, cast_folder, dtype, args, args.load_pairs).items()}
+        res["load_cast"] = {"checkpoint_dtype": "fp32", "engines": cast,
+                            "speedup": cast["diffusers"]["load"]["median"] / cast["diffcore"]["load"]["median"]}
     for e in ENGINES:
         eng = res["engines"][e]
         eng["total_s"] = _summary([r["total_s"] for r in eng["runs"]])
@@ -181,9 +213,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer steps and pairs; writes results/quick.json")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
-    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="fp32 runs load the fp32-stored checkpoint, bf16 runs a "
+                    "bf16-stored copy of it (built once); bf16 load is also timed casting the fp32 checkpoint")
     ap.add_argument("--pairs", type=int, default=None, help="timed A/B pairs after the warm-up (default 5; quick 2)")
-    ap.add_argument("--load-pairs", type=int, default=None, help="load-time measurements per engine (default 3)")
+    ap.add_argument("--load-pairs", type=int, default=None, help="load-time measurements per engine and checkpoint, "
+                    "each in a fresh process (default 3; quick 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: torch's default)")
     ap.add_argument("--thresholds", default="fbcache@0.3,fbcache@0.4,fbcache@0.5,fbcache@0.6,teacache@0.2,teacache@0.4,teacache@0.8",
                     help="FLUX fp32 step-cache curve, policy@threshold,... ('' to skip)")
@@ -202,7 +236,8 @@ def main(argv=None) -> None:
 
     started = time.time()
     info = {"machine": machine(), "load_avg_start": os.getloadavg(), "command": " ".join(["python -m benchmarks.run", *(argv or sys.argv[1:])]),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "pairs": args.pairs, "quick": args.quick,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "pairs": args.pairs, "load_pairs": args.load_pairs,
+            "quick": args.quick,
             "threads": args.threads or "torch default"}
     log(f"matmul throughput ... (load average {info['load_avg_start']})")
     info["matmul"] = matmul_peak(args.threads)
@@ -211,11 +246,11 @@ def main(argv=None) -> None:
     for name in filter(None, args.workloads.split(",")):
         w = WORKLOADS[name]
         params = {**w.params, **(w.quick_params if args.quick else {}), "seed": 0}
-        folder = checkpoint(name, log=log)
         for dtype in args.dtypes.split(","):
             log(f"{name} {dtype}: {params}")
             try:
-                res = bench_pair(w, folder, dtype, args, params)
+                cast_folder = None if dtype == "fp32" else checkpoint(name, log=log)
+                res = bench_pair(w, checkpoint(name, dtype, log=log), dtype, args, params, cast_folder)
             except Exception as exc:  # noqa: BLE001 - record it and go on with the other workloads
                 log(f"{name} {dtype} FAILED: {exc}")
                 errors.append({"workload": name, "dtype": dtype, "error": str(exc)})
@@ -226,8 +261,9 @@ def main(argv=None) -> None:
                 res["fraction_of_peak"] = {k: res["achieved_gflops"] / info["matmul"][k]["gflops_best"] for k in ("fp32", "bf16")}
             results.append(res)
             log(f"{name} {dtype}: speed-up {res['speedup']['median']:.2f} "
-                f"({res['speedup']['min']:.2f}-{res['speedup']['max']:.2f}), load {res['load_speedup']:.2f}x, "
-                f"output {res['output']}")
+                f"({res['speedup']['min']:.2f}-{res['speedup']['max']:.2f}), load {res['load_speedup']:.2f}x"
+                + (f" (fp32 ckpt cast {res['load_cast']['speedup']:.2f}x)" if "load_cast" in res else "")
+                + f", output {res['output']}")
     for res in results:  # bf16 vs fp32 of the same engine
         if res["dtype"] == "bf16":
             for e in ENGINES:

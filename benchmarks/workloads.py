@@ -3,7 +3,8 @@
 Each workload names a Diffusers pipeline class, a builder that returns the diffusers pipeline object
 (weights perturbed off their trivial init so outputs depend on every weight), and the generation
 arguments both engines receive. ``checkpoint(name)`` builds the folder once under benchmarks/.cache
-(keyed by a hash of the builder's settings) and returns it.
+(keyed by a hash of the builder's settings) and returns it; ``checkpoint(name, "bf16")`` returns a
+bf16-stored copy of it, as public FLUX / Qwen-Image / Wan checkpoints are stored.
 """
 from __future__ import annotations
 
@@ -173,16 +174,56 @@ def _key(w: Workload) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def checkpoint(name: str, log=print) -> Path:
-    """The cached Diffusers folder of workload ``name`` (built with diffusers on first use)."""
+def checkpoint(name: str, dtype: str = "fp32", log=print) -> Path:
+    """The cached Diffusers folder of workload ``name``: built with diffusers (fp32) on first use;
+    ``dtype="bf16"``: a copy next to it with every floating-point weight stored in bf16."""
     w = WORKLOADS[name]
     folder = CACHE / f"{name}-{_key(w)}"
+    if dtype != "fp32":
+        src, folder = checkpoint(name, log=log), folder.with_name(f"{folder.name}-{dtype}")
     if (folder / "model_index.json").is_file():
         return folder
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    log(f"building {name} checkpoint in {folder} ...")
+    log(f"building {name} {dtype} checkpoint in {folder} ...")
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    w.build(w.settings).save_pretrained(tmp)
+    if dtype == "fp32":
+        w.build(w.settings).save_pretrained(tmp)
+    else:
+        cast_copy(src, tmp, dtype)
     tmp.rename(folder)
     return folder
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def cast_copy(src: Path, dst: Path, dtype: str) -> None:
+    """Copy a Diffusers folder file by file, storing every floating-point tensor of its *.safetensors in
+    ``dtype`` (metadata and other tensors kept) and updating ``total_size`` of sharded indexes; other
+    files are copied unchanged. Not diffusers' save_pretrained: only the weights' dtype may differ."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dtype = {"bf16": torch.bfloat16}[dtype]
+    nbytes: dict[Path, int] = {}
+    indexes = []
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        out = dst / path.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if path.name.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                tensors = {k: _cast(f.get_tensor(k), dtype) for k in f.keys()}
+                save_file(tensors, out, metadata=f.metadata())
+            nbytes[out] = sum(t.nbytes for t in tensors.values())
+        else:
+            shutil.copy2(path, out)
+            if path.name.endswith(".safetensors.index.json"):
+                indexes.append(out)
+    for out in indexes:  # the weight map is unchanged (same names, same files); only the byte count is not
+        index = json.loads(out.read_text())
+        shards = {out.parent / f for f in index["weight_map"].values()}
+        index.setdefault("metadata", {})["total_size"] = sum(nbytes[f] for f in shards)
+        out.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
