@@ -1,10 +1,11 @@
 """Building blocks of the causal 3D VAE shared by Wan 2.1/2.2 and Qwen-Image.
 
 Every temporal convolution is causal, so a video can be processed chunk by chunk (encoder: the
-first frame, then 4 frames at a time; decoder: one latent frame at a time). A per-call ``cache``
-dict, keyed by module, carries what each causal layer needs from the previous chunk (the last
-two input frames of a k=3 temporal conv, the last frame of a strided one), which makes chunked
-processing equal one pass over the whole video while only one chunk's activations are alive.
+first frame, then 4 frames at a time; decoder: one latent frame at a time, and after each temporal
+upsampler one frame at a time). A per-call ``cache`` dict, keyed by module, carries what each
+causal layer needs from the previous chunk (the last two input frames of a k=3 temporal conv, the
+last frame of a strided one, updated in place), which makes chunked processing equal one pass over
+the whole video while only one chunk's activations are alive.
 
 Module and parameter names follow diffusers' ``autoencoder_kl_wan.py`` so checkpoints load as is.
 """
@@ -28,6 +29,11 @@ class Cache(dict):
         self.store = True
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether a (B, C, T, H, W) tensor is channels-last (the decoder's layout on the CPU)."""
+    return x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 class CausalConv3d(nn.Conv3d):
     """Conv3d whose temporal padding is all in front (causal); the front frames come from ``cache``.
 
@@ -43,7 +49,7 @@ class CausalConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         if not self.time_pad:
-            return super().forward(x)
+            return self._conv(x)
         prev = cache.get(self) if cache is not None else None
         store = cache is not None and cache.store
         if prev is None and x.shape[2] == 1 and self.stride[0] == 1 and self.kernel_size[0] == self.time_pad + 1:
@@ -54,8 +60,20 @@ class CausalConv3d(nn.Conv3d):
         if prev is None:  # start of the video: zeros, as diffusers' causal padding
             prev = x.new_zeros(*x.shape[:2], self.time_pad, *x.shape[3:])
         x = torch.cat([prev, x], dim=2)
-        if store:
+        if store and self in cache:
+            prev.copy_(x[:, :, -self.time_pad :])  # in place: no new long-lived block per chunk on the heap
+        elif store:
             cache[self] = x[:, :, -self.time_pad :].clone()
+        return self._conv(x)
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels-last CPU inputs always go to oneDNN: PyTorch's heuristic sends small fp32 3D convs
+        (one frame at low resolution) to its unfold kernel, ~2x slower here and channels-first out."""
+        mkldnn = torch.backends.mkldnn
+        if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _channels_last(x)
+                and mkldnn.is_available() and mkldnn.enabled):
+            args = (self.padding, self.stride, self.dilation, self.groups)
+            return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, *args)
         return super().forward(x)
 
 
@@ -84,14 +102,18 @@ def _silu_(x: torch.Tensor) -> torch.Tensor:
 
 
 def _frames(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, T, H, W) -> (B*T, C, H, W) for per-frame 2D layers (a view when T == 1)."""
+    """(B, C, T, H, W) -> (B*T, C, H, W) for per-frame 2D layers (a view when T == 1).
+
+    T == 1 squeezes instead of reshaping: a reshape can leave size-1 dims with strides that make
+    torch see a channels-last frame as channels-first, and copy it back and forth.
+    """
     b, c, t, h, w = x.shape
-    return x.transpose(1, 2).reshape(b * t, c, h, w)
+    return x.squeeze(2) if t == 1 else x.transpose(1, 2).reshape(b * t, c, h, w)
 
 
 def _unframes(y: torch.Tensor, b: int) -> torch.Tensor:
     """(B*T, C, H, W) -> (B, C, T, H, W) as a view."""
-    return y.view(b, y.shape[0] // b, *y.shape[1:]).transpose(1, 2)
+    return y.unsqueeze(2) if y.shape[0] == b else y.view(b, y.shape[0] // b, *y.shape[1:]).transpose(1, 2)
 
 
 class Upsample2x(nn.Module):
@@ -129,7 +151,10 @@ class Resample(nn.Module):
         if self.mode == "upsample3d" and self in cache:
             y = self.time_conv(x, cache)
             # (B, 2C, T) -> frames ordered (b, t, half): one copy straight into the per-frame layout
-            frames = y.view(b, 2, c, t, h, w).permute(0, 3, 1, 2, 4, 5).reshape(b * t * 2, c, h, w)
+            # (channels-last when x is: a plain reshape would make channels-first frames)
+            fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+            frames = torch.empty(b * t * 2, c, h, w, dtype=y.dtype, device=y.device, memory_format=fmt)
+            frames.view(b, t, 2, c, h, w).copy_(y.view(b, 2, c, t, h, w).permute(0, 3, 1, 2, 4, 5))
         else:
             if self.mode == "upsample3d":
                 cache[self] = True
@@ -349,11 +374,26 @@ class Decoder3d(nn.Module):
         self.conv_out = CausalConv3d(out_dim, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, cache: Cache, first_chunk: bool = False) -> torch.Tensor:
-        x = self.conv_in(x, cache)
-        x = self.mid_block(x, cache)
-        for block in self.up_blocks:
-            x = block(x, cache, first_chunk)
-        return self.conv_out(_silu_(self.norm_out(x)), cache)
+        x = self.mid_block(self.conv_in(x, cache), cache)
+        frames = list(self._stream(x, 0, cache, first_chunk, cache.store))
+        return frames[0] if len(frames) == 1 else torch.cat(frames, dim=2)
+
+    def _stream(self, x, start: int, cache: Cache, first_chunk: bool, store: bool):
+        """Yield the output frames of ``up_blocks[start:]`` + head, depth first, one frame at a time.
+
+        Every layer is causal in time, so each frame a temporal upsampler makes can go through the
+        rest of the decoder alone (the same arithmetic per output): the full-resolution stages then
+        hold one frame's activations instead of four, the largest part of the decode's peak memory.
+        All but the last frame of a chunk store causal state for the next.
+        """
+        cache.store = store
+        for i in range(start, len(self.up_blocks)):
+            x = self.up_blocks[i](x, cache, first_chunk)
+            if x.shape[2] > 1:
+                for t in range(x.shape[2]):
+                    yield from self._stream(x[:, :, t : t + 1], i + 1, cache, first_chunk, store or t < x.shape[2] - 1)
+                return
+        yield self.conv_out(_silu_(self.norm_out(x)), cache)
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
