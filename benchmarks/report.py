@@ -23,7 +23,7 @@ def markdown(doc: dict) -> str:
         f"bf16 {doc['matmul']['bf16']['gflops_best']:.0f} GFLOP/s.",
         "",
         'Checkpoints: each row runs and loads a checkpoint stored in the dtype of its "ckpt" column (bf16: a '
-        "file-level bf16 copy of the fp32 one, as public FLUX / Qwen-Image / Wan checkpoints are stored). Load: "
+        "file-level bf16 copy of the fp32 one, as the public FLUX, Qwen-Image and Wan 2.2 checkpoints are stored; Wan 2.1 ships fp32). Load: "
         f"`from_pretrained` in fresh processes, imports excluded, median of {doc.get('load_pairs', '?')} per engine; "
         '"fp32 ckpt cast": bf16 loaded from the fp32-stored checkpoint, every weight converted at load.',
         "",

@@ -8,7 +8,7 @@ excluded), peak RSS is each worker's VmHWM after loading and all runs. Outputs o
 tables in benchmarks/README.md (``--quick`` writes results/quick.json only).
 
 Checkpoints: fp32 runs use the fp32-stored checkpoint the harness builds; bf16 runs (timings, RSS,
-outputs, load) use a bf16-stored copy of it (built once next to it, as public FLUX / Qwen-Image / Wan
+outputs, load) use a bf16-stored copy of it (built once next to it, as public FLUX / Qwen-Image / Wan 2.2
 checkpoints are stored). For bf16 the load time is also measured on the fp32-stored checkpoint cast
 to bf16 at load ("fp32 ckpt cast" in the table).
 """

@@ -4,7 +4,7 @@ Each workload names a Diffusers pipeline class, a builder that returns the diffu
 (weights perturbed off their trivial init so outputs depend on every weight), and the generation
 arguments both engines receive. ``checkpoint(name)`` builds the folder once under benchmarks/.cache
 (keyed by a hash of the builder's settings) and returns it; ``checkpoint(name, "bf16")`` returns a
-bf16-stored copy of it, as public FLUX / Qwen-Image / Wan checkpoints are stored.
+bf16-stored copy of it, as the public FLUX, Qwen-Image and Wan 2.2 checkpoints are stored; Wan 2.1 ships fp32.
 """
 from __future__ import annotations
 

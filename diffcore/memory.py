@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import sys
 import threading
 import weakref
 
@@ -60,7 +61,7 @@ def release_pages(t: torch.Tensor) -> int:
     with _lock:
         inside = any(s <= begin and end <= s + n for s, n in _mappings.items())
     first, last = -(-begin // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside t only
-    if not inside or last <= first:
+    if not inside or last <= first or not sys.platform.startswith("linux"):  # elsewhere: keep the pages
         return 0
     if _madvise()(first, last - first, _MADV_DONTNEED) != 0:
         return 0
