@@ -73,10 +73,14 @@ class Worker:
         return status
 
 
-def matmul_peak(threads: int) -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.worker", "matmul", "--threads", str(threads)], cwd=ROOT,
+def worker_reply(mode: str, threads: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.worker", mode, "--threads", str(threads)], cwd=ROOT,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def matmul_peak(threads: int) -> dict:
+    return worker_reply("matmul", threads)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -241,6 +245,10 @@ def main(argv=None) -> None:
             "threads": args.threads or "torch default"}
     log(f"matmul throughput ... (load average {info['load_avg_start']})")
     info["matmul"] = matmul_peak(args.threads)
+    info["fastpaths"] = worker_reply("fastpaths", args.threads)  # CPU capability and the fast paths diffcore takes
+    log(f"CPU capability {info['fastpaths']['cpu']['capability']}; fast paths off: "
+        + (", ".join(f"{p} {d}" for p, v in info["fastpaths"]["paths"].items() for d in ("float32", "bfloat16")
+                     if not v[d]["fast"]) or "none"))
     log(f"matmul GFLOP/s: fp32 {info['matmul']['fp32']['gflops_best']:.0f}, bf16 {info['matmul']['bf16']['gflops_best']:.0f}")
     results, errors = [], []
     for name in filter(None, args.workloads.split(",")):

@@ -256,6 +256,15 @@ def matmul(args) -> None:
     _reply(out)
 
 
+def fastpaths(args) -> None:
+    """Which CPU fast paths a diffcore worker takes here (diffcore.fastpaths.report) and the CPU torch sees."""
+    from diffcore import fastpaths as paths
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _reply({**paths.report(), "threads": torch.get_num_threads()})
+
+
 def _reply(obj) -> None:
     _PROTO.write(json.dumps(obj) + "\n")
     _PROTO.flush()
@@ -275,9 +284,11 @@ def main(argv=None) -> None:
     m.add_argument("--n", type=int, default=2048)
     m.add_argument("--repeat", type=int, default=10)
     m.add_argument("--threads", type=int, default=0)
+    f = sub.add_parser("fastpaths")
+    f.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
     try:
-        serve(args) if args.mode == "serve" else matmul(args)
+        {"serve": serve, "matmul": matmul, "fastpaths": fastpaths}[args.mode](args)
     except Exception as e:  # report, so the orchestrator can show it
         import traceback
 

@@ -103,7 +103,7 @@ def test_save_errors(toy_gen, tmp_path):
         latent.save(tmp_path / "out.png")
 
 
-def test_dtype_none_uses_config_precisions_and_float32_forces_fp32(toy_folder, toy_manager, toy_gen):
+def test_dtype_none_uses_config_precisions_and_float32_forces_fp32(toy_folder, toy_manager, toy_gen, fastpath_mode):
     mixed = DiffGenerator.from_pretrained(toy_folder, dtype=None, progress=False, plugin_manager=toy_manager)
     c = mixed.components
     # ToyConfig: bfloat16 by default, the VAE in float32

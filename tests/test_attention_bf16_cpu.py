@@ -5,7 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffcore import fastpaths
 from diffcore.models import attention as attn
+
+FAST = ("bf16_attention", torch.bfloat16)  # the decision key; tests set it to prove the routing on any CPU
 
 
 def _sdpa64(q, k, v, mask=None):
@@ -39,7 +42,7 @@ def test_default_backend_routes_single_threaded_cpu_bf16_only(qkv, monkeypatch):
     q, k, v = qkv
     flash = lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in qkv)).transpose(1, 2)  # noqa: E731
     assert attn.get_backend() == "sdpa"
-    monkeypatch.setattr(attn, "BF16_CPU", True)
+    monkeypatch.setitem(fastpaths._decisions, FAST, (True, "test"))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -50,8 +53,24 @@ def test_default_backend_routes_single_threaded_cpu_bf16_only(qkv, monkeypatch):
         monkeypatch.setattr(attn, "_BF16_CPU_MAX_SCORES", 48 * 48 - 1)  # too long -> flash SDPA
         assert torch.equal(attn.attention(q, k, v), flash())
         monkeypatch.undo()
-        monkeypatch.setattr(attn, "BF16_CPU", True)
+        monkeypatch.setitem(fastpaths._decisions, FAST, (True, "test"))
         torch.set_num_threads(2)  # multi-threaded -> flash SDPA
         assert torch.equal(attn.attention(q, k, v), flash())
     finally:
         torch.set_num_threads(threads)
+
+
+def test_taken_only_where_the_cpu_has_native_bf16_gemms(qkv, fastpath_mode):
+    """Without a forced decision: the per-head path runs only with AVX512-BF16 and no AMX, and never
+    when portable paths are forced; the result is within bf16 noise of float64 either way."""
+    q, k, v = qkv
+    cpu = fastpaths.cpu_features()
+    expect = fastpath_mode == "fast" and cpu["avx512_bf16"] and not cpu["amx_tile"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert attn._use_bf16_cpu(q, k, v, None) == expect
+        got = attn.attention(q, k, v)
+    finally:
+        torch.set_num_threads(threads)
+    assert (got.double() - _sdpa64(q, k, v)).abs().max() <= 0.05

@@ -11,6 +11,7 @@ import torch
 
 import diffusers  # noqa: E402  (the test oracle)
 
+from diffcore import fastpaths  # noqa: E402
 from diffcore.models.autoencoder_kl_wan import AutoencoderKLQwenImage, AutoencoderKLWan  # noqa: E402
 
 from diffcore.testing.weights import perturb_  # noqa: E402
@@ -96,6 +97,28 @@ def test_decode_matches_diffusers(pair, latent_frames):
     assert cos >= 0.99999 and err <= 1e-4
     assert got.abs().max() <= 1.0  # clamped like diffusers
     assert (got.abs() < 1).float().mean() > 0.1  # not degenerate (everything clamped)
+
+
+@torch.no_grad()
+def test_decode_bfloat16_tracks_fp32(pair, fastpath_mode):
+    """A bf16 copy decodes close to diffusers' fp32, with the channels-last oneDNN convolutions and with
+    the portable path (plain channels-first convolutions, what bf16 gets on an AVX2-only CPU)."""
+    import copy
+
+    name, ref, ours, cfg, channels = pair
+    p = cfg.get("patch_size") or 1
+    z = torch.randn(1, cfg["z_dim"], 2, H // 8 // p, W // 8 // p, generator=torch.Generator().manual_seed(7))
+    low = copy.deepcopy(ours).bfloat16()
+    for m in low.modules():  # as freshly loaded: weights in the default layout, no decode yet
+        if isinstance(m, torch.nn.modules.conv._ConvNd):
+            m.weight.data = m.weight.data.contiguous()
+    low._channels_last = False
+    got = low.decode(z.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert low._channels_last == (fastpath_mode == "fast" and fastpaths.decision("channels_last_conv", torch.bfloat16)[0])
+    cos, err = _metrics(got.float(), ref.decode(z).sample)
+    print(f"{name} bf16 decode ({fastpath_mode}): cos={cos:.6f} max|diff|={err:.2e}")
+    assert cos >= 0.999
 
 
 @torch.no_grad()

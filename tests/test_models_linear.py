@@ -1,4 +1,7 @@
-"""diffcore.models.linear: the oneDNN fast path equals F.linear (+ GELU) and steps aside for autograd."""
+"""diffcore.models.linear: the oneDNN fast path equals F.linear (+ GELU) and steps aside for autograd.
+
+The numerical tests run twice (``fastpath_mode``): with the oneDNN path where this CPU runs it, and with
+every portable path forced (what an AVX2-only CPU gets for bf16)."""
 from __future__ import annotations
 
 import pytest
@@ -6,12 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffcore import fastpaths
 from diffcore.models import linear as L
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("activation", [None, "gelu_tanh"])
-def test_matches_torch(dtype, tol, activation):
+def test_matches_torch(dtype, tol, activation, fastpath_mode):
     torch.manual_seed(0)
     layer = L.Linear(48, 40).to(dtype)
     x = torch.randn(2, 7, 48).to(dtype)
@@ -20,7 +24,9 @@ def test_matches_torch(dtype, tol, activation):
         want = F.linear(x.double(), layer.weight.double(), layer.bias.double())
         if activation:
             want = F.gelu(want, approximate="tanh")
-        assert L._onednn(x, layer.weight) == L.ONEDNN  # inference on the CPU takes the fast path when available
+        # inference on the CPU takes the fast path where it works here, unless portable paths are forced
+        fast = fastpath_mode == "fast" and L.ONEDNN and fastpaths.decision("onednn_linear", dtype)[0]
+        assert L._onednn(x, layer.weight) == fast
     assert got.dtype == dtype and got.shape == (2, 7, 40)
     assert (got.double() - want).abs().max().item() <= tol
 
@@ -54,17 +60,24 @@ needs_prepack = pytest.mark.skipif(not L.PREPACK, reason="oneDNN weight packing 
 
 @needs_prepack
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prepacked_weight_is_exact_and_round_trips(dtype):
+def test_prepacked_weight_is_exact_and_round_trips(dtype, fastpath_mode):
     torch.manual_seed(0)
     layer = L.Linear(64, 96).to(dtype).requires_grad_(False)
     plain = layer.weight.detach().clone()
     x = torch.randn(2, 9, 64).to(dtype)
+    packs = fastpath_mode == "fast" and fastpaths.enabled("onednn_linear", dtype) and fastpaths.enabled("prepack", dtype)
     with torch.inference_mode():
-        want = torch.ops.mkldnn._linear_pointwise(x, plain, layer.bias, "gelu", [], "tanh")
+        def want(x):  # what the oneDNN path gives with the plain weight, or the plain op
+            if fastpaths.enabled("onednn_linear", dtype):
+                return torch.ops.mkldnn._linear_pointwise(x, plain, layer.bias, "gelu", [], "tanh")
+            return F.gelu(F.linear(x, plain, layer.bias), approximate="tanh")
+
         got = L.linear(x, layer, "gelu_tanh")  # packs on first use
-        assert layer.weight.is_mkldnn
-        assert torch.equal(got, want)
-        assert torch.equal(L.linear(x[:, :3], layer, "gelu_tanh"), want[:, :3])  # other row counts too
+        assert layer.weight.is_mkldnn == packs
+        assert torch.equal(got, want(x))
+        assert torch.equal(L.linear(x[:, :3], layer, "gelu_tanh"), want(x[:, :3]))  # other row counts too
+        if packs:  # packed for 18 rows, exact for 6 too
+            assert torch.equal(L.linear(x[:, :3], layer, "gelu_tanh"), want(x)[:, :3])
     assert torch.equal(layer.state_dict()["weight"], plain) and not layer.state_dict()["weight"].is_mkldnn
     import copy
 
@@ -90,6 +103,8 @@ def test_tied_or_trainable_weights_are_not_packed():
 
 @needs_prepack
 def test_packing_a_memory_mapped_weight_hands_its_pages_back(tmp_path):
+    if not (fastpaths.enabled("onednn_linear", torch.float32) and fastpaths.enabled("prepack", torch.float32)):
+        pytest.skip("fp32 weight packing is off here (DIFFCORE_PORTABLE or the CPU)")
     from safetensors.torch import save_file
 
     from diffcore.loader import load_into_module

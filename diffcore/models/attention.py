@@ -3,8 +3,8 @@
 Layout is diffusers' dispatch layout: ``(batch, seq, heads, head_dim)`` in and out.
 
 The default backend ``sdpa`` is ``F.scaled_dot_product_attention``, except for single-threaded bf16
-on CPUs with AVX512-BF16 and no AMX, where ``_bf16_cpu`` is faster (see there; ``BF16_CPU = False``
-turns it off).
+on CPUs with AVX512-BF16 and no AMX, where ``_bf16_cpu`` is faster (see there; ``diffcore.fastpaths``
+decides, ``DIFFCORE_PORTABLE=bf16_attention`` turns it off).
 """
 from __future__ import annotations
 
@@ -13,13 +13,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from diffcore import fastpaths
+
 AttentionFn = Callable[..., torch.Tensor]
 
 
-# Measured where bf16 GEMMs are native but AMX is not (AMD Zen 4); with AMX, torch's flash kernel uses AMX
-# tiles and was not measured against this path.
-BF16_CPU = (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-            and not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 _BF16_CPU_MAX_SCORES = 1 << 23  # per-head (S_q, S_k) score buffer limit: 2 x 16 MB; longer -> flash SDPA
 
 
@@ -63,11 +61,13 @@ def _bf16_cpu(query, key, value, attn_mask=None, scale=None):
 
 
 def _use_bf16_cpu(query, key, value, attn_mask) -> bool:
-    return (BF16_CPU and query.device.type == "cpu" and torch.get_num_threads() == 1
+    # Measured where bf16 GEMMs are native but AMX is not (AMD Zen 4/5): fastpaths checks for exactly that.
+    return (query.device.type == "cpu" and torch.get_num_threads() == 1
             and query.dtype == key.dtype == value.dtype == torch.bfloat16
             and (attn_mask is None or attn_mask.dtype == torch.bool)
             and query.shape[1] * key.shape[1] <= _BF16_CPU_MAX_SCORES and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))))
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
+            and fastpaths.enabled("bf16_attention", torch.bfloat16))
 
 
 def _sdpa(query, key, value, attn_mask=None, scale=None):

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .. import fastpaths
 from .base import DiagonalGaussianDistribution, ModelMixin
 from .wan_vae_blocks import Cache, CausalConv3d, Decoder3d, Encoder3d, patchify, unpatchify_view
 
@@ -113,7 +114,7 @@ class AutoencoderKLWan(ModelMixin):
         b, num_frames = z.shape[0], z.shape[2]
         p = self.patch_size or 1
         x = self.post_quant_conv(z)
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and fastpaths.enabled("channels_last_conv", x.dtype):
             self._use_channels_last()
             x = x.contiguous(memory_format=torch.channels_last_3d)
         cache = Cache()

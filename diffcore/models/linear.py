@@ -10,9 +10,11 @@ uses oneDNN; there only the fusion helps. Results equal ``F.linear`` up to GEMM 
 packed weight replaces the plain one (no second copy; pages of a memory-mapped checkpoint are handed
 back); ``state_dict``, ``load_state_dict`` and ``.to()`` see and give plain tensors as usual.
 
-The fast path is taken for CPU float32/bfloat16 inference (no autograd); anything else (other
-devices, half precision, gradients, torch.compile tracing, which fuses on its own) runs the plain
-PyTorch ops. ``ONEDNN = False`` turns it off, ``PREPACK = False`` only the re-layout.
+The fast path is taken for CPU float32/bfloat16 inference (no autograd) where ``diffcore.fastpaths``
+found it works on this CPU (bf16 oneDNN GEMMs fail on AVX2-only CPUs); anything else (other devices,
+half precision, gradients, torch.compile tracing, which fuses on its own, ``DIFFCORE_PORTABLE=1``)
+runs the plain PyTorch ops. A oneDNN call that fails where ``F.linear`` works switches the path off
+for that dtype. ``ONEDNN = False`` turns it off, ``PREPACK = False`` only the re-layout.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffcore import fastpaths
 from diffcore.memory import release_pages
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -30,10 +33,12 @@ PREPACK = ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear`` takes the oneDNN path for this input and weight (side paths such as LoRA ask too)."""
     return (ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and weight.dtype == x.dtype and (weight.is_mkldnn or weight.is_contiguous())
             and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and fastpaths.enabled("onednn_linear", x.dtype))
 
 
 def _packed(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +48,13 @@ def _packed(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return w
     if sys.getrefcount(w) > 3:  # tied or referenced elsewhere (refs: _parameters, w, the call's argument)
         return w
-    packed = torch.ops.mkldnn._reorder_linear_weight(w, max(1, x.numel() // x.shape[-1]))
+    if not fastpaths.enabled("prepack", w.dtype):
+        return w
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, max(1, x.numel() // x.shape[-1]))
+    except RuntimeError as exc:
+        fastpaths.failed("prepack", w.dtype, exc)
+        return w
     layer._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
     release_pages(w)
     return packed
@@ -54,11 +65,26 @@ def linear(x: torch.Tensor, layer: nn.Linear, activation: Optional[str] = None) 
     if activation not in (None, "gelu_tanh"):
         raise ValueError(f"unsupported activation {activation!r}; expected None or 'gelu_tanh'")
     if _onednn(x, layer.weight):
-        weight = _packed(layer, x)
-        bias = layer.bias if layer.bias is None or layer.bias.dtype == x.dtype else layer.bias.to(x.dtype)
-        if activation is None:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
+        try:
+            return _onednn_linear(x, layer, activation)
+        except RuntimeError as exc:
+            y = _plain_linear(x, layer, activation)  # a genuine input error raises here, path untouched
+            fastpaths.failed("onednn_linear", x.dtype, exc)
+            if isinstance(layer, Linear):
+                layer.unpack()
+            return y
+    return _plain_linear(x, layer, activation)
+
+
+def _onednn_linear(x: torch.Tensor, layer: nn.Linear, activation: Optional[str]) -> torch.Tensor:
+    weight = _packed(layer, x)
+    bias = layer.bias if layer.bias is None or layer.bias.dtype == x.dtype else layer.bias.to(x.dtype)
+    if activation is None:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
+
+
+def _plain_linear(x: torch.Tensor, layer: nn.Linear, activation: Optional[str]) -> torch.Tensor:
     weight = layer.weight.to_dense() if layer.weight.is_mkldnn else layer.weight
     y = F.linear(x, weight, layer.bias)
     return F.gelu(y, approximate="tanh") if activation else y

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import fastpaths
 from .attention import attention
 
 class Cache(dict):
@@ -69,11 +70,15 @@ class CausalConv3d(nn.Conv3d):
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         """Channels-last CPU inputs always go to oneDNN: PyTorch's heuristic sends small fp32 3D convs
         (one frame at low resolution) to its unfold kernel, ~2x slower here and channels-first out."""
-        mkldnn = torch.backends.mkldnn
         if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _channels_last(x)
-                and mkldnn.is_available() and mkldnn.enabled):
+                and x.dtype == self.weight.dtype and fastpaths.enabled("channels_last_conv", x.dtype)):
             args = (self.padding, self.stride, self.dilation, self.groups)
-            return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, *args)
+            try:
+                return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, *args)
+            except RuntimeError as exc:
+                y = super().forward(x)  # a genuine input error raises here, path untouched
+                fastpaths.failed("channels_last_conv", x.dtype, exc)
+                return y
         return super().forward(x)
 
 

@@ -13,6 +13,10 @@ no test that does not ask for it. Kept cheap to import (no torch): pytest loads 
 
 * ``diffcore_offline``: ``HF_HUB_OFFLINE=1`` for the test, so nothing tries the network.
 
+* ``fastpath_mode``: runs the test twice, ``"fast"`` (the CPU fast paths this machine allows, whatever
+  ``DIFFCORE_PORTABLE`` says) and ``"portable"`` (every portable path forced, as on a CPU where none
+  works), so one machine proves both. Use it on bf16 and fast-path tests.
+
 Checkpoint writers live in ``diffcore.testing.checkpoints``, conformance checks in
 ``diffcore.testing.conformance``.
 """
@@ -56,3 +60,12 @@ def isolated_plugin_manager():
 def diffcore_offline(monkeypatch):
     """Set ``HF_HUB_OFFLINE=1`` for the test (diffcore reads it at call time)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(params=["fast", "portable"])
+def fastpath_mode(request):
+    """``"fast"`` or ``"portable"``: the test body runs under ``diffcore.fastpaths.portable(...)``."""
+    from diffcore import fastpaths
+
+    with fastpaths.portable(request.param == "portable"):
+        yield request.param

@@ -74,7 +74,7 @@ def _compare(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("guidance_embeds", [True, False], ids=["dev-like", "schnell-like"])
-def test_parity_with_diffusers(guidance_embeds):
+def test_parity_with_diffusers(guidance_embeds, fastpath_mode):
     ref, ours = _pair(guidance_embeds)
     inp = _inputs()
     guidance = torch.tensor([3.5, 2.0]) if guidance_embeds else None
@@ -92,6 +92,22 @@ def test_parity_with_diffusers(guidance_embeds):
     with torch.no_grad():
         other = ours(**{**inp, "timestep": torch.tensor([0.5, 0.1])}, guidance=guidance)
     assert (other - got).abs().max() > 1e-3
+
+
+def test_bfloat16_tracks_fp32(fastpath_mode):
+    """bf16 weights + inputs stay close to the fp32 diffusers result, with the CPU fast paths and with the
+    portable ones (what an AVX2-only CPU runs)."""
+    ref, ours = _pair(True)
+    inp = _inputs()
+    guidance = torch.tensor([3.5, 2.0])
+    with torch.no_grad():
+        expected = ref(**inp, guidance=guidance, return_dict=False)[0]
+        ours.bfloat16()
+        got = ours(**{k: v if k == "timestep" else v.bfloat16() for k, v in inp.items()}, guidance=guidance)
+    assert got.dtype == torch.bfloat16
+    cos, err = _compare(got.float(), expected)
+    print(f"flux transformer bf16 ({fastpath_mode}) vs diffusers fp32: cosine={cos:.7f} max|diff|={err:.3e}")
+    assert cos >= 0.999
 
 
 def test_last_block_computes_image_rows_only():

@@ -73,6 +73,22 @@ def test_parity_with_diffusers(case):
     assert torch.equal(got, got_pre)
 
 
+def test_bfloat16_tracks_fp32(fastpath_mode):
+    """bf16 weights + inputs stay close to the fp32 diffusers result, with the CPU fast paths and with the
+    portable ones (what an AVX2-only CPU runs)."""
+    ref, ours = _pair()
+    x, txt, mask, t, img_shapes = _inputs([(1, 3, 5)])
+    with torch.no_grad():
+        want = ref(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=mask, timestep=t,
+                   img_shapes=img_shapes, return_dict=False)[0]
+        ours.bfloat16()
+        got = ours(x.bfloat16(), txt.bfloat16(), mask, t, img_shapes=img_shapes)
+    assert got.dtype == torch.bfloat16
+    cos, diff = _compare(got.float(), want)
+    print(f"qwen transformer bf16 ({fastpath_mode}) vs diffusers fp32: cosine={cos:.7f} max|diff|={diff:.2e}")
+    assert cos >= 0.999
+
+
 @pytest.mark.parametrize("case", ["t2i_nonsquare", "edit2511_zero_cond_t"])
 def test_single_sample_parity_with_diffusers(case):
     """Batch 1 takes the fused path (AdaLN scale/shift as the layer_norm's affine)."""

@@ -130,7 +130,7 @@ def test_i2v_default_size_keeps_the_image_aspect(wan_folders):
     assert (req.height, req.width, req.num_frames) == (432, 880, 81)
 
 
-def test_default_precisions(wan_folders):
+def test_default_precisions(wan_folders, fastpath_mode):
     """bf16 transformer/text encoder, fp32 VAE; time embedder, modulation tables and norm2 stay fp32 (as in
     diffusers' _keep_in_fp32_modules), and the model reports its compute dtype (bf16)."""
     gen = DiffGenerator.from_pretrained(wan_folders["t2v21"], progress=False)

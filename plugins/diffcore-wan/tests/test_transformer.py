@@ -114,8 +114,9 @@ def test_parity_with_diffusers_batch_one(case):
     assert cos >= 0.99999 and err <= 1e-4
 
 
-def test_bfloat16_runs_and_tracks_fp32():
-    """bf16 weights + inputs keep bf16 activations and stay close to the fp32 diffusers result."""
+def test_bfloat16_runs_and_tracks_fp32(fastpath_mode):
+    """bf16 weights + inputs keep bf16 activations and stay close to the fp32 diffusers result, with the
+    CPU fast paths and with the portable ones (what an AVX2-only CPU runs)."""
     ref, ours = _pair(I2V)
     inp = _inputs(I2V, n_txt=N_TXT_I2V, n_img=7)
     with torch.no_grad():
