@@ -40,6 +40,13 @@ class DiffGenerator:
     def components(self) -> dict:
         return self.pipeline.components
 
+    @property
+    def streams_blocks(self) -> bool:
+        """Whether ``generate`` hands out finished blocks of video frames (``block_callback``)."""
+        from .stages.causal import CausalDMDDenoisingStage
+
+        return any(isinstance(s, CausalDMDDenoisingStage) and s.components is not None for s in self.pipeline.stages)
+
     @classmethod
     def from_pretrained(cls, model: str | Path, device: str = "cpu", dtype: Any = None,
                         plugin_manager: Optional[PluginManager] = None, **engine_args) -> "DiffGenerator":
@@ -95,25 +102,28 @@ class DiffGenerator:
     def generate(self, prompt=None, negative_prompt=None, image=None, height=None, width=None, num_frames=None,
                  num_inference_steps=None, guidance_scale=None, true_cfg_scale=None, guidance_scale_2=None,
                  max_sequence_length=None, seed: int = 0, output_type: str = "pil", callback=None,
-                 **kwargs) -> GenerationResult:
+                 block_callback=None, **kwargs) -> GenerationResult:
         """Generate; parameters left as None take the model's defaults. Unknown keywords are errors.
 
-        ``callback(step, timestep, latents)`` is called after every denoising step.
+        ``callback(step, timestep, latents)`` is called after every denoising step. Block-causal video
+        models (``WanCausalDMDPipeline``) call ``block_callback(block, latents, frames)`` as each block of
+        latent frames is finished and decoded (``frames``: numpy (B, F, H, W, 3) in [0, 1]).
         """
         params = self.sampling_params_cls.from_user(
             prompt=prompt, negative_prompt=negative_prompt, image=image, height=height, width=width,
             num_frames=num_frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             true_cfg_scale=true_cfg_scale, guidance_scale_2=guidance_scale_2,
             max_sequence_length=max_sequence_length, seed=seed, output_type=output_type, **kwargs)
-        return self.run(params, callback=callback)
+        return self.run(params, callback=callback, block_callback=block_callback)
 
-    def run(self, params, callback=None) -> GenerationResult:
+    def run(self, params, callback=None, block_callback=None) -> GenerationResult:
         """Run one request from a ready SamplingParams."""
         start = time.perf_counter()
         device = torch.device(self.pipeline.engine_args.device)
         prompts = params.prompts
         req = Request(params=params, prompts=prompts, batch_size=len(prompts), device=device,
-                      generator=torch.Generator("cpu").manual_seed(params.seed), callback=callback)
+                      generator=torch.Generator("cpu").manual_seed(params.seed), callback=callback,
+                      block_callback=block_callback)
         req = self.pipeline.forward(req)
         req.timings["total"] = time.perf_counter() - start
         output = None

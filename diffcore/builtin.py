@@ -23,7 +23,8 @@ def register_schedulers():
 
 
 _STAGES = ("InputValidationStage", "TextEncodingStage", "ImageEncodingStage", "ImageVAEEncodingStage",
-           "TimestepPreparationStage", "LatentPreparationStage", "ConditioningStage", "DenoisingStage", "DecodingStage")
+           "TimestepPreparationStage", "LatentPreparationStage", "ConditioningStage", "DenoisingStage", "DmdDenoisingStage",
+           "CausalDMDDenoisingStage", "DecodingStage")
 
 
 @hookimpl

@@ -46,17 +46,44 @@ def _generate(args) -> int:
         images = args.image if args.image else None
         if images is not None and len(images) == 1:
             images = images[0]
-        result = gen.generate(prompt=args.prompt, negative_prompt=args.negative_prompt, image=images,
-                              height=args.height, width=args.width, num_frames=args.num_frames,
-                              num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                              true_cfg_scale=args.true_cfg_scale, seed=args.seed)
-        path = result.save(args.output)
+        extra = {"timesteps": args.timesteps} if args.timesteps else {}
+        kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, image=images, height=args.height,
+                      width=args.width, num_frames=args.num_frames, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance_scale, true_cfg_scale=args.true_cfg_scale, seed=args.seed, **extra)
+        if gen.streams_blocks and str(args.output).lower().endswith(".mp4"):
+            result, path = _generate_streaming(gen, args.output, kwargs)
+        else:
+            result = gen.generate(**kwargs)
+            path = result.save(args.output)
     except DiffcoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     total = result.timings.get("total", 0.0)
     print(f"wrote {path} ({gen.model}, {total:.1f}s)")
     return 0
+
+
+def _generate_streaming(gen, output: str, kwargs: dict):
+    """Block-causal video: append each block's frames to the mp4 as soon as the block is decoded."""
+    from pathlib import Path
+
+    from .outputs import VideoWriter
+
+    writer = None
+
+    def on_block(block, latents, frames):
+        nonlocal writer
+        if writer is None:
+            fps = kwargs.get("fps") or getattr(gen.config, "default_fps", None) or 16
+            writer = VideoWriter(output, fps)
+        writer.append(frames[0])
+
+    try:
+        result = gen.generate(block_callback=on_block, output_type="np", **kwargs)
+    finally:
+        if writer is not None:
+            writer.close()
+    return result, Path(output)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int)
     g.add_argument("--guidance-scale", type=float)
     g.add_argument("--true-cfg-scale", type=float)
+    g.add_argument("--timesteps", type=float, nargs="+", help="few-step (DMD) models: the timesteps to sample at")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default=None, help="force a dtype for every component (e.g. float32)")

@@ -18,20 +18,42 @@ def to_pil(array: np.ndarray):
     return Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
 
 
-def write_video(frames: np.ndarray, path: Path, fps: int) -> None:
-    """Write (F, H, W, 3) floats in [0, 1] as H.264 mp4 (yuv420p, playable everywhere)."""
-    try:
-        import imageio.v2 as imageio
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise InputError("writing .mp4 needs imageio and imageio-ffmpeg: pip install 'diffcore[video]'") from exc
-    data = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
-    h, w = data.shape[1:3]
-    if h % 2 or w % 2:  # yuv420p needs even sizes
-        data = np.pad(data, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    with imageio.get_writer(str(path), fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1,
-                            ffmpeg_log_level="error") as writer:
+class VideoWriter:
+    """An H.264 mp4 (yuv420p, playable everywhere) written as frames arrive: ``append`` (F, H, W, 3)
+    floats in [0, 1] any number of times, then ``close`` (or use it as a context manager)."""
+
+    def __init__(self, path: str | Path, fps: int):
+        try:
+            import imageio.v2 as imageio
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise InputError("writing .mp4 needs imageio and imageio-ffmpeg: pip install 'diffcore[video]'") from exc
+        self._writer = imageio.get_writer(str(path), fps=fps, codec="libx264", pixelformat="yuv420p",
+                                          macro_block_size=1, ffmpeg_log_level="error")
+        self.frames = 0
+
+    def append(self, frames: np.ndarray) -> None:
+        data = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+        h, w = data.shape[1:3]
+        if h % 2 or w % 2:  # yuv420p needs even sizes
+            data = np.pad(data, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
         for frame in data:
-            writer.append_data(frame)
+            self._writer.append_data(frame)
+        self.frames += len(data)
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_video(frames: np.ndarray, path: Path, fps: int) -> None:
+    """Write (F, H, W, 3) floats in [0, 1] as H.264 mp4."""
+    with VideoWriter(path, fps) as writer:
+        writer.append(frames)
 
 
 @attrs.define

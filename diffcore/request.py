@@ -46,4 +46,5 @@ class Request:
     output: Optional[torch.Tensor] = None  # decoded pixels in [0, 1], (B, H, W, C) or (B, F, H, W, C)
     timings: dict = attrs.field(factory=dict)
     callback: Any = None  # per-step callback(step, timestep, latents) for this request
+    block_callback: Any = None  # block-causal video: callback(block, latents, frames) per finished block
     extra: dict = attrs.field(factory=dict)  # scratch space for plugin-specific stages

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import ConfigError
 from .engine_args import parse_dtype
+from .fewstep import CausalConfig, DmdConfig
 
 if TYPE_CHECKING:
     from ..request import PromptEmbeds, Request
@@ -46,6 +47,9 @@ class PipelineConfig:
     optional_components: ClassVar[tuple[str, ...]] = ()
 
     default_fps: Optional[int] = None
+    # Few-step distilled checkpoints (DmdDenoisingStage) and block-causal ones (CausalDMDDenoisingStage).
+    dmd: Optional[DmdConfig] = None
+    causal: Optional[CausalConfig] = None
 
     def custom_loaders(self) -> dict:
         """Component loaders that replace the generic one, keyed by component or class name."""
@@ -171,9 +175,28 @@ class PipelineConfig:
 
         vae = components["vae"]
         z = denormalize(self.unpack_latents(latents, req), vae)
-        pixels = vae.decode(z.to(vae.dtype))
+        return self.to_pixels(vae.decode(z.to(vae.dtype)))
+
+    def to_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE output in [-1, 1], channels first -> [0, 1] float32, channels last."""
         pixels = (pixels.float() / 2 + 0.5).clamp(0, 1)
         if pixels.ndim == 5:
             pixels = pixels.permute(0, 2, 3, 4, 1)
             return pixels if self.is_video else pixels[:, 0]
         return pixels.permute(0, 2, 3, 1)
+
+    def stream_decoder(self, components: dict, req: "Request"):
+        """``decode(latents_block, last) -> pixels (B, F, H, W, C)`` for consecutive blocks of latent frames
+        (block-causal video): the VAE must be causal in time and offer ``stream_decoder()``."""
+        from ..models.latent_norm import denormalize
+
+        vae = components["vae"]
+        if not hasattr(vae, "stream_decoder"):
+            raise ConfigError(f"{type(vae).__name__} cannot decode a video block by block (no stream_decoder)")
+        stream = vae.stream_decoder()
+
+        def decode(latents: torch.Tensor, last: bool = False) -> torch.Tensor:
+            z = denormalize(self.unpack_latents(latents, req), vae)
+            return self.to_pixels(stream.decode(z.to(vae.dtype), last=last))
+
+        return decode

@@ -1,6 +1,7 @@
 """Per-request sampling parameters: typed, validated, with per-model defaults in subclasses."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
@@ -27,6 +28,26 @@ def _non_negative_float(inst, attribute, value):
         raise SamplingParamError(attribute.name, f"expected a number, got {value!r} ({type(value).__name__})")
     if value < 0:
         raise SamplingParamError(attribute.name, f"must be >= 0, got {value}")
+
+
+def _flow_shift(inst, attribute, value):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise SamplingParamError(attribute.name, f"must be a finite number > 0, got {value!r}")
+
+
+def _timesteps(inst, attribute, value):
+    """Few-step models: a non-empty, strictly decreasing list of finite timesteps in [0, 1000]."""
+    if value is None:
+        return
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
+        raise SamplingParamError(attribute.name, f"expected a non-empty list of timesteps in [0, 1000], got {value!r}")
+    for t in value:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 1000:
+            raise SamplingParamError(attribute.name, f"every timestep must be a finite number in [0, 1000], got {t!r}")
+    if any(b >= a for a, b in zip(value, value[1:])):
+        raise SamplingParamError(attribute.name, f"timesteps must be strictly decreasing (noisy to clean), got {list(value)}")
 
 
 def _prompt(inst, attribute, value):
@@ -78,6 +99,9 @@ class SamplingParams:
     guidance_scale_2: Optional[float] = attrs.field(default=None, validator=_non_negative_float)
     max_sequence_length: int = attrs.field(default=512, validator=_positive_int)
     seed: int = attrs.field(default=0, validator=_seed)
+    # Few-step (DMD) models: the timesteps to sample at, instead of the checkpoint's distilled list.
+    timesteps: Optional[list] = attrs.field(default=None, validator=_timesteps)
+    flow_shift: Optional[float] = attrs.field(default=None, validator=_flow_shift)
     output_type: str = attrs.field(default="pil", validator=_output_type)
 
     # Not user parameters: limits the model sets for validation.

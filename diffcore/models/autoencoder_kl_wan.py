@@ -134,6 +134,10 @@ class AutoencoderKLWan(ModelMixin):
             t0 = t1
         return out
 
+    def stream_decoder(self) -> "StreamDecoder":
+        """Decode a video block by block as its latents become ready (block-causal generation)."""
+        return StreamDecoder(self)
+
     def _write(self, dst: torch.Tensor, chunk: torch.Tensor) -> None:
         """Copy a decoded chunk into its slot of the output, unpatchifying on the way (one copy)."""
         p = self.patch_size or 1
@@ -146,6 +150,37 @@ class AutoencoderKLWan(ModelMixin):
     def forward(self, sample: torch.Tensor, sample_posterior: bool = False, generator=None) -> torch.Tensor:
         posterior = self.encode(sample)
         return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode())
+
+
+class StreamDecoder:
+    """Incremental ``decode``: consecutive blocks of latent frames in, their video frames out.
+
+    The decoder is causal in time and ``decode`` already runs one latent frame at a time with the
+    causal state carried in a ``Cache``; this keeps that cache between calls, so decoding a video
+    block by block gives exactly the frames of one ``decode`` of the whole video (the first block
+    yields ``1 + 4 (n - 1)`` frames, later ones ``4 n``). Pass ``last=True`` with the final block.
+    """
+
+    def __init__(self, vae: AutoencoderKLWan):
+        self.vae, self.cache, self.frames_done = vae, Cache(), 0
+
+    @torch.inference_mode()
+    def decode(self, z: torch.Tensor, last: bool = False) -> torch.Tensor:
+        vae, p = self.vae, self.vae.patch_size or 1
+        x = vae.post_quant_conv(z)
+        if x.device.type == "cpu":
+            vae._use_channels_last()
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        chunks = []
+        for i in range(z.shape[2]):
+            self.cache.store = not (last and i == z.shape[2] - 1)
+            chunk = vae.decoder(x[:, :, i : i + 1], self.cache, first_chunk=self.frames_done == 0).clamp_(-1.0, 1.0)
+            self.frames_done += 1
+            b, c, t, ho, wo = chunk.shape
+            out = chunk.new_empty(b, c // (p * p), t, ho * p, wo * p)
+            vae._write(out, chunk)
+            chunks.append(out)
+        return torch.cat(chunks, dim=2) if len(chunks) > 1 else chunks[0]
 
 
 class AutoencoderKLQwenImage(AutoencoderKLWan):

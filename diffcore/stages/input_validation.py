@@ -53,6 +53,9 @@ class InputValidationStage(PipelineStage):
 
     def forward(self, req: Request) -> Request:
         cfg, p = self.config, req.params
+        if getattr(p, "timesteps", None) is not None and getattr(cfg, "dmd", None) is None:
+            raise SamplingParamError("timesteps", "this model samples with num_inference_steps; a list of timesteps "
+                                                  "is for few-step (DMD-distilled) models")
         self.config.resolve_size(req, self.components)
         images = p.images
         req.images = [load_image(im, i) for i, im in enumerate(images)] if images else None

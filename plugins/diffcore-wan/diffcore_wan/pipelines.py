@@ -6,9 +6,9 @@ import torch
 from diffcore.errors import RegistryError
 from diffcore.pipeline import ComposedPipelineBase
 from diffcore.request import Request
-from diffcore.stages import (ConditioningStage, DecodingStage, DenoisingStage, ImageEncodingStage,
-                             ImageVAEEncodingStage, In, InputValidationStage, LatentPreparationStage, Out,
-                             PipelineStage, TextEncodingStage, TimestepPreparationStage)
+from diffcore.stages import (CausalDMDDenoisingStage, ConditioningStage, DecodingStage, DenoisingStage,
+                             DmdDenoisingStage, ImageEncodingStage, ImageVAEEncodingStage, In, InputValidationStage,
+                             LatentPreparationStage, Out, PipelineStage, TextEncodingStage, TimestepPreparationStage)
 
 
 class FirstFrameStage(PipelineStage):
@@ -78,3 +78,46 @@ class WanImageToVideoPipeline(ComposedPipelineBase):
         if cfg.expand_timesteps:  # TI2V-5B weights saved as an image-to-video pipeline
             self.add_stage("first_frame", FirstFrameStage(cfg))
         self.add_stage("decoding", DecodingStage(cfg, c))
+
+
+class WanDMDPipeline(ComposedPipelineBase):
+    """Few-step distilled Wan (FastWan 2.1 T2V, FastWan 2.2 TI2V-5B, TurboWan 2.1 T2V / 2.2 I2V): the Wan
+    stages with DmdDenoisingStage in place of the scheduler loop; the config's ``dmd`` recipe rules."""
+
+    pipeline_name = "WanDMDPipeline"
+    _required_config_modules = ("tokenizer", "text_encoder", "image_encoder", "image_processor", "transformer",
+                                "transformer_2", "vae")
+
+    def create_pipeline_stages(self, engine_args) -> None:
+        c, cfg = self.components, self.config
+        model = c.get("transformer") or c["transformer_2"]
+        self.add_stage("input_validation", InputValidationStage(cfg, c))
+        self.add_stage("text_encoding", TextEncodingStage(cfg, c))
+        if cfg.concat_condition and model.config.get("image_dim") is not None:
+            self.add_stage("image_encoding", ImageEncodingStage(cfg, c))
+        if cfg.concat_condition or cfg.expand_timesteps:
+            self.add_stage("image_vae_encoding", ImageVAEEncodingStage(cfg, c, required=cfg.concat_condition))
+        self.add_stage("latent_preparation", LatentPreparationStage(cfg, c))
+        self.add_stage("conditioning", ConditioningStage(cfg, c))
+        self.add_stage("denoising", DmdDenoisingStage(cfg, [c.get("transformer"), c.get("transformer_2")],
+                                                      progress=engine_args.progress))
+        if cfg.expand_timesteps:
+            self.add_stage("first_frame", FirstFrameStage(cfg))
+        self.add_stage("decoding", DecodingStage(cfg, c))
+
+
+class WanCausalDMDPipeline(ComposedPipelineBase):
+    """Self-forcing causal Wan T2V: blocks of latent frames denoised in order against a KV cache of the
+    earlier ones, each decoded as soon as it is done (``block_callback``), so video can stream."""
+
+    pipeline_name = "WanCausalDMDPipeline"
+    _required_config_modules = ("tokenizer", "text_encoder", "transformer", "vae")
+
+    def create_pipeline_stages(self, engine_args) -> None:
+        c, cfg = self.components, self.config
+        self.add_stage("input_validation", InputValidationStage(cfg, c))
+        self.add_stage("text_encoding", TextEncodingStage(cfg, c))
+        self.add_stage("latent_preparation", LatentPreparationStage(cfg, c))
+        self.add_stage("conditioning", ConditioningStage(cfg, c))
+        self.add_stage("denoising", CausalDMDDenoisingStage(cfg, [c["transformer"]], components=c,
+                                                            progress=engine_args.progress))

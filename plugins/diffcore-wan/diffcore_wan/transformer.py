@@ -200,10 +200,15 @@ class WanAttention(nn.Module):
     def _kv(self, x: torch.Tensor, to_k: nn.Linear, to_v: nn.Linear, norm_k: nn.RMSNorm) -> KV:
         return self._heads(norm_k(to_k(x))), self._heads(to_v(x))
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | Rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | Rope, self_kv=None) -> torch.Tensor:
+        """Self-attention; with ``self_kv = (layer_cache, start_frame)`` (block-causal generation) this
+        block's rotated K/V go into the cache and the queries attend to every frame it holds."""
         q = apply_rope(self._heads(self.norm_q(self.to_q(x))), rope)
         k, v = self._kv(x, self.to_k, self.to_v, self.norm_k)
-        return self.to_out[0](attention(q, apply_rope(k, rope), v).flatten(2).to(x.dtype))
+        k = apply_rope(k, rope)
+        if self_kv is not None:
+            k, v = self_kv[0].update(self_kv[1], k, v)
+        return self.to_out[0](attention(q, k, v).flatten(2).to(x.dtype))
 
     def context_kv(self, context: torch.Tensor, context_img: Optional[torch.Tensor] = None) -> KV:
         """Cross-attention K/V of the text tokens (and of the image tokens when the layer has image projections)."""
@@ -266,9 +271,9 @@ class WanTransformerBlock(nn.Module):
         return _Modulation(self.scale_shift_table, temb_proj, token_index)
 
     def forward(self, x: torch.Tensor, kv: KV, temb_proj: torch.Tensor, token_index: Optional[torch.Tensor],
-                rope: torch.Tensor | Rope) -> torch.Tensor:
+                rope: torch.Tensor | Rope, self_kv=None) -> torch.Tensor:
         mod = self.modulation(temb_proj, token_index)
-        x = mod.gate(x, self.attn1(mod.norm(x, self.eps, 0, 1), rope), 2)
+        x = mod.gate(x, self.attn1(mod.norm(x, self.eps, 0, 1), rope, self_kv), 2)
         h = x if self.norm2 is None else _fp32_layer_norm(x, self.norm2)
         x = x + self.attn2.cross(h, kv)
         return mod.gate(x, self.ffn(mod.norm(x, self.eps, 3, 4)), 5)
@@ -333,22 +338,24 @@ class WanTransformer3DModel(ModelMixin):
     # ---- per-request constants -------------------------------------------------------------------
 
     def rope(self, num_frames: int, height: int, width: int, device: torch.device | str | None = None,
-             theta: float = 10000.0) -> Rope:
-        """RoPE cos/sin half tables ``(S, 1, head_dim/2)`` for a latent of ``num_frames x height x width``.
+             theta: float = 10000.0, start_frame: int = 0) -> Rope:
+        """RoPE cos/sin half tables ``(S, 1, head_dim/2)`` for a latent of ``num_frames x height x width``
+        whose first frame is frame ``start_frame`` of the video (block-causal generation).
 
         The head dim is split into time / height / width parts (``h = w = 2 * (D // 6)``, time gets
         the rest), each with its own 1-D frequencies over that axis' patch index.
         """
         pt, ph, pw = self.patch_size
         sizes = (num_frames // pt, height // ph, width // pw)
-        if max(sizes) > self.rope_max_seq_len:
-            raise ValueError(f"latent grid {sizes} exceeds rope_max_seq_len={self.rope_max_seq_len}")
+        if max(sizes[0] + start_frame // pt, *sizes[1:]) > self.rope_max_seq_len:
+            raise ValueError(f"latent grid {sizes} (from frame {start_frame}) exceeds rope_max_seq_len={self.rope_max_seq_len}")
         d_hw = 2 * (self.head_dim // 6)
         dims = (self.head_dim - 2 * d_hw, d_hw, d_hw)
         angles = []
         for axis, (n, d) in enumerate(zip(sizes, dims)):
             freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-            a = torch.outer(torch.arange(n, dtype=torch.float64), freqs)
+            first = start_frame // pt if axis == 0 else 0
+            a = torch.outer(torch.arange(first, first + n, dtype=torch.float64), freqs)
             shape = [1, 1, 1, d // 2]
             shape[axis] = n
             angles.append(a.view(shape).expand(*sizes, d // 2))
@@ -376,20 +383,39 @@ class WanTransformer3DModel(ModelMixin):
         encoder_hidden_states_image: Optional[torch.Tensor] = None,
         rotary_emb: Optional[Rope] = None,
         context_cache: Optional[ContextCache] = None,
+        kv_cache=None,
+        start_frame: int = 0,
     ) -> torch.Tensor:
         """One denoiser evaluation. Pass ``rotary_emb=self.rope(F, H, W)`` and a ``ContextCache`` (one per
-        request and CFG branch) to compute RoPE and the context's K/V once per request."""
+        request and CFG branch) to compute RoPE and the context's K/V once per request.
+
+        Block-causal generation: ``hidden_states`` is one block of latent frames starting at video frame
+        ``start_frame`` and ``kv_cache`` a ``diffcore.models.kv_cache.CausalKVCache`` (one per request)
+        holding the earlier blocks' self-attention K/V; ``rotary_emb``, if given, covers the whole video.
+        """
         state = self.cache_embed(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
-                                 rotary_emb, context_cache)
+                                 rotary_emb, context_cache, kv_cache, start_frame)
         return self.cache_tail(self.cache_blocks(state, 0, self.cache_num_blocks))
+
+    def _block_rope(self, rotary_emb: Optional[Rope], size, start_frame: int, causal: bool, device) -> Rope:
+        f, h, w = size
+        if rotary_emb is None:
+            return self.rope(f, h, w, device=device, start_frame=start_frame)
+        if not causal:
+            return rotary_emb
+        pt, ph, pw = self.patch_size
+        per_frame = (h // ph) * (w // pw)
+        first, n = start_frame // pt * per_frame, f // pt * per_frame
+        if first + n > rotary_emb[0].shape[0]:
+            raise ValueError(f"frames {start_frame}..{start_frame + f} lie outside the video's RoPE table")
+        return rotary_emb[0][first:first + n], rotary_emb[1][first:first + n]
 
     # -- block-cache protocol (diffcore.cache): forward == tail(blocks(embed)) ------------------------
     def cache_embed(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
-                    rotary_emb=None, context_cache=None) -> CacheState:
+                    rotary_emb=None, context_cache=None, kv_cache=None, start_frame: int = 0) -> CacheState:
         """Patch embedding, timestep modulation and context K/V; ``state.hidden`` is the video tokens."""
         _, _, f, h, w = hidden_states.shape
-        if rotary_emb is None:
-            rotary_emb = self.rope(f, h, w, device=hidden_states.device)
+        rotary_emb = self._block_rope(rotary_emb, (f, h, w), start_frame, kv_cache is not None, hidden_states.device)
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
 
         # Per-token timesteps have few distinct values: embed those, keep a token -> row index.
@@ -404,7 +430,8 @@ class WanTransformer3DModel(ModelMixin):
 
         kv = build() if context_cache is None else context_cache.get(self, build)
         extra = {"temb": temb, "temb_proj": temb_proj, "token_index": token_index, "kv": kv,
-                 "rope": rope_table(rotary_emb), "size": hidden_states.shape[2:]}
+                 "rope": rope_table(rotary_emb), "size": hidden_states.shape[2:],
+                 "self_kv": None if kv_cache is None else [(layer, start_frame) for layer in kv_cache.layers]}
         return CacheState(hidden=x, extra=extra)
 
     @property
@@ -413,8 +440,9 @@ class WanTransformer3DModel(ModelMixin):
 
     def cache_blocks(self, state: CacheState, start: int, stop: int) -> CacheState:
         e, x = state.extra, state.hidden
-        for block, kv in zip(self.blocks[start:stop], e["kv"][start:stop]):
-            x = block(x, kv, e["temb_proj"], e["token_index"], e["rope"])
+        self_kv = e.get("self_kv") or [None] * len(self.blocks)
+        for block, kv, cache in zip(self.blocks[start:stop], e["kv"][start:stop], self_kv[start:stop]):
+            x = block(x, kv, e["temb_proj"], e["token_index"], e["rope"], cache)
         state.hidden = x
         return state
 
@@ -433,3 +461,20 @@ class WanTransformer3DModel(ModelMixin):
         (f, h, w), (pt, ph, pw), b = e["size"], self.patch_size, x.shape[0]
         x = x.reshape(b, f // pt, h // ph, w // pw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, -1, f // pt * pt, h // ph * ph, w // pw * pw)
+
+    # -- block-causal generation (self-forcing) ---------------------------------------------------
+    def new_kv_cache(self, latent_shape, window: int = -1, sink: int = 0):
+        """A per-request self-attention KV cache for latents ``(B, C, F, H, W)`` (see CausalKVCache)."""
+        from diffcore.models.kv_cache import CausalKVCache
+
+        _, _, f, h, w = latent_shape
+        pt, ph, pw = self.patch_size
+        return CausalKVCache(len(self.blocks), (h // ph) * (w // pw), f // pt, window=window, sink=sink)
+
+
+class CausalWanTransformer3DModel(WanTransformer3DModel):
+    """The name some self-forcing checkpoints give the causal Wan DiT: the same parameters and the same
+    module (every WanTransformer3DModel takes a ``kv_cache``); extra config keys such as
+    ``num_frames_per_block`` / ``local_attn_size`` / ``sink_size`` stay readable in ``config``."""
+
+    diffusers_class_name = "CausalWanTransformer3DModel"

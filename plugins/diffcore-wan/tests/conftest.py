@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from wan_testlib import KINDS, build_wan_pipeline  # noqa: E402
+from wan_testlib import KINDS, build_wan_pipeline, save_as  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +22,13 @@ def wan_folders(tmp_path_factory):
         build_wan_pipeline(kind).save_pretrained(root / kind)
         out[kind] = root / kind
     return out
+
+
+@pytest.fixture(scope="session")
+def fewstep_folders(tmp_path_factory):
+    """Tiny Wan 2.1 T2V checkpoints whose model_index says WanDMDPipeline / WanCausalDMDPipeline (the causal
+    one's transformer config asks for blocks of 2 latent frames, as self-forcing configs may)."""
+    root = tmp_path_factory.mktemp("fewstep")
+    pipe = build_wan_pipeline("t2v21", seed=4)
+    return {"dmd": save_as(pipe, root / "dmd", "WanDMDPipeline"),
+            "causal": save_as(pipe, root / "causal", "WanCausalDMDPipeline", {"num_frames_per_block": 2})}

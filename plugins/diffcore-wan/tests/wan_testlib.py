@@ -77,6 +77,17 @@ def build_wan_pipeline(kind: str, seed: int = 0, vae_base_dim: int = 8):
                        boundary_ratio=0.875 if two else None, expand_timesteps=kind == "ti2v")
 
 
+def save_as(pipe, folder, class_name: str, transformer_config: dict | None = None):
+    """Save a diffusers Wan pipeline as a checkpoint of another pipeline class (same components)."""
+    import json
+
+    pipe.save_pretrained(folder)
+    for name, extra in (("model_index.json", {"_class_name": class_name}),
+                        ("transformer/config.json", transformer_config or {})):
+        path = folder / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), **extra}, indent=2))
+    return folder
+
 
 KINDS = ("t2v21", "t2v22", "ti2v", "i2v21", "i2v22")
 

@@ -1,0 +1,144 @@
+"""Few-step DMD sampling: DmdDenoisingStage against the algorithm written out plainly (bit-exact, fp32),
+and the WanDMDPipeline against diffusers' Wan components driven by that loop (PSNR >= 45 dB)."""
+from __future__ import annotations
+
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from diffcore.errors import SamplingParamError
+from diffcore.request import Request
+from wan_testlib import compare, ours
+
+KW = dict(num_frames=5, height=32, width=48)
+
+
+def grid(shift: float):
+    """The oracle's sigma grid: diffusers' FlowMatchEulerDiscreteScheduler before set_timesteps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    s = FlowMatchEulerDiscreteScheduler(shift=shift)
+    return lambda t: float(s.sigmas[torch.argmin((s.timesteps.double() - t).abs())])
+
+
+def plain_dmd(model_call, x, timesteps, sigma, generator):
+    """The DMD loop: x0 = x_t - sigma(t) v (float64), then re-noise to the next timestep with fresh noise."""
+    for i, t in enumerate(timesteps):
+        v = model_call(x, t)
+        x0 = (x.double() - sigma(t) * v.double()).float()
+        if i == len(timesteps) - 1:
+            return x0
+        s = sigma(timesteps[i + 1])
+        x = (1 - s) * x0 + s * torch.randn(x.shape, generator=generator, dtype=torch.float32)
+    return x
+
+
+def request_until(gen, stage_name: str, **kwargs) -> Request:
+    """Run the pipeline's stages before ``stage_name`` on a fresh request."""
+    params = gen.sampling_params_cls.from_user(**kwargs)
+    req = Request(params=params, prompts=params.prompts, batch_size=len(params.prompts), device=torch.device("cpu"),
+                  generator=torch.Generator("cpu").manual_seed(params.seed))
+    for stage in gen.pipeline.stages:
+        if stage.name == stage_name:
+            return req
+        req = stage(req)
+    raise AssertionError(stage_name)
+
+
+def clone_generator(g: torch.Generator) -> torch.Generator:
+    return torch.Generator("cpu").set_state(g.get_state())
+
+
+@pytest.mark.parametrize("timesteps", [None, [999, 640, 300, 50]])
+def test_stage_equals_the_plain_loop_bit_exact(fewstep_folders, timesteps):
+    gen = ours(fewstep_folders["dmd"])
+    req = request_until(gen, "denoising", prompt=["a cat", "a red square"], seed=5, timesteps=timesteps, **KW)
+    model, cond = gen.components["transformer"], req.condition["cond"]
+    x, g = req.latents.clone(), clone_generator(req.generator)
+
+    def call(x, t):
+        return model(hidden_states=x, timestep=torch.tensor(float(t)).expand(x.shape[0]), **cond)
+
+    with torch.inference_mode():
+        want = plain_dmd(call, x, timesteps or [1000, 757, 522], grid(8.0), g)
+        got = gen.pipeline.stage("denoising")(req).latents
+    assert torch.equal(got, want)
+    assert torch.equal(req.generator.get_state(), g.get_state())  # the noise stream continued the same way
+
+
+@pytest.fixture(scope="module")
+def diffusers_wan(fewstep_folders):
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    with mock.patch.object(WanTransformer3DModel, "_keep_in_fp32_modules", None):
+        pipe = WanPipeline.from_pretrained(fewstep_folders["dmd"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_dmd(pipe, prompt, timesteps, shift, seed, num_frames, height, width):
+    """FastWan sampling with diffusers' Wan components: encode, draw, the plain DMD loop, decode."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    with torch.inference_mode():
+        embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=512)
+        g = torch.Generator("cpu").manual_seed(seed)
+        x = pipe.prepare_latents(len(prompts), pipe.transformer.config.in_channels, height, width, num_frames,
+                                 torch.float32, torch.device("cpu"), g)
+
+        def call(x, t):
+            ts = torch.tensor([float(t)]).expand(x.shape[0])
+            return pipe.transformer(hidden_states=x, timestep=ts, encoder_hidden_states=embeds, return_dict=False)[0]
+
+        x0 = plain_dmd(call, x, timesteps, grid(shift), g)
+        vae = pipe.vae
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+        video = vae.decode(x0 / inv_std + mean, return_dict=False)[0]
+        return pipe.video_processor.postprocess_video(video, output_type="np")
+
+
+@pytest.mark.parametrize("prompt,seed,request_kwargs,timesteps,shift", [
+    ("a red  cat &amp; a dog\n", 1, {}, [1000, 757, 522], 8.0),
+    (["a dog", "two yellow squares"], 2, {"timesteps": [988, 932, 852, 608]}, [988, 932, 852, 608], 8.0),
+    ("a cat", 3, {"timesteps": [1000, 500], "flow_shift": 3.0}, [1000, 500], 3.0),
+])
+def test_wan_dmd_pipeline_matches_diffusers_components(fewstep_folders, diffusers_wan, prompt, seed,
+                                                       request_kwargs, timesteps, shift):
+    got = ours(fewstep_folders["dmd"]).generate(prompt=prompt, seed=seed, output_type="np", **KW,
+                                                **request_kwargs).output
+    want = diffusers_dmd(diffusers_wan, prompt, timesteps, shift, seed, **KW)
+    assert got.shape == (len(want), 5, 32, 48, 3)
+    compare(got, want)
+
+
+def test_seed_reproduces_and_timesteps_matter(fewstep_folders):
+    gen = ours(fewstep_folders["dmd"])
+    run = lambda **kw: gen.generate(prompt="a cat", output_type="np", **KW, **kw).output  # noqa: E731
+    first = run(seed=11)
+    assert np.array_equal(first, run(seed=11))
+    assert np.abs(first - run(seed=12)).max() > 1e-3
+    assert np.abs(first - run(seed=11, timesteps=[1000, 600])).max() > 1e-3
+    assert gen.config.dmd.timesteps == (1000, 757, 522) and gen.config.cfg == "none"
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"timesteps": [500, 700]}, "timesteps"),  # must decrease
+    ({"timesteps": []}, "timesteps"),
+    ({"timesteps": [1000, float("nan")]}, "timesteps"),
+    ({"timesteps": [1500]}, "timesteps"),
+    ({"flow_shift": -1.0}, "flow_shift"),
+    ({"guidance_scale": 5.0}, "guidance_scale"),  # distilled: no CFG
+    ({"negative_prompt": "blurry"}, "negative_prompt"),
+])
+def test_bad_few_step_parameters_are_refused(fewstep_folders, kwargs, field):
+    with pytest.raises(SamplingParamError) as info:
+        ours(fewstep_folders["dmd"]).generate(prompt="a cat", **KW, **kwargs)
+    assert info.value.param == field
+
+
+def test_timesteps_are_refused_by_a_scheduler_model(wan_folders):
+    with pytest.raises(SamplingParamError, match="few-step") as info:
+        ours(wan_folders["t2v21"]).generate(prompt="a cat", timesteps=[1000, 500], **KW)
+    assert info.value.param == "timesteps"
