@@ -194,16 +194,15 @@ class DiffcoreEngine(Engine):
         self.transformer = self.pipe.components["transformer"]
 
     def run(self, params: dict, cache):
-        stage = self.pipe.pipeline.stage("denoising")
-        stage.step_cache = None
-        if cache:
-            stage.step_cache = self.registry.get("cache_policies", cache["name"])(threshold=cache["threshold"])
         t0 = time.perf_counter()
-        result = self.pipe.generate(**params, output_type="np")
+        req = self.pipe.new_request(self.pipe.sampling_params_cls.from_user(**params, output_type="np"))
+        if cache:  # a step cache for this request only (the engine was loaded without one)
+            req.step_cache = self.registry.get("cache_policies", cache["name"])(threshold=cache["threshold"])
+        result = self.pipe.result(self.pipe.pipeline.forward(req))
         total = time.perf_counter() - t0
         stages = {k: result.timings.get(k, 0.0) for k in ("text_encoding", "denoising", "decoding")}
-        if stage.step_cache is not None:
-            stages["cache_stats"] = dict(getattr(stage.step_cache, "stats", {}))
+        if result.cache_stats is not None:
+            stages["cache_stats"] = result.cache_stats
         return np.asarray(result.output, dtype=np.float32), total, stages
 
 

@@ -73,7 +73,9 @@ class DiffGenerator:
         if engine.attention_backend:
             from .models import attention
 
-            attention.set_backend(engine.attention_backend)
+            attention.check_backend(engine.attention_backend)  # before loading any weights
+        if engine.cache and engine.cache_policy is None:
+            engine.cache_policy = registry.get("cache_policies", engine.cache)
         if engine.num_threads:
             torch.set_num_threads(engine.num_threads)
         pipeline_cls.check_components(index.components, config)  # before loading any weights
@@ -89,18 +91,11 @@ class DiffGenerator:
                 custom_loaders=config.custom_loaders(),
             )
         pipeline = pipeline_cls(components, config, engine)
-        if engine.cache:
-            policy_cls = registry.get("cache_policies", engine.cache)
-            pipeline.stage("denoising").step_cache = policy_cls(threshold=engine.cache_threshold)
-        if engine.compile:  # opt-in: torch.compile the denoisers' forward (slow first call, faster steps)
-            for name in ("transformer", "transformer_2"):
-                if isinstance(components.get(name), torch.nn.Module):
-                    components[name].compile()
         log.info("loaded %s (%s via %s) in %.2fs", model, index.class_name, rec.name, time.perf_counter() - start)
         return cls(pipeline, sampling_cls, model, folder, time.perf_counter() - start)
 
     def generate(self, prompt=None, negative_prompt=None, image=None, height=None, width=None, num_frames=None,
-                 num_inference_steps=None, guidance_scale=None, true_cfg_scale=None, guidance_scale_2=None,
+                 num_inference_steps=None, guidance_scale=None, true_cfg_scale=None,
                  max_sequence_length=None, seed: int = 0, output_type: str = "pil", callback=None,
                  block_callback=None, **kwargs) -> GenerationResult:
         """Generate; parameters left as None take the model's defaults. Unknown keywords are errors.
@@ -112,26 +107,35 @@ class DiffGenerator:
         params = self.sampling_params_cls.from_user(
             prompt=prompt, negative_prompt=negative_prompt, image=image, height=height, width=width,
             num_frames=num_frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            true_cfg_scale=true_cfg_scale, guidance_scale_2=guidance_scale_2,
+            true_cfg_scale=true_cfg_scale,
             max_sequence_length=max_sequence_length, seed=seed, output_type=output_type, **kwargs)
         return self.run(params, callback=callback, block_callback=block_callback)
 
     def run(self, params, callback=None, block_callback=None) -> GenerationResult:
-        """Run one request from a ready SamplingParams."""
+        """Run one request from a ready SamplingParams. Safe to call from several threads at once."""
         start = time.perf_counter()
-        device = torch.device(self.pipeline.engine_args.device)
-        prompts = params.prompts
-        req = Request(params=params, prompts=prompts, batch_size=len(prompts), device=device,
-                      generator=torch.Generator("cpu").manual_seed(params.seed), callback=callback,
-                      block_callback=block_callback)
-        req = self.pipeline.forward(req)
+        req = self.pipeline.forward(self.new_request(params, callback, block_callback))
         req.timings["total"] = time.perf_counter() - start
+        return self.result(req)
+
+    def new_request(self, params, callback=None, block_callback=None) -> Request:
+        """A fresh Request for ``params``: its own generator (seeded on the CPU), its own state."""
+        prompts = params.prompts
+        return Request(params=params, prompts=prompts, batch_size=len(prompts),
+                       device=torch.device(self.pipeline.engine_args.device),
+                       generator=torch.Generator("cpu").manual_seed(params.seed), callback=callback,
+                       block_callback=block_callback)
+
+    def result(self, req: Request) -> GenerationResult:
+        """What the caller gets from a finished Request: numpy output (torch for output_type="pt")."""
+        params = req.params
         output = None
-        if params.output_type != "latent":
+        if params.output_type == "pt":
+            output = req.output.float().cpu()
+        elif params.output_type != "latent":
             output = req.output.float().cpu().numpy()
         fps = params.fps if params.fps is not None else getattr(self.config, "default_fps", None)
-        result = GenerationResult(output=output, latents=req.latents, timings=dict(req.timings),
-                                  is_video=self.config.is_video, fps=fps, output_type=params.output_type)
-        if params.output_type == "pt":
-            result.latents = req.latents
-        return result
+        stats = getattr(req.step_cache, "stats", None)
+        return GenerationResult(output=output, latents=req.latents, timings=dict(req.timings),
+                                is_video=self.config.is_video, fps=fps, output_type=params.output_type,
+                                cache_stats=dict(stats) if stats is not None else None)

@@ -12,9 +12,10 @@ from .errors import InputError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
-def to_pil(array: np.ndarray):
+def to_pil(array):
     from PIL import Image
 
+    array = np.asarray(array)  # a torch tensor (output_type="pt") too
     return Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
 
 
@@ -60,9 +61,10 @@ def write_video(frames: np.ndarray, path: Path, fps: int) -> None:
 class GenerationResult:
     """What ``DiffGenerator.generate`` returns.
 
-    ``output``: numpy float32 in [0, 1], (B, H, W, 3) for images or (B, F, H, W, 3) for videos
-    (None when output_type="latent"); ``images`` / ``frames``: PIL views of it; ``latents``: the final
-    latents; ``timings``: seconds per stage.
+    ``output``: float32 in [0, 1], (B, H, W, 3) for images or (B, F, H, W, 3) for videos: numpy, or a
+    torch tensor for output_type="pt" (None when output_type="latent"); ``images`` / ``frames``: PIL
+    views of it; ``latents``: the final latents; ``timings``: seconds per stage; ``cache_stats``: the
+    step cache's counters for this request (None without a cache).
     """
 
     output: Optional[np.ndarray]
@@ -71,6 +73,7 @@ class GenerationResult:
     is_video: bool = False
     fps: Optional[int] = None
     output_type: str = "pil"
+    cache_stats: Optional[dict] = None
     _pil: Optional[list] = None
 
     @property
@@ -98,10 +101,11 @@ class GenerationResult:
         if self.output is None:
             raise InputError("this result holds latents only (output_type='latent'); nothing to save as media")
         if suffix == ".mp4":
-            frames = self.output[index] if self.is_video else self.output[index][None]
+            item = np.asarray(self.output[index])
+            frames = item if self.is_video else item[None]
             write_video(frames, path, self.fps or 16)
         elif suffix in IMAGE_SUFFIXES:
-            item = self.output[index]
+            item = np.asarray(self.output[index])
             to_pil(item[0] if self.is_video else item).save(path)
         else:
             check_save_path(path)

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Optional
 
+import torch
+
 from .configs.engine_args import EngineArgs
 from .configs.pipeline_config import PipelineConfig
+from .engine.context import EngineContext
 from .errors import PipelineDataflowError, RegistryError
 from .request import REQUEST_INPUTS, Request
 from .stages.base import PipelineStage
@@ -13,6 +16,10 @@ from .stages.base import PipelineStage
 class ComposedPipelineBase:
     """Subclasses set ``pipeline_name`` (the Diffusers ``_class_name`` served),
     ``_required_config_modules`` and implement ``create_pipeline_stages``.
+
+    The pipeline owns the loaded components and the engine choices (``engine_args``; ``context``: the
+    context variables its forward runs under, such as the attention backend). It holds no
+    per-request state: ``forward`` may run in several threads at once.
     """
 
     pipeline_name: ClassVar[str] = ""
@@ -23,6 +30,7 @@ class ComposedPipelineBase:
         self.components, self.config = components, config
         config.configure_from_components(components)
         self.engine_args = engine_args or EngineArgs()
+        self.context = self.engine_context(self.engine_args)
         self.stages: list[PipelineStage] = []
         self.create_pipeline_stages(self.engine_args)
         self.check_dataflow()
@@ -37,6 +45,15 @@ class ComposedPipelineBase:
                 f"{cls.pipeline_name}: model_index.json lacks required component(s) {', '.join(missing)}; "
                 f"this pipeline needs {', '.join(cls._required_config_modules)}"
             )
+
+    def engine_context(self, engine_args: EngineArgs) -> EngineContext:
+        """The context variables every forward of this pipeline runs under (subclasses may add)."""
+        from .models import attention
+
+        context = EngineContext()
+        if engine_args.attention_backend:
+            context.set(attention.BACKEND, attention.check_backend(engine_args.attention_backend))
+        return context
 
     # -- composition -------------------------------------------------------------------------
     def create_pipeline_stages(self, engine_args: EngineArgs) -> None:
@@ -55,18 +72,22 @@ class ComposedPipelineBase:
         raise KeyError(f"{self.pipeline_name} has no stage {name!r}; stages: {', '.join(s.name for s in self.stages)}")
 
     def check_dataflow(self) -> None:
-        """Prove every required input is supplied by the request or an earlier stage."""
+        """Prove every required input is supplied by the request or an earlier stage (and not consumed since)."""
         available = set(REQUEST_INPUTS)
         for stage in self.stages:
             for field in stage.inputs:
                 if field.required and field.name not in available:
                     raise PipelineDataflowError(self.pipeline_name, stage.name, field.name, sorted(available))
             available.update(f.name for f in stage.outputs)
+            available.difference_update(stage.consumes)
 
     # -- execution ---------------------------------------------------------------------------
     def forward(self, req: Request) -> Request:
-        for stage in self.stages:
-            req = stage(req)
+        if self.engine_args.num_threads:
+            torch.set_num_threads(self.engine_args.num_threads)
+        with self.context.applied():
+            for stage in self.stages:
+                req = stage(req)
         return req
 
     def __repr__(self) -> str:

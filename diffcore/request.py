@@ -1,4 +1,8 @@
-"""The state of one generation as it flows through the stages. Explicit fields only."""
+"""The state of one generation as it flows through the stages. Explicit fields only.
+
+Everything that changes while a request runs lives here (or in objects it owns); stages, configs and
+models only read their own construction, so concurrent requests on one pipeline never share state.
+"""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -44,6 +48,7 @@ class Request:
     scheduler: Any = None  # a per-request copy, so requests never share solver state
     latents: Optional[torch.Tensor] = None
     output: Optional[torch.Tensor] = None  # decoded pixels in [0, 1], (B, H, W, C) or (B, F, H, W, C)
+    step_cache: Any = None  # this request's step cache (its per-branch memory and counters), if the engine has one
     timings: dict = attrs.field(factory=dict)
     callback: Any = None  # per-step callback(step, timestep, latents) for this request
     block_callback: Any = None  # block-causal video: callback(block, latents, frames) per finished block

@@ -113,7 +113,7 @@ def test_state_dict_keys_and_config_attrs():
     assert "encoder.mid_block.attentions.0.to_q.weight" in ours.state_dict()
     assert "quant_conv.weight" not in ours.state_dict()
     assert ours.scaling_factor == 0.3611 and ours.shift_factor == 0.1159
-    assert ours.spatial_compression == 2
+    assert ours.spatial_compression_ratio == 2
 
 
 @torch.no_grad()
@@ -127,18 +127,14 @@ def test_math_backend_and_channels_last():
     expected_mean = ref.encode(x).latent_dist.mean
 
     calls = []
-    previous = attn_mod.get_backend()
 
     def spy(q, k, v, attn_mask=None, scale=None):
         calls.append(q.shape)
         return attn_mod._math(q, k, v, attn_mask=attn_mask, scale=scale)
 
     attn_mod.register_backend("spy_math", spy)
-    try:
-        attn_mod.set_backend("spy_math")
+    with attn_mod.use_backend("spy_math"):
         _assert_close(ours.decode(z), expected_dec, "math-backend decode")
-    finally:
-        attn_mod.set_backend(previous)
     assert calls == [torch.Size([2, 12 * 20, 1, 16])], calls  # one single-head call at latent resolution
 
     ours = ours.to(memory_format=torch.channels_last)
@@ -176,6 +172,6 @@ def test_flux_config_on_meta_matches_diffusers():
     assert "quant_conv.weight" not in dict(ours_shapes) and "post_quant_conv.weight" not in dict(ours_shapes)
     assert ("decoder.up_blocks.0.resnets.2.conv2.weight", (512, 512, 3, 3)) in ours_shapes
     assert ours.config["scaling_factor"] == 0.3611 and ours.shift_factor == 0.1159
-    assert ours.spatial_compression == 8
+    assert ours.spatial_compression_ratio == 8
     n = sum(p.numel() for p in ours.parameters())
     assert n == sum(p.numel() for p in ref.parameters()) and 80_000_000 < n < 90_000_000

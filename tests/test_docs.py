@@ -113,10 +113,10 @@ def in_workdir(workdir, monkeypatch):
 
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    previous, backend = set_plugin_manager(None), attention.get_backend()  # the installed plugins, as users have them
+    previous = set_plugin_manager(None)  # the installed plugins, as users have them
     yield workdir
     set_plugin_manager(previous)
-    attention.set_backend(backend)
+    assert attention.get_backend() == "sdpa"  # no example leaves an engine choice behind
 
 
 # ---- running the examples ---------------------------------------------------------------------

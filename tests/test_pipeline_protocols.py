@@ -86,6 +86,7 @@ class _Exploding:
     """A component that must not be used while a pipeline is being built (reading its config is fine)."""
 
     config: dict = {}
+    spatial_compression_ratio = temporal_compression_ratio = None  # geometry, like config: fine to read
 
     def __getattr__(self, name):
         raise AssertionError(f"component used during construction ({name})")

@@ -102,17 +102,16 @@ def test_attention_backend_and_cache_policy_from_a_plugin(toy_folder, toy_manage
     from toy_plugin import model
 
     before = model.ATTENTION_CALLS[0]
-    try:
-        gen = DiffGenerator.from_pretrained(toy_folder, dtype="float32", progress=False, plugin_manager=toy_manager,
-                                            attention_backend="toy-counting", cache="toy-cache")
-        out = gen.generate(prompt="a cat", num_inference_steps=4, seed=0, output_type="np").output
-    finally:
-        attention.set_backend("sdpa")
+    gen = DiffGenerator.from_pretrained(toy_folder, dtype="float32", progress=False, plugin_manager=toy_manager,
+                                        attention_backend="toy-counting", cache="toy-cache")
+    result = gen.generate(prompt="a cat", num_inference_steps=4, seed=0, output_type="np")
+    out = result.output
+    assert attention.get_backend() == "sdpa"  # the pipeline's backend applied inside its forward only
     # 4 steps x (cond + uncond) = 8 predictions, 4 of them from the cache; each transformer call attends
     # twice (self + cross), and the VAE's mid-block attention goes through the same dispatch once
-    cache = gen.pipeline.stage("denoising").step_cache
-    assert isinstance(cache, model.ToyStepCache) and (cache.calls, cache.skipped) == (4, 4)
-    assert model.ATTENTION_CALLS[0] - before == 2 * cache.calls + 1
+    assert gen.pipeline.engine_args.cache_policy is model.ToyStepCache
+    assert result.cache_stats == {"computed": 4, "skipped": 4}
+    assert model.ATTENTION_CALLS[0] - before == 2 * 4 + 1
     plain = toy_gen.generate(prompt="a cat", num_inference_steps=4, seed=0, output_type="np").output
     assert 0 < np.abs(out - plain).max()  # the cache really replaced predictions
 

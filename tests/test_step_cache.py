@@ -60,10 +60,9 @@ def _cached(folder, policy: str, threshold: float, **params):
     model = gen.components["transformer"]
     body_runs = []  # the last block runs only when the cache did not skip the call
     handle = model.single_transformer_blocks[-1].register_forward_hook(lambda *a: body_runs.append(1))
-    out = gen.generate(**{**PARAMS, **params}).latents.numpy()
+    req = gen.pipeline.forward(gen.new_request(gen.sampling_params_cls.from_user(**{**PARAMS, **params})))
     handle.remove()
-    cache = gen.pipeline.stage("denoising").step_cache
-    return out, dict(cache.stats), len(body_runs), cache
+    return req.latents.numpy(), dict(req.step_cache.stats), len(body_runs), req.step_cache
 
 
 def test_policies_are_registered_and_the_model_opts_in(flux_folder):
@@ -74,7 +73,7 @@ def test_policies_are_registered_and_the_model_opts_in(flux_folder):
     assert registry.get("cache_policies", "teacache") is TeaCache
     assert registry.origin("cache_policies", "fbcache").plugin == "diffcore"  # the built-in plugin
     gen = DiffGenerator.from_pretrained(flux_folder, dtype="float32", progress=False, cache="fbcache")
-    assert isinstance(gen.pipeline.stage("denoising").step_cache, FirstBlockCache)
+    assert isinstance(gen.pipeline.stage("denoising").make_step_cache(), FirstBlockCache)
     assert supports_step_cache(gen.components["transformer"])
 
 

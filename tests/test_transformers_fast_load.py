@@ -129,13 +129,14 @@ def test_other_checkpoints_go_to_from_pretrained(saved, tmp_path):
     assert load_fast(cls, path, find_weight_files(path), None, "cpu") is None  # dtype="auto" is from_pretrained's
 
 
-def test_skip_init_restores_torch_init():
+def test_skip_init_skips_meta_init_only():
     before = torch.nn.init.kaiming_uniform_
     with skip_init():
-        assert torch.nn.init.kaiming_uniform_ is not before
+        assert torch.nn.init.kaiming_uniform_ is before  # nothing patched: a per-thread torch-function mode
+        m = torch.empty(3, device="meta")
+        assert torch.nn.init.ones_(m) is m
         t = torch.zeros(3)
-        assert torch.nn.init.ones_(t) is t and torch.equal(t, torch.zeros(3))
-    assert torch.nn.init.kaiming_uniform_ is before
+        assert torch.nn.init.ones_(t) is t and torch.equal(t, torch.ones(3))  # real tensors still initialise
 
 
 def test_large_conversion_matches_to(tmp_path):

@@ -1,7 +1,7 @@
 """Engine options: where and how a pipeline runs (not what it generates)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import attrs
 import torch
@@ -31,10 +31,24 @@ class EngineArgs:
     compile: bool = False
     cache: Optional[str] = None  # step-cache policy name, e.g. "fbcache"
     cache_threshold: float = 0.1
+    # The policy class ``cache`` names; from_pretrained resolves it with its plugin manager's registry.
+    cache_policy: Optional[Callable[..., Any]] = None
     allow_pickle: bool = False  # executing pickle checkpoints must be an explicit choice
     revision: Optional[str] = None
     num_threads: Optional[int] = None
     progress: bool = True
+
+    def step_cache_factory(self) -> Optional[Callable[[], Any]]:
+        """A callable that makes one fresh step cache (one per request), or None without a cache."""
+        policy = self.cache_policy
+        if policy is None and self.cache:
+            from ..plugins import get_plugin_manager
+
+            policy = get_plugin_manager().registry.get("cache_policies", self.cache)
+        if policy is None:
+            return None
+        threshold = self.cache_threshold
+        return lambda: policy(threshold=threshold)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineArgs":

@@ -35,10 +35,7 @@ class PipelineConfig:
     linear_sigmas: bool = True
     # Classifier-free guidance policy: "none" (guidance-distilled or off), "cfg", "true_cfg".
     cfg: str = "none"
-    cfg_norm_rescale: bool = False
     default_negative_prompt: Optional[str] = None
-    # Two-expert denoising (Wan 2.2 A14B): switch to transformer_2 below boundary_ratio * 1000.
-    boundary_ratio: Optional[float] = None
     is_video: bool = False
     # How a size the model cannot take is handled: "round" (down, with a warning) or "error".
     size_policy: str = "round"
@@ -62,19 +59,20 @@ class PipelineConfig:
         return parse_dtype(self.component_dtypes.get(component, self.default_dtype))
 
     def configure_from_index(self, model_index) -> None:
-        """Read per-checkpoint switches from model_index.json (e.g. boundary_ratio)."""
-        if model_index.extra.get("boundary_ratio") is not None:
-            self.boundary_ratio = float(model_index.extra["boundary_ratio"])
+        """Read per-checkpoint switches from model_index.json's pipeline-level extras (none here)."""
 
     def configure_from_components(self, components: dict) -> None:
-        """Derive the latent geometry from the loaded VAE's config (diffusers does the same)."""
+        """Derive the latent geometry from the loaded VAE (its ``spatial_compression_ratio`` and
+        ``temporal_compression_ratio``, diffusers' attribute names), as diffusers' pipelines do."""
         vae = components.get("vae")
-        cfg = getattr(vae, "config", None) or {}
-        if cfg.get("block_out_channels"):
-            self.vae_scale_factor = 2 ** (len(cfg["block_out_channels"]) - 1)
-        elif cfg.get("temperal_downsample") is not None:
-            self.vae_scale_factor = cfg.get("scale_factor_spatial") or 2 ** len(cfg["temperal_downsample"])
-            self.vae_temporal_factor = cfg.get("scale_factor_temporal") or 2 ** sum(cfg["temperal_downsample"])
+        spatial = getattr(vae, "spatial_compression_ratio", None)
+        if spatial is None and (getattr(vae, "config", None) or {}).get("block_out_channels"):
+            spatial = 2 ** (len(vae.config["block_out_channels"]) - 1)  # a 2-D VAE from another library
+        if spatial:
+            self.vae_scale_factor = int(spatial)
+        temporal = getattr(vae, "temporal_compression_ratio", None)
+        if temporal:
+            self.vae_temporal_factor = int(temporal)
 
     # ---- sizes -----------------------------------------------------------------------------
     @property
@@ -160,13 +158,18 @@ class PipelineConfig:
     def model_output(self, noise_pred: torch.Tensor, req: "Request") -> torch.Tensor:
         return noise_pred
 
+    def select_denoiser(self, t: torch.Tensor, req: "Request", num_denoisers: int) -> int:
+        """Which of the denoising stage's models serves timestep ``t`` (a multi-expert model overrides this)."""
+        return 0
+
     def guidance_scale_at(self, t: torch.Tensor, req: "Request", expert: int) -> float:
+        """The CFG scale for this step and denoiser."""
         p = req.params
-        if self.cfg == "true_cfg":
-            return p.true_cfg_scale
-        if expert == 1 and p.guidance_scale_2 is not None:
-            return p.guidance_scale_2
-        return p.guidance_scale
+        return p.true_cfg_scale if self.cfg == "true_cfg" else p.guidance_scale
+
+    def combine_guidance(self, cond: torch.Tensor, uncond: torch.Tensor, scale, req: "Request") -> torch.Tensor:
+        """``uncond + scale * (cond - uncond)``; ``scale`` is a float or a per-row tensor (B, 1, ..., 1)."""
+        return uncond + scale * (cond - uncond)
 
     # ---- decoding --------------------------------------------------------------------------
     def decode(self, components: dict, latents: torch.Tensor, req: "Request") -> torch.Tensor:

@@ -96,7 +96,6 @@ class SamplingParams:
     num_inference_steps: int = attrs.field(default=50, validator=_positive_int)
     guidance_scale: float = attrs.field(default=1.0, validator=_non_negative_float)
     true_cfg_scale: float = attrs.field(default=1.0, validator=_non_negative_float)
-    guidance_scale_2: Optional[float] = attrs.field(default=None, validator=_non_negative_float)
     max_sequence_length: int = attrs.field(default=512, validator=_positive_int)
     seed: int = attrs.field(default=0, validator=_seed)
     # Few-step (DMD) models: the timesteps to sample at, instead of the checkpoint's distilled list.
@@ -165,5 +164,7 @@ class SamplingParams:
             raise SamplingParamError("negative_prompt", f"got {len(negs)} negative prompts for {batch_size} prompts")
         return negs
 
+
+non_negative_float = _non_negative_float  # for plugins' own parameters
 
 _BASE_VALIDATORS = {f.name: f.validator for f in attrs.fields(SamplingParams) if f.validator is not None}

@@ -16,6 +16,7 @@ from typing import Callable, Collection, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import CorruptCheckpointError, LoaderError, MissingFileError, PickleRefusedError, WeightMismatchError
 from ..memory import map_file
@@ -219,28 +220,28 @@ DtypeRule = Callable[[str, torch.Tensor, torch.Tensor], torch.dtype]
 POPULATE_MIN_BYTES = 1 << 20
 
 
+class _SkipInitMode(TorchFunctionMode):
+    """In-place ops on meta tensors (what ``torch.nn.init``'s initialisers come down to) return at once."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if (args and isinstance(args[0], torch.Tensor) and args[0].is_meta
+                and getattr(func, "__name__", "").endswith("_") and not getattr(func, "__name__", "").startswith("_")):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def skip_init() -> Iterator[None]:
-    """Make ``torch.nn.init``'s in-place initialisers no-ops while a module is built on the meta device.
+    """Skip weight initialisation while a module is built on the meta device, in this thread only.
 
     Every weight is then assigned from the checkpoint, so initialising is wasted work, and on meta
     tensors it is slow: each ``uniform_``/``normal_`` runs a Python decomposition (about 2/3 of the
-    build time of a transformer). Only for meta-device builds: real tensors would stay uninitialised.
+    build time of a transformer). A torch-function mode (a per-thread stack, nothing patched) turns
+    every public in-place op on a meta tensor into a no-op; real tensors are untouched, so other
+    threads, and real tensors built inside, initialise as usual.
     """
-    init = torch.nn.init
-    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
-    saved = {n: getattr(init, n) for n in names}
-    for n in names:
-        setattr(init, n, _return_tensor)
-    try:
+    with _SkipInitMode():
         yield
-    finally:
-        for n, fn in saved.items():
-            setattr(init, n, fn)
-
-
-def _return_tensor(tensor, *args, **kwargs):
-    return tensor
 
 
 def _keep_fp32(name: str, modules: Sequence[str]) -> bool:

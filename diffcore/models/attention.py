@@ -2,13 +2,19 @@
 
 Layout is diffusers' dispatch layout: ``(batch, seq, heads, head_dim)`` in and out.
 
+Which backend runs is an engine choice: the pipeline sets the ``BACKEND`` context variable around its
+forward (``use_backend``), so two pipelines with different backends in one process, or in threads,
+never see each other's choice. Outside any pipeline the default is ``sdpa``.
+
 The default backend ``sdpa`` is ``F.scaled_dot_product_attention``, except for single-threaded bf16
 on CPUs with AVX512-BF16 and no AMX, where ``_bf16_cpu`` is faster (see there; ``diffcore.fastpaths``
 decides, ``DIFFCORE_PORTABLE=bf16_attention`` turns it off).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+import contextvars
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +97,7 @@ def _math(query, key, value, attn_mask=None, scale=None):
 
 
 _BACKENDS: dict[str, AttentionFn] = {"sdpa": _sdpa, "math": _math}
-_active = "sdpa"
+BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("diffcore_attention_backend", default="sdpa")
 
 
 def register_backend(name: str, fn: AttentionFn) -> None:
@@ -103,16 +109,26 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def set_backend(name: str) -> None:
-    """Select the process-wide backend; unknown names list the alternatives."""
-    global _active
+def check_backend(name: str) -> str:
+    """``name`` if it is registered; otherwise a ValueError listing the alternatives."""
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(available_backends())}")
-    _active = name
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed code (in this thread / context only) with backend ``name``."""
+    token = BACKEND.set(check_backend(name))
+    try:
+        yield
+    finally:
+        BACKEND.reset(token)
 
 
 def get_backend() -> str:
-    return _active
+    """The backend active in the current context."""
+    return BACKEND.get()
 
 
 def attention(
@@ -126,4 +142,4 @@ def attention(
 
     ``attn_mask`` is broadcastable to ``(B, H, S_q, S_k)``: bool (True = attend) or additive float.
     """
-    return _BACKENDS[_active](query, key, value, attn_mask=attn_mask, scale=scale)
+    return _BACKENDS[BACKEND.get()](query, key, value, attn_mask=attn_mask, scale=scale)

@@ -268,7 +268,7 @@ class AutoencoderKL(ModelMixin):
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
 
     @property
-    def spatial_compression(self) -> int:
+    def spatial_compression_ratio(self) -> int:
         """Pixels per latent along each side (8 for the 4-level SD/FLUX VAEs)."""
         return 2 ** (len(self.encoder.down_blocks) - 1)
 

@@ -7,6 +7,7 @@ a per-call cache (see ``wan_vae_blocks``). Results equal diffusers' non-tiled en
 """
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import torch
@@ -15,6 +16,8 @@ from torch import nn
 from .. import fastpaths
 from .base import DiagonalGaussianDistribution, ModelMixin
 from .wan_vae_blocks import Cache, CausalConv3d, Decoder3d, Encoder3d, patchify, unpatchify_view
+
+_LAYOUT_LOCK = threading.Lock()
 
 WAN21_LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -64,7 +67,7 @@ class AutoencoderKLWan(ModelMixin):
         self.temperal_downsample = tuple(temperal_downsample)
         self.temperal_upsample = self.temperal_downsample[::-1]
         self.temporal_compression_ratio = 2 ** sum(self.temperal_downsample)
-        self.spatial_compression_ratio = scale_factor_spatial
+        self.spatial_compression_ratio = scale_factor_spatial or 2 ** len(self.temperal_downsample)
         self.latents_mean = list(latents_mean)
         self.latents_std = list(latents_std)
 
@@ -83,14 +86,18 @@ class AutoencoderKLWan(ModelMixin):
 
     def _use_channels_last(self) -> None:
         """On the CPU, oneDNN convolutions (and the channel RMS norms) run ~20% faster on channels-last
-        layouts; the decoder's weights are converted once, on the first decode."""
+        layouts; the decoder's weights are converted once, on the first decode, under a lock that every
+        CPU decode passes before touching a decoder weight (concurrent requests)."""
         if self._channels_last:
             return
-        for m in [self.post_quant_conv, *self.decoder.modules()]:
-            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
-                fmt = torch.channels_last_3d if m.weight.ndim == 5 else torch.channels_last
-                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
-        self._channels_last = True
+        with _LAYOUT_LOCK:
+            if self._channels_last:
+                return
+            for m in [self.post_quant_conv, *self.decoder.modules()]:
+                if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                    fmt = torch.channels_last_3d if m.weight.ndim == 5 else torch.channels_last
+                    m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+            self._channels_last = True
 
     # ------------------------------------------------------------------ encode
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,9 +120,11 @@ class AutoencoderKLWan(ModelMixin):
         """Decode latents (B, z_dim, F, h, w) frame by frame into a clamped video (B, C, F', H, W)."""
         b, num_frames = z.shape[0], z.shape[2]
         p = self.patch_size or 1
-        x = self.post_quant_conv(z)
-        if x.device.type == "cpu" and fastpaths.enabled("channels_last_conv", x.dtype):
+        channels_last = z.device.type == "cpu" and fastpaths.enabled("channels_last_conv", z.dtype)
+        if channels_last:  # before any decoder weight is used: the conversion happens under a lock
             self._use_channels_last()
+        x = self.post_quant_conv(z)
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         cache = Cache()
         out = None

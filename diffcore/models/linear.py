@@ -19,6 +19,7 @@ for that dtype. ``ONEDNN = False`` turns it off, ``PREPACK = False`` only the re
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Optional
 
 import torch
@@ -30,6 +31,7 @@ from diffcore.memory import release_pages
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 PREPACK = ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+_PACK_LOCK = threading.Lock()  # one thread re-lays out a weight; concurrent callers use the plain one meanwhile
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -46,16 +48,22 @@ def _packed(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     w = layer.weight
     if w.is_mkldnn or not PREPACK or not isinstance(layer, Linear) or w.requires_grad:
         return w
-    if sys.getrefcount(w) > 3:  # tied or referenced elsewhere (refs: _parameters, w, the call's argument)
-        return w
     if not fastpaths.enabled("prepack", w.dtype):
         return w
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, max(1, x.numel() // x.shape[-1]))
-    except RuntimeError as exc:
-        fastpaths.failed("prepack", w.dtype, exc)
+    if not _PACK_LOCK.acquire(blocking=False):
         return w
-    layer._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
+    try:
+        # tied, referenced elsewhere, or in use by another thread (refs: _parameters, w, the call's argument)
+        if layer._parameters["weight"] is not w or sys.getrefcount(w) > 3:
+            return w
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, max(1, x.numel() // x.shape[-1]))
+        except RuntimeError as exc:
+            fastpaths.failed("prepack", w.dtype, exc)
+            return w
+        layer._parameters["weight"] = nn.Parameter(packed, requires_grad=False)
+    finally:
+        _PACK_LOCK.release()
     release_pages(w)
     return packed
 

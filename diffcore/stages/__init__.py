@@ -1,7 +1,7 @@
 """The standard stages. A model pipeline is a short composition of these."""
 from .base import In, Out, PipelineStage, StageField
 from .causal import CausalDMDDenoisingStage
-from .denoising import DecodingStage, DenoisingStage, combine_guidance
+from .denoising import DecodingStage, DenoisingStage
 from .dmd import DmdDenoisingStage
 from .encoding import ImageEncodingStage, ImageVAEEncodingStage, TextEncodingStage
 from .input_validation import InputValidationStage, load_image
@@ -14,5 +14,5 @@ STANDARD_STAGES = {
                 CausalDMDDenoisingStage, DecodingStage)
 }
 
-__all__ = ["PipelineStage", "StageField", "In", "Out", "load_image", "combine_guidance", "STANDARD_STAGES",
+__all__ = ["PipelineStage", "StageField", "In", "Out", "load_image", "STANDARD_STAGES",
            *STANDARD_STAGES]

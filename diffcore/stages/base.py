@@ -34,6 +34,7 @@ class PipelineStage:
 
     inputs: tuple[StageField, ...] = ()
     outputs: tuple[StageField, ...] = ()
+    consumes: tuple[str, ...] = ()  # fields the stage clears (later stages cannot read them)
 
     def __init__(self, name: Optional[str] = None):
         self.name = name or type(self).__name__

@@ -1,85 +1,72 @@
-"""DenoisingStage: the sampling loop, with CFG policies, two-expert switching and a step-cache seam."""
+"""DenoisingStage: the sampling loop, with a CFG branch, per-timestep denoiser choice and a step-cache seam."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
+from ..configs.engine_args import EngineArgs
 from ..request import Request
 from .base import In, Out, PipelineStage
 
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, timestep, latents)
-
-
-def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float, norm_rescale: bool) -> torch.Tensor:
-    """``uncond + scale * (cond - uncond)``; with norm_rescale the result keeps the norm of ``cond``
-    along the channel axis (Qwen-Image's true CFG)."""
-    out = uncond + scale * (cond - uncond)
-    if norm_rescale:
-        cond_norm = torch.norm(cond, dim=-1, keepdim=True)
-        out_norm = torch.norm(out, dim=-1, keepdim=True)
-        out = out * (cond_norm / out_norm)
-    return out
-
 
 class DenoisingStage(PipelineStage):
-    """Run the transformer(s) over the timesteps and step the scheduler.
+    """Run the denoiser(s) over the timesteps and step the request's scheduler.
 
-    ``transformers`` holds one model, or two for Wan 2.2 A14B: the second serves timesteps below
-    ``config.boundary_ratio * num_train_timesteps``. ``step_cache`` (optional) wraps every model call
-    and may return a cached prediction instead of running the model.
+    ``transformers`` holds one model, or several that the config chooses between per timestep
+    (``select_denoiser``; e.g. a two-expert model). Everything that changes during the loop lives on
+    the Request (latents, scheduler, the step cache of this request), so one stage serves concurrent
+    requests. Engine settings arrive through ``engine_args``: ``progress``, ``compile`` (the denoisers'
+    forward is compiled here) and the step-cache policy (a fresh cache per request).
     """
 
     inputs = (In("latents", torch.Tensor), In("timesteps", torch.Tensor), In("scheduler"), In("condition", dict),
               In("do_cfg", bool))
     outputs = (Out("latents", torch.Tensor),)
+    consumes = ("condition",)  # freed after the loop: per-request tensors must not outlive it into decoding
 
-    def __init__(self, config, transformers: list, name: str = "denoising", progress: bool = True,
-                 callback: Optional[StepCallback] = None, step_cache=None):
+    def __init__(self, config, transformers: list, engine_args: Optional[EngineArgs] = None, name: str = "denoising"):
         super().__init__(name)
+        engine_args = engine_args or EngineArgs()
         self.config, self.transformers = config, [t for t in transformers if t is not None]
-        self.progress, self.callback, self.step_cache = progress, callback, step_cache
+        self.progress = engine_args.progress
+        self.make_step_cache = engine_args.step_cache_factory()
+        if engine_args.compile:  # opt-in: slow first call, faster steps
+            for model in self.transformers:
+                if isinstance(model, torch.nn.Module):
+                    model.compile()
 
-    def _expert(self, t: torch.Tensor, scheduler) -> int:
-        ratio = self.config.boundary_ratio
-        if ratio is None or len(self.transformers) < 2:
-            return 0
-        boundary = ratio * scheduler.config.get("num_train_timesteps", 1000)
-        return 0 if t >= boundary else 1
-
-    def _predict(self, model, latents, t, kwargs, step: int, branch: str) -> torch.Tensor:
-        x = self.config.model_input(latents, self._req)
-        timestep = self.config.model_timestep(t, x, self._req)
-        if self.step_cache is not None:
-            out = self.step_cache(model, step, branch, hidden_states=x, timestep=timestep, **kwargs)
+    def _predict(self, req: Request, model, latents, t, kwargs, step: int, branch: str) -> torch.Tensor:
+        x = self.config.model_input(latents, req)
+        timestep = self.config.model_timestep(t, x, req)
+        if req.step_cache is not None:
+            out = req.step_cache(model, step, branch, hidden_states=x, timestep=timestep, **kwargs)
         else:
             out = model(hidden_states=x, timestep=timestep, **kwargs)
-        return self.config.model_output(out, self._req)
+        return self.config.model_output(out, req)
 
     @torch.inference_mode()
     def forward(self, req: Request) -> Request:
-        self._req = req
         scheduler, latents = req.scheduler, req.latents
         cond_kwargs, uncond_kwargs = req.condition["cond"], req.condition.get("uncond")
-        if self.step_cache is not None:
-            self.step_cache.reset(len(req.timesteps))
+        if self.make_step_cache is not None and req.step_cache is None:
+            req.step_cache = self.make_step_cache()
+        if req.step_cache is not None:
+            req.step_cache.reset(len(req.timesteps))
         bar = tqdm(req.timesteps, desc="denoising", disable=not self.progress, leave=False)
         for i, t in enumerate(bar):
-            expert = self._expert(t, scheduler)
+            expert = self.config.select_denoiser(t, req, len(self.transformers))
             model = self.transformers[expert]
-            pred = self._predict(model, latents, t, cond_kwargs, i, "cond")
+            pred = self._predict(req, model, latents, t, cond_kwargs, i, "cond")
             if req.do_cfg:
-                uncond = self._predict(model, latents, t, uncond_kwargs, i, "uncond")
-                scale = self.config.guidance_scale_at(t, req, expert)
-                pred = combine_guidance(pred, uncond, scale, self.config.cfg_norm_rescale)
+                uncond = self._predict(req, model, latents, t, uncond_kwargs, i, "uncond")
+                pred = self.config.combine_guidance(pred, uncond, self.config.guidance_scale_at(t, req, expert), req)
             latents = scheduler.step(pred, t, latents)
-            callback = req.callback or self.callback
-            if callback is not None:
-                callback(i, t, latents)
+            if req.callback is not None:
+                req.callback(i, t, latents)
         req.latents = latents
-        req.condition = None  # per-request tensors (RoPE tables, cached text K/V) must not outlive the loop into decoding
-        self._req = None
+        req.condition = None
         return req
 
 

@@ -60,14 +60,6 @@ def dmd_schedule(config, req: Request) -> tuple[list[float], FlowGrid]:
     return (grid.warp(timesteps) if dmd.warp else [float(t) for t in timesteps]), grid
 
 
-def choose_expert(config, transformers: list, t: float) -> int:
-    """Wan 2.2 A14B: the second expert serves timesteps below ``boundary_ratio * 1000``."""
-    ratio = config.boundary_ratio
-    if ratio is None or len(transformers) < 2:
-        return 0
-    return 0 if t >= ratio * NUM_TRAIN_TIMESTEPS else 1
-
-
 def to_x0(x_t: torch.Tensor, v: torch.Tensor, sigma: float) -> torch.Tensor:
     """``x0 = x_t - sigma * v`` in float64 (SGLang), returned in ``x_t``'s dtype."""
     high = torch.float64 if x_t.device.type != "mps" else torch.float32
@@ -95,7 +87,7 @@ def predict(config, model, x: torch.Tensor, t: float, kwargs: dict, req: Request
 class DmdDenoisingStage(PipelineStage):
     """Few-step DMD sampling over ``config.dmd.timesteps`` (or the request's ``timesteps``).
 
-    ``transformers``: one model, or two (Wan 2.2 A14B, switched at ``config.boundary_ratio``). Reads
+    ``transformers``: one model, or several the config chooses between per timestep (``select_denoiser``). Reads
     the same ``condition`` as DenoisingStage (only its ``cond`` branch: no CFG) and calls the same
     ``callback(step, timestep, latents)`` after every step.
     """
@@ -104,16 +96,19 @@ class DmdDenoisingStage(PipelineStage):
     outputs = (Out("latents", torch.Tensor),)
 
     def __init__(self, config, transformers: list, name: str = "denoising", progress: bool = True,
-                 callback=None, step_cache=None):
+                 callback=None, engine_args=None):
         super().__init__(name)
         self.config, self.transformers = config, [t for t in transformers if t is not None]
-        self.progress, self.callback, self.step_cache = progress, callback, step_cache
+        self.progress, self.callback = progress, callback
+        self.make_step_cache = engine_args.step_cache_factory() if engine_args is not None else None
 
     @torch.inference_mode()
     def forward(self, req: Request) -> Request:
         timesteps, grid = dmd_schedule(self.config, req)
-        if self.step_cache is not None:
-            self.step_cache.reset(len(timesteps))
+        if self.make_step_cache is not None and req.step_cache is None:
+            req.step_cache = self.make_step_cache()  # per request: concurrent requests never share one
+        if req.step_cache is not None:
+            req.step_cache.reset(len(timesteps))
         latents = self.denoise(req.latents, timesteps, grid, req.condition["cond"], req)
         req.latents = latents
         req.condition = None  # per-request tensors must not outlive the loop into decoding
@@ -124,8 +119,8 @@ class DmdDenoisingStage(PipelineStage):
         """The DMD loop on ``x`` (pure noise at ``timesteps[0]``); returns the final ``x0``."""
         callback = req.callback or self.callback
         for i, t in enumerate(tqdm(timesteps, desc=bar_desc, disable=not self.progress, leave=False)):
-            model = self.transformers[choose_expert(self.config, self.transformers, t)]
-            v = predict(self.config, model, x, t, kwargs, req, self.step_cache, i)
+            model = self.transformers[self.config.select_denoiser(torch.tensor(t), req, len(self.transformers))]
+            v = predict(self.config, model, x, t, kwargs, req, req.step_cache, i)
             x = to_x0(x, v, grid.sigma(t))
             if i < len(timesteps) - 1:
                 x = renoise(x, grid.sigma(timesteps[i + 1]), req.generator)

@@ -1,6 +1,8 @@
 """Encoding stages: prompts, images through an image/VL encoder, condition images through the VAE."""
 from __future__ import annotations
 
+import threading
+
 from ..request import PromptEmbeds, Request
 from .base import In, Out, PipelineStage
 
@@ -10,6 +12,10 @@ class TextEncodingStage(PipelineStage):
 
     The hook may read ``req.images`` too: a vision-language encoder (Qwen-Image-Edit) sees the
     condition images together with the prompt.
+
+    Concurrent requests encode one at a time: a fast tokenizer keeps its padding and truncation
+    settings on the shared Rust object (set, then used, on every call), so two threads with
+    different lengths would tokenize with each other's settings.
     """
 
     inputs = (In("prompts", list), In("do_cfg", bool), In("negative_prompts", list, required=False))
@@ -20,11 +26,13 @@ class TextEncodingStage(PipelineStage):
         self.config, self.components = config, components
         if needs_images:
             self.inputs = self.inputs + (In("images", list),)
+        self._lock = threading.Lock()
 
     def forward(self, req: Request) -> Request:
-        req.prompt_embeds = self.config.encode_prompts(self.components, req.prompts, req)
-        if req.do_cfg and req.negative_prompts is not None:
-            req.negative_prompt_embeds = self.config.encode_prompts(self.components, req.negative_prompts, req)
+        with self._lock:
+            req.prompt_embeds = self.config.encode_prompts(self.components, req.prompts, req)
+            if req.do_cfg and req.negative_prompts is not None:
+                req.negative_prompt_embeds = self.config.encode_prompts(self.components, req.negative_prompts, req)
         return req
 
 

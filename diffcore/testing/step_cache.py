@@ -24,9 +24,8 @@ def generate_with_step_cache(folder, policy: str, threshold: float, params: dict
     body_runs = []  # the last block runs only when the cache did not skip the call
     handle = last_block(model).register_forward_hook(lambda *a: body_runs.append(1))
     try:
-        out = gen.generate(**params).latents.numpy()
+        result = gen.generate(**params)
     finally:
         handle.remove()
-    cache = gen.pipeline.stage("denoising").step_cache
-    assert cache is not None, f"EngineArgs(cache={policy!r}) built no step cache for the denoising stage"
-    return out, dict(cache.stats), len(body_runs)
+    assert result.cache_stats is not None, f"EngineArgs(cache={policy!r}) built no step cache for the request"
+    return result.latents.numpy(), result.cache_stats, len(body_runs)

@@ -105,6 +105,10 @@ class ToyStepCache:
     def reset(self, num_steps: int) -> None:
         self.last = {}
 
+    @property
+    def stats(self) -> dict:
+        return {"computed": self.calls, "skipped": self.skipped}
+
     def __call__(self, model, step: int, branch: str, **kwargs):
         if step % 2 == 1 and branch in self.last:
             self.skipped += 1

@@ -91,6 +91,15 @@ class QwenImageConfig(PipelineConfig):
     def default_size(self, components) -> tuple[int, int]:
         return 128 * self.vae_scale_factor, 128 * self.vae_scale_factor  # diffusers' default_sample_size
 
+    def combine_guidance(self, cond, uncond, scale, req):
+        """True CFG, then (``cfg_norm_rescale``) rescaled to keep the norm of ``cond`` along the channel axis."""
+        out = uncond + scale * (cond - uncond)
+        if self.cfg_norm_rescale:
+            import torch
+
+            out = out * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(out, dim=-1, keepdim=True))
+        return out
+
     # ---- text ------------------------------------------------------------------------------
     def text_inputs(self, components, prompts: list[str], req) -> dict:
         texts = [self.prompt_template.format(p) for p in prompts]

@@ -24,7 +24,7 @@ class QwenImagePipeline(ComposedPipelineBase):
         self.add_stage("timestep_preparation", TimestepPreparationStage(cfg, c["scheduler"]))
         self.add_stage("latent_preparation", LatentPreparationStage(cfg, c))
         self.add_stage("conditioning", ConditioningStage(cfg, c))
-        self.add_stage("denoising", DenoisingStage(cfg, [c["transformer"]], progress=engine_args.progress))
+        self.add_stage("denoising", DenoisingStage(cfg, [c["transformer"]], engine_args))
         self.add_stage("decoding", DecodingStage(cfg, c))
 
 

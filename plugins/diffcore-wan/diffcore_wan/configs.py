@@ -6,7 +6,9 @@ One ``WanConfig`` serves every variant; the switches come from the checkpoint:
   frame and its tokens get timestep 0 ("first-frame" conditioning);
 * ``concat_condition`` (the image-to-video configs): a 4-channel first-frame mask and the VAE latents
   of [image, black frames...] are concatenated to the noisy latents on the channel axis;
-* ``boundary_ratio`` (model_index.json, Wan 2.2 A14B): two experts, handled by the core DenoisingStage.
+* ``boundary_ratio`` (model_index.json, Wan 2.2 A14B): two experts; ``select_denoiser`` tells the core
+  DenoisingStage to switch to ``transformer_2`` below ``boundary_ratio * num_train_timesteps``, and
+  ``guidance_scale_at`` gives that expert ``guidance_scale_2``.
 
 Defaults follow the official Wan recipes (shared/reference/models.md section 4); ``flow_shift``
 replaces the checkpoint scheduler's shift, as diffusers' docs tell users to do by hand.
@@ -23,6 +25,7 @@ from typing import ClassVar, Optional
 import attrs
 
 from diffcore.configs import PipelineConfig, SamplingParams
+from diffcore.configs.sampling_params import non_negative_float
 from diffcore.errors import ConfigError, SamplingParamError
 from diffcore.request import PromptEmbeds
 
@@ -100,6 +103,7 @@ class WanConfig(PipelineConfig):
     flow_shift: Optional[float] = 3.0  # None keeps the checkpoint scheduler's own value
     expand_timesteps: bool = False
     concat_condition: bool = False
+    boundary_ratio: Optional[float] = None  # two experts (Wan 2.2 A14B): transformer_2 below ratio * 1000
 
     # Absent in Wan 2.1 / TI2V-5B (transformer_2) and in Wan 2.2 I2V (no CLIP).
     optional_components: ClassVar[tuple[str, ...]] = ("transformer_2", "image_encoder", "image_processor")
@@ -107,6 +111,8 @@ class WanConfig(PipelineConfig):
     # -- checkpoint switches ---------------------------------------------------------------------
     def configure_from_index(self, model_index) -> None:
         super().configure_from_index(model_index)
+        if model_index.extra.get("boundary_ratio") is not None:
+            self.boundary_ratio = float(model_index.extra["boundary_ratio"])
         if "expand_timesteps" in model_index.extra:
             self.expand_timesteps = bool(model_index.extra["expand_timesteps"])
         if self.expand_timesteps:  # TI2V weights served by WanImageToVideoPipeline: first-frame conditioning
@@ -248,6 +254,20 @@ class WanConfig(PipelineConfig):
         neg = req.negative_prompt_embeds
         return {"cond": kwargs(req.prompt_embeds), "uncond": kwargs(neg) if neg is not None else None}
 
+    def select_denoiser(self, t, req, num_denoisers: int) -> int:
+        """Two experts: ``transformer`` for high noise, ``transformer_2`` below the boundary timestep."""
+        if self.boundary_ratio is None or num_denoisers < 2:
+            return 0
+        scheduler_config = getattr(req.scheduler, "config", None) or {}  # few-step stages run without one
+        boundary = self.boundary_ratio * scheduler_config.get("num_train_timesteps", 1000)
+        return 0 if t >= boundary else 1
+
+    def guidance_scale_at(self, t, req, expert: int) -> float:
+        p = req.params
+        if expert == 1 and getattr(p, "guidance_scale_2", None) is not None:
+            return p.guidance_scale_2
+        return p.guidance_scale
+
     def model_input(self, latents, req):
         import torch
 
@@ -353,6 +373,8 @@ class WanSamplingParams(SamplingParams):
     num_frames: int = 81
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
+    # The low-noise expert's scale (two-expert models only; resolve_size refuses it elsewhere).
+    guidance_scale_2: Optional[float] = attrs.field(default=None, validator=non_negative_float)
     max_sequence_length: int = 512
     max_sequence_length_limit: ClassVar[int] = 512
 

@@ -29,7 +29,7 @@ class FirstFrameStage(PipelineStage):
 
 def _denoiser(pipe, engine_args) -> DenoisingStage:
     c = pipe.components
-    return DenoisingStage(pipe.config, [c.get("transformer"), c.get("transformer_2")], progress=engine_args.progress)
+    return DenoisingStage(pipe.config, [c.get("transformer"), c.get("transformer_2")], engine_args)
 
 
 class WanPipeline(ComposedPipelineBase):
@@ -100,7 +100,7 @@ class WanDMDPipeline(ComposedPipelineBase):
         self.add_stage("latent_preparation", LatentPreparationStage(cfg, c))
         self.add_stage("conditioning", ConditioningStage(cfg, c))
         self.add_stage("denoising", DmdDenoisingStage(cfg, [c.get("transformer"), c.get("transformer_2")],
-                                                      progress=engine_args.progress))
+                                                      progress=engine_args.progress, engine_args=engine_args))
         if cfg.expand_timesteps:
             self.add_stage("first_frame", FirstFrameStage(cfg))
         self.add_stage("decoding", DecodingStage(cfg, c))

@@ -165,14 +165,9 @@ def test_all_attention_goes_through_diffcore_attention():
         calls.append(k.shape[1])
         return attn_mod._math(q, k, v, attn_mask=attn_mask, scale=scale)
 
-    previous = attn_mod.get_backend()
     attn_mod.register_backend("test-counting", counting)
-    try:
-        attn_mod.set_backend("test-counting")
-        with torch.no_grad():
-            ours(**inp)
-    finally:
-        attn_mod.set_backend(previous)
+    with attn_mod.use_backend("test-counting"), torch.no_grad():
+        ours(**inp)
     seq = F * (H // 2) * (W // 2)
     assert sorted(calls) == sorted([seq, 9, 7] * I2V["num_layers"])
 
