@@ -28,9 +28,10 @@ def _resolve_source(rec) -> Optional[str]:
 class DiffGenerator:
     """A loaded pipeline, ready to generate. Build it with ``from_pretrained``."""
 
-    def __init__(self, pipeline, sampling_params_cls, model: str, folder: Path, load_time: float):
+    def __init__(self, pipeline, sampling_params_cls, model: str, folder: Path, load_time: float, registry=None):
         self.pipeline, self.sampling_params_cls = pipeline, sampling_params_cls
         self.model, self.folder, self.load_time = model, folder, load_time
+        self.registry = registry  # where the plugins' LoRA formats come from (default: the process-wide one)
 
     @property
     def config(self):
@@ -92,24 +93,59 @@ class DiffGenerator:
             )
         pipeline = pipeline_cls(components, config, engine)
         log.info("loaded %s (%s via %s) in %.2fs", model, index.class_name, rec.name, time.perf_counter() - start)
-        return cls(pipeline, sampling_cls, model, folder, time.perf_counter() - start)
+        return cls(pipeline, sampling_cls, model, folder, time.perf_counter() - start, registry=registry)
 
     def generate(self, prompt=None, negative_prompt=None, image=None, height=None, width=None, num_frames=None,
                  num_inference_steps=None, guidance_scale=None, true_cfg_scale=None,
                  max_sequence_length=None, seed: int = 0, output_type: str = "pil", callback=None,
-                 block_callback=None, **kwargs) -> GenerationResult:
+                 block_callback=None, loras: Optional[dict] = None, **kwargs) -> GenerationResult:
         """Generate; parameters left as None take the model's defaults. Unknown keywords are errors.
 
         ``callback(step, timestep, latents)`` is called after every denoising step. Block-causal video
         models (``WanCausalDMDPipeline``) call ``block_callback(block, latents, frames)`` as each block of
-        latent frames is finished and decoded (``frames``: numpy (B, F, H, W, 3) in [0, 1]).
+        latent frames is finished and decoded (``frames``: numpy (B, F, H, W, 3) in [0, 1]). ``loras``:
+        ``{adapter name: weight}`` of loaded adapters to apply to this request only.
         """
         params = self.sampling_params_cls.from_user(
             prompt=prompt, negative_prompt=negative_prompt, image=image, height=height, width=width,
             num_frames=num_frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             true_cfg_scale=true_cfg_scale,
-            max_sequence_length=max_sequence_length, seed=seed, output_type=output_type, **kwargs)
+            max_sequence_length=max_sequence_length, seed=seed, output_type=output_type, loras=loras, **kwargs)
         return self.run(params, callback=callback, block_callback=block_callback)
+
+    # -- LoRA adapters ------------------------------------------------------------------------------
+    def load_lora(self, source, name: Optional[str] = None, weight_name: Optional[str] = None, *,
+                  component: str = "transformer", ignore_text_encoder: bool = False) -> str:
+        """Load a LoRA (a ``.safetensors`` file, a folder or a Hugging Face repo id; ``weight_name`` picks
+        the file as in diffusers) into ``component``, unapplied; returns its name (default: the file stem).
+
+        Diffusers/PEFT files and the community layouts the model's plugin converts are accepted.
+        Use it per request with ``generate(..., loras={name: weight})`` or merge it with ``fuse_lora``.
+        """
+        registry = self.registry or get_plugin_manager().registry
+        model = self.components.get(component)
+        class_name = getattr(model, "diffusers_class_name", None) or type(model).__name__
+        formats, others = registry.lora_formats(class_name)
+        return self.pipeline.loras.load(source, name, weight_name, component=component, formats=formats,
+                                        other_formats=others, ignore_text_encoder=ignore_text_encoder)
+
+    def unload_lora(self, name: str) -> None:
+        """Forget an (unfused) adapter and free its weights."""
+        self.pipeline.loras.unload(name)
+
+    def fuse_lora(self, loras: dict) -> None:
+        """Merge ``{name: weight}`` into the model's weights: every later request uses them at no extra
+        cost per step. Do not call it while other threads generate. ``unfuse_lora`` undoes it exactly."""
+        self.pipeline.loras.fuse(loras)
+
+    def unfuse_lora(self) -> None:
+        """Restore the weights as they were before ``fuse_lora``, bit for bit."""
+        self.pipeline.loras.unfuse()
+
+    @property
+    def loras(self) -> dict:
+        """``{name: LoraInfo}``: source, format, ranks, target layers and fused weight of each adapter."""
+        return self.pipeline.loras.infos
 
     def run(self, params, callback=None, block_callback=None) -> GenerationResult:
         """Run one request from a ready SamplingParams. Safe to call from several threads at once."""

@@ -33,6 +33,17 @@ def _plugins(args) -> int:
     return 0
 
 
+def parse_lora(text: str) -> tuple[str, float]:
+    """``PATH[:WEIGHT]`` -> ``(path, weight)``; a suffix that is not a number belongs to the path."""
+    path, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 def _generate(args) -> int:
     from .api import DiffGenerator
     from .errors import DiffcoreError
@@ -43,10 +54,16 @@ def _generate(args) -> int:
         check_save_path(args.output)  # before minutes of loading and generating
         gen = DiffGenerator.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                             allow_pickle=args.allow_pickle, progress=not args.quiet)
+        loras = {}
+        for spec in args.lora or ():
+            path, weight = parse_lora(spec)
+            loras[gen.load_lora(path, name=f"lora{len(loras)}")] = weight
         images = args.image if args.image else None
         if images is not None and len(images) == 1:
             images = images[0]
         extra = {"timesteps": args.timesteps} if args.timesteps else {}
+        if loras:
+            extra["loras"] = loras
         kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, image=images, height=args.height,
                       width=args.width, num_frames=args.num_frames, num_inference_steps=args.steps,
                       guidance_scale=args.guidance_scale, true_cfg_scale=args.true_cfg_scale, seed=args.seed, **extra)
@@ -105,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default=None, help="force a dtype for every component (e.g. float32)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin/.pt) weights: runs code from the file")
+    g.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
+                   help="apply a LoRA (file, folder or Hub id) with a weight (default 1.0); repeatable")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--output", required=True, help="output file: .png/.jpg/.webp, or .mp4 for videos")
     g.set_defaults(func=_generate)

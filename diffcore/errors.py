@@ -67,3 +67,26 @@ class PickleRefusedError(LoaderError):
 
 class InputError(DiffcoreError, ValueError):
     """A user input (image file, prompt) cannot be used."""
+
+
+class LoraError(DiffcoreError):
+    """A LoRA adapter cannot be loaded, selected, fused or removed; names the adapter and the problem.
+
+    The base model is never left half-modified: the operation that raised changed nothing.
+    """
+
+    def __init__(self, adapter: str, problem: str):
+        self.adapter, self.problem = adapter, problem
+        super().__init__(f"LoRA {adapter!r}: {problem}")
+
+
+class LoraFormatError(LoraError):
+    """The file is not a LoRA diffcore can read for this model (unknown layout, unmatched or text-encoder keys)."""
+
+
+class LoraShapeError(LoraError):
+    """A LoRA matrix does not fit the layer it targets (made for another model family or size)."""
+
+
+class LoraNotFoundError(LoraError, LookupError):
+    """An adapter name that is not loaded (in a request, fuse_lora or unload_lora)."""

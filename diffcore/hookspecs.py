@@ -98,3 +98,17 @@ def register_cache_policies():
         def register_cache_policies():
             return [CachePolicyRegistration("mycache", "my_pkg.cache:MyCache")]
     """
+
+
+@hookspec
+def register_lora_formats():
+    """Return LoraFormatRegistration records: community LoRA layouts a family's denoiser accepts, with a
+    detector and a converter into the diffusers / PEFT layout.
+
+    Example::
+
+        @hookimpl
+        def register_lora_formats():
+            return [LoraFormatRegistration("flux-kohya", ["FluxTransformer2DModel"], "diffcore_flux.lora:is_kohya",
+                                           "diffcore_flux.lora:convert_kohya")]
+    """

@@ -9,6 +9,8 @@ from .configs.engine_args import EngineArgs
 from .configs.pipeline_config import PipelineConfig
 from .engine.context import EngineContext
 from .errors import PipelineDataflowError, RegistryError
+from .lora.manager import LoraManager
+from .lora.runtime import lora_scope
 from .request import REQUEST_INPUTS, Request
 from .stages.base import PipelineStage
 
@@ -31,6 +33,7 @@ class ComposedPipelineBase:
         config.configure_from_components(components)
         self.engine_args = engine_args or EngineArgs()
         self.context = self.engine_context(self.engine_args)
+        self.loras = LoraManager(components)  # loaded adapters; each request picks its own (params.loras)
         self.stages: list[PipelineStage] = []
         self.create_pipeline_stages(self.engine_args)
         self.check_dataflow()
@@ -85,7 +88,7 @@ class ComposedPipelineBase:
     def forward(self, req: Request) -> Request:
         if self.engine_args.num_threads:
             torch.set_num_threads(self.engine_args.num_threads)
-        with self.context.applied():
+        with self.context.applied(), lora_scope(self.loras.check_selection(req.params.loras)):  # this request's adapters, this thread only
             for stage in self.stages:
                 req = stage(req)
         return req

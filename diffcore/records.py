@@ -101,6 +101,22 @@ class CachePolicyRegistration:
 
 
 @attrs.frozen
+class LoraFormatRegistration:
+    """A community LoRA layout for the denoiser classes ``modules`` (Diffusers class names).
+
+    ``detect(keys) -> bool`` recognises a file by its tensor names; ``convert(state_dict) -> state_dict``
+    renames (and splits fused projections) into the diffusers / PEFT layout that
+    ``diffcore.lora.adapter`` reads. Both may be import strings.
+    """
+
+    name: str
+    modules: tuple = attrs.field(converter=_tuple)
+    detect: Any
+    convert: Any
+    description: str = ""
+
+
+@attrs.frozen
 class Registered:
     """A record stamped with the plugin and distribution that supplied it."""
 

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+import attrs
+
 from . import records as R
 from .errors import PluginError, RegistryError
 
@@ -24,6 +26,7 @@ _HOOKS = {
     "stages": ("register_stages", R.StageRegistration),
     "attention_backends": ("register_attention_backends", R.AttentionBackendRegistration),
     "cache_policies": ("register_cache_policies", R.CachePolicyRegistration),
+    "lora_formats": ("register_lora_formats", R.LoraFormatRegistration),
 }
 
 
@@ -70,8 +73,17 @@ class Registry:
         key = (kind, name)
         if key not in self._resolved:
             record = table[name].record
-            self._resolved[key] = R.resolve_ref(record.fn if kind == "attention_backends" else record.cls)
+            if kind == "lora_formats":  # the record itself, with its functions imported
+                self._resolved[key] = attrs.evolve(record, detect=R.resolve_ref(record.detect),
+                                                   convert=R.resolve_ref(record.convert))
+            else:
+                self._resolved[key] = R.resolve_ref(record.fn if kind == "attention_backends" else record.cls)
         return self._resolved[key]
+
+    def lora_formats(self, module_class: str) -> tuple[list, list]:
+        """``(formats for module_class, formats for other classes)``: LoraFormatRegistration records."""
+        recs = [self.get("lora_formats", name) for name in self.tables["lora_formats"]]
+        return [r for r in recs if module_class in r.modules], [r for r in recs if module_class not in r.modules]
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.tables[kind])

@@ -70,6 +70,18 @@ def _output_type(inst, attribute, value):
         raise SamplingParamError("output_type", f"must be one of {', '.join(OUTPUT_TYPES)}, got {value!r}")
 
 
+def _loras(inst, attribute, value):
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise SamplingParamError("loras", f"expected a dict {{adapter name: weight}}, got {value!r}")
+    for name, weight in value.items():
+        if not isinstance(name, str):
+            raise SamplingParamError("loras", f"adapter names are strings, got {name!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise SamplingParamError("loras", f"the weight of adapter {name!r} must be a finite number, got {weight!r}")
+
+
 def _image(inst, attribute, value):
     if value is None:
         return
@@ -102,6 +114,7 @@ class SamplingParams:
     timesteps: Optional[list] = attrs.field(default=None, validator=_timesteps)
     flow_shift: Optional[float] = attrs.field(default=None, validator=_flow_shift)
     output_type: str = attrs.field(default="pil", validator=_output_type)
+    loras: Optional[dict] = attrs.field(default=None, validator=_loras)  # {adapter name: weight}; None: base model
 
     # Not user parameters: limits the model sets for validation.
     max_sequence_length_limit: ClassVar[Optional[int]] = None

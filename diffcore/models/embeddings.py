@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from .linear import Linear
+
 
 def timestep_embedding(
     timesteps: torch.Tensor,
@@ -50,9 +52,9 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, in_channels: int, time_embed_dim: int, out_dim: int | None = None, act: str = "silu"):
         super().__init__()
-        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.linear_1 = Linear(in_channels, time_embed_dim)
         self.act = nn.SiLU() if act == "silu" else nn.GELU(approximate="tanh")
-        self.linear_2 = nn.Linear(time_embed_dim, out_dim or time_embed_dim)
+        self.linear_2 = Linear(time_embed_dim, out_dim or time_embed_dim)
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(sample)))

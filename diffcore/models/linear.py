@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffcore import fastpaths
+from diffcore.lora.runtime import lora_delta
 from diffcore.memory import release_pages
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -69,9 +70,22 @@ def _packed(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, activation: Optional[str] = None) -> torch.Tensor:
-    """``layer(x)``, or ``gelu(layer(x), approximate="tanh")`` with ``activation="gelu_tanh"``."""
+    """``layer(x)``, or ``gelu(layer(x), approximate="tanh")`` with ``activation="gelu_tanh"``.
+
+    A layer holding LoRA adapters (``lora_layers``, set by ``diffcore.lora``) adds the active ones'
+    low-rank product before the activation; with none active this is the plain path.
+    """
     if activation not in (None, "gelu_tanh"):
         raise ValueError(f"unsupported activation {activation!r}; expected None or 'gelu_tanh'")
+    if getattr(layer, "lora_layers", None):
+        delta = lora_delta(layer, x)
+        if delta is not None:
+            y = _linear(x, layer, None) + delta
+            return F.gelu(y, approximate="tanh") if activation else y
+    return _linear(x, layer, activation)
+
+
+def _linear(x: torch.Tensor, layer: nn.Linear, activation: Optional[str]) -> torch.Tensor:
     if _onednn(x, layer.weight):
         try:
             return _onednn_linear(x, layer, activation)

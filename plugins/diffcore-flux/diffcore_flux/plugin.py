@@ -1,6 +1,6 @@
 """diffcore entry point for FLUX.1: hook implementations only, no torch import."""
 from diffcore.hookspecs import hookimpl
-from diffcore.records import ConfigRegistration, ModuleRegistration, PipelineRegistration
+from diffcore.records import ConfigRegistration, LoraFormatRegistration, ModuleRegistration, PipelineRegistration
 
 _C = "diffcore_flux.configs:"
 
@@ -31,3 +31,14 @@ def register_configs():
 @hookimpl
 def register_modules():
     return [ModuleRegistration("FluxTransformer2DModel", "diffcore_flux.transformer:FluxTransformer2DModel")]
+
+
+@hookimpl
+def register_lora_formats():
+    L = "diffcore_flux.lora:"
+    return [
+        LoraFormatRegistration("flux-kohya", ["FluxTransformer2DModel"], L + "is_kohya", L + "convert_kohya",
+                               "kohya / sd-scripts and ComfyUI FLUX LoRAs (lora_unet_double_blocks_...)"),
+        LoraFormatRegistration("flux-xlabs", ["FluxTransformer2DModel"], L + "is_xlabs", L + "convert_xlabs",
+                               "XLabs FLUX LoRAs (double_blocks.N.processor.qkv_lora1...)"),
+    ]

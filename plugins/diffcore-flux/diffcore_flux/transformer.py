@@ -51,7 +51,7 @@ class AdaLNModulation(nn.Module):
     def __init__(self, dim: int, n: int):
         super().__init__()
         self.n = n
-        self.linear = nn.Linear(dim, n * dim)
+        self.linear = Linear(dim, n * dim)
 
     def forward(self, temb_act: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.linear(temb_act).unsqueeze(1).chunk(self.n, dim=-1)
@@ -62,7 +62,7 @@ class AdaLNContinuous(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.linear = nn.Linear(dim, 2 * dim)
+        self.linear = Linear(dim, 2 * dim)
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         scale, shift = self.linear(temb_act.to(x.dtype)).unsqueeze(1).chunk(2, dim=-1)

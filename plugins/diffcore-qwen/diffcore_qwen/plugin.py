@@ -1,6 +1,6 @@
 """diffcore entry point for Qwen-Image: hook implementations only, no torch import."""
 from diffcore.hookspecs import hookimpl
-from diffcore.records import ConfigRegistration, ModuleRegistration, PipelineRegistration
+from diffcore.records import ConfigRegistration, LoraFormatRegistration, ModuleRegistration, PipelineRegistration
 
 _C = "diffcore_qwen.configs:"
 _P = "diffcore_qwen.pipelines:"
@@ -39,3 +39,12 @@ def register_configs():
 @hookimpl
 def register_modules():
     return [ModuleRegistration("QwenImageTransformer2DModel", "diffcore_qwen.transformer:QwenImageTransformer2DModel")]
+
+
+@hookimpl
+def register_lora_formats():
+    L = "diffcore_qwen.lora:"
+    return [
+        LoraFormatRegistration("qwen-image-community", ["QwenImageTransformer2DModel"], L + "is_qwen_community", L + "convert_qwen_community",
+                               "Qwen-Image LoRAs with kohya naming / alphas (Qwen-Image-Lightning, ComfyUI, musubi)"),
+    ]

@@ -162,7 +162,7 @@ class AdaLayerNormContinuous(nn.Module):
 
     def __init__(self, dim: int, cond_dim: int):
         super().__init__()
-        self.linear = nn.Linear(cond_dim, 2 * dim)
+        self.linear = Linear(cond_dim, 2 * dim)
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         """``temb_act`` is the already-activated ``silu(temb)``."""

@@ -1,6 +1,6 @@
 """diffcore entry point for Wan 2.1 / 2.2: hook implementations only, no torch import."""
 from diffcore.hookspecs import hookimpl
-from diffcore.records import ConfigRegistration, ModuleRegistration, PipelineRegistration
+from diffcore.records import ConfigRegistration, LoraFormatRegistration, ModuleRegistration, PipelineRegistration
 
 _C = "diffcore_wan.configs:"
 _F = "diffcore_wan.fewstep:"
@@ -70,3 +70,12 @@ def register_configs():
 def register_modules():
     return [ModuleRegistration("WanTransformer3DModel", "diffcore_wan.transformer:WanTransformer3DModel"),
             ModuleRegistration("CausalWanTransformer3DModel", "diffcore_wan.transformer:CausalWanTransformer3DModel")]
+
+
+@hookimpl
+def register_lora_formats():
+    L = "diffcore_wan.lora:"
+    return [
+        LoraFormatRegistration("wan-original", ["WanTransformer3DModel", "CausalWanTransformer3DModel"], L + "is_wan_original", L + "convert_wan_original",
+                               "original-Wan-layout LoRAs (lightx2v distill, ComfyUI) and musubi-tuner"),
+    ]

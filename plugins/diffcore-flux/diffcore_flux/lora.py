@@ -1,0 +1,120 @@
+"""FLUX.1 community LoRA layouts -> diffusers layout (what diffusers' Flux LoRA loader converts).
+
+* kohya / sd-scripts: ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` / ``lora_up`` /
+  ``alpha`` (and ``diff`` / ``diff_b`` full deltas), named after the original BFL modules; also the
+  ComfyUI spelling ``diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight``.
+* XLabs: ``double_blocks.0.processor.qkv_lora1.down.weight`` (no alpha: scale 1).
+
+Fused projections split into diffusers' modules: ``qkv`` -> ``to_q/to_k/to_v`` (equal thirds), a
+single block's ``linear1`` -> ``to_q/to_k/to_v/proj_mlp`` (D, D, D, 4D, with D = rows / 7, so any
+model size works), and the final layer's ``(shift, scale)`` rows become diffusers' ``(scale, shift)``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+
+from diffcore.lora.convert import Target, convert_layers, flat
+
+_DOUBLE = {
+    "img_attn_proj": ("attn.to_out.0",), "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",), "img_mod_lin": ("norm1.linear",),
+    "txt_attn_proj": ("attn.to_add_out",), "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_mlp_0": ("ff_context.net.0.proj",), "txt_mlp_2": ("ff_context.net.2",), "txt_mod_lin": ("norm1_context.linear",),
+}
+_SINGLE = {"linear2": ("proj_out",), "modulation_lin": ("norm.linear",)}
+_GLOBAL = {
+    "img_in": "x_embedder", "txt_in": "context_embedder", "final_layer_linear": "proj_out",
+    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
+}
+_BLOCK = re.compile(r"(double|single)_blocks_(\d+)_(.+)")
+
+
+def swap_scale_shift(t: torch.Tensor) -> torch.Tensor:
+    """BFL's final adaLN emits (shift, scale); diffusers' norm_out.linear (scale, shift)."""
+    shift, scale = t.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+def _single_linear1(rows: int) -> tuple[int, ...]:
+    d = rows // 7
+    return (d, d, d, 4 * d)
+
+
+def _resolve_kohya(name: str, state_rows: dict) -> Optional[Target]:
+    key = flat(name)
+    if key == "final_layer_adaLN_modulation_1":
+        return Target(("norm_out.linear",), rows=swap_scale_shift)
+    if key in _GLOBAL:
+        return Target((_GLOBAL[key],))
+    m = _BLOCK.fullmatch(key)
+    if m is None:
+        return None
+    kind, i, rest = m.groups()
+    if kind == "double":
+        mods = _DOUBLE.get(rest)
+        if mods is None:
+            return Target(()) if "norm" in rest else None
+        return Target(tuple(f"transformer_blocks.{i}.{p}" for p in mods))
+    if rest == "linear1":
+        mods = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+        return Target(tuple(f"single_transformer_blocks.{i}.{p}" for p in mods), sizes=_single_linear1(state_rows[name]))
+    mods = _SINGLE.get(rest)
+    if mods is None:
+        return Target(()) if "norm" in rest else None
+    return Target(tuple(f"single_transformer_blocks.{i}.{p}" for p in mods))
+
+
+def _rows(state: dict) -> dict:
+    from diffcore.lora.convert import group_layers
+
+    groups, _ = group_layers(state)
+    rows = {}
+    for name, parts in groups.items():
+        t = next((parts[p] for p in ("up", "diff", "diff_b") if p in parts), None)
+        rows[name] = 0 if t is None else t.shape[0]
+    return rows
+
+
+def is_kohya(keys) -> bool:
+    return not is_xlabs(keys) and any(k.startswith("lora_unet_") or (k.startswith(("diffusion_model.", "model.diffusion_model."))
+                                             and "_blocks." in k) for k in keys)
+
+
+def convert_kohya(state: dict) -> dict:
+    state = {k: v for k, v in state.items() if "position_embedding" not in k or bool(v.any())}
+    rows = _rows(state)
+    return convert_layers(state, lambda name: _resolve_kohya(name, rows))
+
+
+_XLABS = re.compile(r"(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\.(qkv|proj)_lora(\d?)")
+
+
+def _resolve_xlabs(name: str) -> Optional[Target]:
+    m = _XLABS.fullmatch(name)
+    if m is None:
+        return None
+    kind, i, proj, stream = m.groups()
+    if kind == "single":
+        base = f"single_transformer_blocks.{i}."
+        return Target((base + "proj_out",)) if proj == "proj" else Target(tuple(base + f"attn.to_{c}" for c in "qkv"))
+    base = f"transformer_blocks.{i}.attn."
+    if proj == "proj":
+        return Target((base + ("to_out.0" if stream == "1" else "to_add_out"),))
+    names = ("to_q", "to_k", "to_v") if stream == "1" else ("add_q_proj", "add_k_proj", "add_v_proj")
+    return Target(tuple(base + n for n in names))
+
+
+def is_xlabs(keys) -> bool:
+    return any(".processor." in k and "_lora" in k for k in keys)
+
+
+def convert_xlabs(state: dict) -> dict:
+    return convert_layers(state, _resolve_xlabs)
