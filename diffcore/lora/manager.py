@@ -61,6 +61,14 @@ def check_weight(name: str, weight: Any) -> float:
     return float(weight)
 
 
+def _converts(rec, tensors) -> bool:
+    try:
+        resolve_ref(rec.convert)(dict(tensors))
+        return True
+    except Exception:  # noqa: BLE001 - a format that cannot read the file is simply not its format
+        return False
+
+
 class LoraManager:
     """Adapters for the denoisers in ``components`` (module names such as ``transformer``)."""
 
@@ -126,10 +134,11 @@ class LoraManager:
                 except Exception as e:  # a converter refusing a malformed file
                     raise LoraFormatError(label, f"looks like a {rec.name!r} LoRA but cannot be converted "
                                                  f"({type(e).__name__}: {e})") from e
-        for rec in other_formats:
-            if resolve_ref(rec.detect)(keys):
-                raise LoraFormatError(label, f"this is a {rec.name!r} LoRA, made for {', '.join(rec.modules)}; the "
-                                             f"model is a {getattr(model_cls, 'diffusers_class_name', None) or model_cls.__name__}")
+        foreign = [rec for rec in other_formats if resolve_ref(rec.detect)(keys) and _converts(rec, tensors)]
+        if foreign:
+            made_for = "; ".join(f"{rec.name!r} for {', '.join(rec.modules)}" for rec in foreign)
+            model = getattr(model_cls, "diffusers_class_name", None) or model_cls.__name__
+            raise LoraFormatError(label, f"this is a LoRA of another model family ({made_for}); the model is a {model}")
         return "diffusers", tensors
 
     @staticmethod

@@ -7,6 +7,7 @@ from torch import nn
 from diffcore.models.attention import attention
 from diffcore.models.base import ModelMixin
 from diffcore.models.embeddings import TimestepEmbedding, Timesteps
+from diffcore.models.linear import Linear
 from diffcore.schedulers.flow_match_euler import FlowMatchEulerDiscreteScheduler
 from diffcore.stages.base import In, Out, PipelineStage
 
@@ -17,7 +18,7 @@ class _Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(dim, dim) for _ in range(4))
+        self.to_q, self.to_k, self.to_v, self.to_out = (Linear(dim, dim) for _ in range(4))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         h = self.heads
@@ -32,10 +33,10 @@ class ToyBlock(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
-        self.mod = nn.Linear(dim, 2 * dim)
+        self.mod = Linear(dim, 2 * dim)
         self.attn1, self.attn2 = _Attention(dim, heads), _Attention(dim, heads)
         self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim))
+        self.ff = nn.Sequential(Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), Linear(2 * dim, dim))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         scale, shift = self.mod(nn.functional.silu(temb))[:, None].chunk(2, dim=-1)
@@ -53,14 +54,14 @@ class ToyTransformer2DModel(ModelMixin):
     def __init__(self, in_channels: int = 16, hidden_size: int = 32, num_heads: int = 2, num_layers: int = 1,
                  joint_attention_dim: int = 32, pooled_projection_dim: int = 32):
         super().__init__()
-        self.proj_in = nn.Linear(in_channels, hidden_size)
+        self.proj_in = Linear(in_channels, hidden_size)
         self.time_proj = Timesteps(hidden_size, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(hidden_size, hidden_size)
-        self.pooled_embed = nn.Linear(pooled_projection_dim, hidden_size)
-        self.context_in = nn.Linear(joint_attention_dim, hidden_size)
+        self.pooled_embed = Linear(pooled_projection_dim, hidden_size)
+        self.context_in = Linear(joint_attention_dim, hidden_size)
         self.blocks = nn.ModuleList(ToyBlock(hidden_size, num_heads) for _ in range(num_layers))
         self.norm_out = nn.LayerNorm(hidden_size)
-        self.proj_out = nn.Linear(hidden_size, in_channels)
+        self.proj_out = Linear(hidden_size, in_channels)
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections):
         dtype = hidden_states.dtype
