@@ -8,14 +8,18 @@ from typing import Any, Optional
 
 import torch
 
-from . import loader
+from . import loader, offload
 from .configs.engine_args import EngineArgs
+from .errors import ConfigError
+from .quantization import check_supported, quantize_model
 from .outputs import GenerationResult
 from .plugins import PluginManager, get_plugin_manager
 from .records import resolve_ref
 from .request import Request
 
 log = logging.getLogger(__name__)
+
+DENOISERS = ("transformer", "transformer_2")  # the components quantization and layer offload apply to
 
 
 def _resolve_source(rec) -> Optional[str]:
@@ -80,7 +84,15 @@ class DiffGenerator:
         if engine.num_threads:
             torch.set_num_threads(engine.num_threads)
         pipeline_cls.check_components(index.components, config)  # before loading any weights
+        if engine.quantization:
+            check_supported(engine.quantization, engine.device)
+        weight_files = engine.gguf or {}
+        unknown = sorted(set(weight_files) - set(index.components))
+        if unknown:
+            raise ConfigError(f"gguf names component(s) {', '.join(unknown)} that {folder} does not have; "
+                              f"its components: {', '.join(sorted(index.components))}")
         components: dict[str, Any] = {}
+        load_device = "cpu" if engine.offload else engine.device  # offloaded weights live in CPU memory
         wanted = list(pipeline_cls._required_config_modules) + list(config.optional_components)
         for name in dict.fromkeys(wanted):
             spec = index.components.get(name)
@@ -88,10 +100,17 @@ class DiffGenerator:
                 continue  # the pipeline constructor names required components that are missing
             components[name] = loader.load_component(
                 folder, spec, module_classes=registry.module_classes(), scheduler_classes=registry.scheduler_classes(),
-                dtype=config.dtype_for(name, engine.dtype), device=engine.device, allow_pickle=engine.allow_pickle,
+                dtype=config.dtype_for(name, engine.dtype), device=load_device, allow_pickle=engine.allow_pickle,
                 custom_loaders=config.custom_loaders(),
+                weight_files=[weight_files[name]] if name in weight_files else None,
             )
+        if engine.quantization:  # after loading: each layer's full-precision weight is freed as it is quantized
+            for name in DENOISERS:
+                if isinstance(components.get(name), torch.nn.Module):
+                    quantize_model(components[name], engine.quantization)
+        hooks = offload.apply(components, engine.offload, engine.device, DENOISERS) if engine.offload else None
         pipeline = pipeline_cls(components, config, engine)
+        pipeline.offload_hooks = hooks
         log.info("loaded %s (%s via %s) in %.2fs", model, index.class_name, rec.name, time.perf_counter() - start)
         return cls(pipeline, sampling_cls, model, folder, time.perf_counter() - start, registry=registry)
 

@@ -53,7 +53,9 @@ def _generate(args) -> int:
 
         check_save_path(args.output)  # before minutes of loading and generating
         gen = DiffGenerator.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                            allow_pickle=args.allow_pickle, progress=not args.quiet)
+                                            allow_pickle=args.allow_pickle, progress=not args.quiet,
+                                            quantization=args.quantization, gguf=_gguf_files(args.gguf),
+                                            offload=args.offload)
         loras = {}
         for spec in args.lora or ():
             path, weight = parse_lora(spec)
@@ -103,6 +105,17 @@ def _generate_streaming(gen, output: str, kwargs: dict):
     return result, Path(output)
 
 
+def _gguf_files(values):
+    """``--gguf PATH`` (the transformer) or ``--gguf NAME=PATH`` (any diffcore model component)."""
+    if not values:
+        return None
+    files = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        files[name if sep else "transformer"] = path if sep else v
+    return files
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffcore", description="Run diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default=None, help="force a dtype for every component (e.g. float32)")
+    g.add_argument("--quantization", help="quantize the transformer(s) with torchao: int8_weight_only, int8_dynamic, "
+                   "fp8_weight_only, fp8 (GPU)")
+    g.add_argument("--gguf", nargs="+", metavar="[NAME=]PATH",
+                   help="load the transformer (or NAME) from a .gguf file; the rest comes from --model")
+    g.add_argument("--offload", choices=["model", "layers"],
+                   help="keep weights in CPU memory, on the device only while they run (whole components / transformer blocks)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin/.pt) weights: runs code from the file")
     g.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
                    help="apply a LoRA (file, folder or Hub id) with a weight (default 1.0); repeatable")

@@ -1,12 +1,15 @@
 """Engine options: where and how a pipeline runs (not what it generates)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
 
 import attrs
 import torch
 
 from ..errors import ConfigError
+from ..offload import parse_mode
+from ..quantization import parse_scheme
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -21,6 +24,17 @@ def parse_dtype(value) -> Optional[torch.dtype]:
     raise ConfigError(f"unknown dtype {value!r}; accepted: {', '.join(_DTYPES)} or a floating-point torch.dtype")
 
 
+def parse_weight_files(value) -> Optional[dict]:
+    """``{"transformer": "x.gguf", ...}``; a single path means the transformer."""
+    if value is None:
+        return None
+    if isinstance(value, (str, Path)):
+        value = {"transformer": value}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"gguf must be a path (the transformer's file) or a {{component: path}} mapping, got {value!r}")
+    return {k: Path(v) for k, v in value.items()}
+
+
 @attrs.define(kw_only=True)
 class EngineArgs:
     """How to run: device, precision override, attention backend, and room for speed options."""
@@ -33,6 +47,12 @@ class EngineArgs:
     cache_threshold: float = 0.1
     # The policy class ``cache`` names; from_pretrained resolves it with its plugin manager's registry.
     cache_policy: Optional[Callable[..., Any]] = None
+    # torchao weight quantization of the transformer(s): see diffcore.quantization.SCHEMES
+    quantization: Optional[str] = attrs.field(default=None, converter=parse_scheme)
+    # move weights to the device only while they run: "model" (whole components) or "layers" (transformer blocks)
+    offload: Optional[str] = attrs.field(default=None, converter=parse_mode)
+    # GGUF weight files replacing a component's weights, e.g. {"transformer": "flux1-dev-Q4_K.gguf"}
+    gguf: Optional[dict] = attrs.field(default=None, converter=parse_weight_files)
     allow_pickle: bool = False  # executing pickle checkpoints must be an explicit choice
     revision: Optional[str] = None
     num_threads: Optional[int] = None

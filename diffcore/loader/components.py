@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..errors import DiffcoreError, LoaderError, MissingFileError, RegistryError
+from ..errors import ConfigError, DiffcoreError, LoaderError, MissingFileError, RegistryError
 from .model_index import ComponentSpec, read_json
 from .safetensors_io import find_weight_files, load_into_module, skip_init
 from .transformers_models import load_fast
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 CustomLoader = Callable[[Path, ComponentSpec, "torch.dtype | None", "torch.device | str"], Any]
 
 
-def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow_pickle: bool):
+def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow_pickle: bool, files=None):
     config = read_json(path / "config.json", f"config of component {spec.name!r}")
     saved = config.get("_class_name")
     if saved is not None and saved != spec.class_name:
@@ -35,7 +35,7 @@ def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow
                     path, saved, spec.class_name, cls.__name__)
     with skip_init():
         model = cls.from_config(config, device="meta")
-    files = find_weight_files(path, allow_pickle=allow_pickle)
+    files = files or find_weight_files(path, allow_pickle=allow_pickle)
     load_into_module(model, files, key_map=cls.map_state_dict_key, dtype=dtype, device=device)
     return model.eval().requires_grad_(False)
 
@@ -98,13 +98,15 @@ def load_component(
     device: torch.device | str,
     allow_pickle: bool = False,
     custom_loaders: Mapping[str, CustomLoader] | None = None,
+    weight_files: Sequence[Path] | None = None,
 ) -> Any:
     """Load component ``spec`` from ``<folder>/<spec.name>``.
 
     ``module_classes`` / ``scheduler_classes`` map Diffusers class names to diffcore classes
     (:class:`~diffcore.models.base.ModelMixin` / scheduler subclasses). A custom loader is called as
     ``loader(component_folder, spec, dtype, device)``; it is looked up by component name first,
-    then by class name.
+    then by class name. ``weight_files`` (diffcore models only) replace the folder's weights, e.g. a
+    ``.gguf`` transformer beside the folder's ``config.json``.
     """
     folder = Path(folder)
     path = folder / spec.name
@@ -117,8 +119,11 @@ def load_component(
             f"component {spec.name!r} ({spec.library}.{spec.class_name}) is listed in "
             f"{folder / 'model_index.json'} but its folder {path} does not exist"
         )
+    if weight_files and spec.class_name not in module_classes:
+        raise ConfigError(f"component {spec.name!r} ({spec.library}.{spec.class_name}) is not a diffcore model; "
+                          "only transformers and VAEs can load their weights from a separate file")
     if spec.class_name in module_classes:
-        return _load_model(path, spec, module_classes[spec.class_name], dtype, device, allow_pickle)
+        return _load_model(path, spec, module_classes[spec.class_name], dtype, device, allow_pickle, weight_files)
     if spec.class_name in scheduler_classes:
         return _load_scheduler(path, spec, scheduler_classes[spec.class_name])
     if spec.library == "transformers":

@@ -181,6 +181,12 @@ class _SafetensorsViews:
 
 @contextlib.contextmanager
 def _open(path: Path, pickle_cache: dict) -> Iterator[_Reader]:
+    if path.suffix == ".gguf":  # quantized tensors stay packed (see gguf_io)
+        from .gguf_io import GGUFFile
+
+        f = GGUFFile(path)
+        yield _Reader(f.keys, f.shape, f.tensor)
+        return
     if path.suffix == ".safetensors":
         with _open_safetensors(path) as f:
             views = _SafetensorsViews(path, f)

@@ -82,10 +82,12 @@ class ModelMixin(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype: that of the first parameter outside ``_keep_in_fp32_modules`` (as in diffusers)."""
+        """The compute dtype: that of the first floating-point parameter outside ``_keep_in_fp32_modules`` (as in diffusers)."""
         keep = getattr(self, "_keep_in_fp32_modules", None) or ()
         first = None
         for name, p in self.named_parameters():
+            if not p.is_floating_point():  # packed quantized weights (GGUF) are not the compute dtype
+                continue
             first = first or p.dtype
             if not any(m in name.split(".") for m in keep):
                 return p.dtype

@@ -35,9 +35,12 @@ PREPACK = ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 _PACK_LOCK = threading.Lock()  # one thread re-lays out a weight; concurrent callers use the plain one meanwhile
 
 
+_PLAIN = (torch.Tensor, nn.Parameter)  # quantized weights (torchao, GGUF) are subclasses: plain F.linear serves them
+
+
 def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``linear`` takes the oneDNN path for this input and weight (side paths such as LoRA ask too)."""
-    return (ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    return (ONEDNN and type(weight) in _PLAIN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and weight.dtype == x.dtype and (weight.is_mkldnn or weight.is_contiguous())
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))

@@ -165,7 +165,7 @@ class WanTimeTextImageEmbedding(nn.Module):
     def time(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """1-D timesteps -> ``temb`` ``(N, D)`` and modulation ``(N, 6, D)`` (both in ``dtype``)."""
         sinus = timestep_embedding(timestep, self.freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
-        temb = self.time_embedder(sinus.to(self.time_embedder.linear_1.weight.dtype)).to(dtype)
+        temb = self.time_embedder(sinus.to(self.time_embedder.linear_1.bias.dtype)).to(dtype)
         proj = self.time_proj(F.silu(temb))
         return temb, proj.unflatten(1, (6, -1))
 

@@ -1,0 +1,29 @@
+"""Qwen-Image transformer from GGUF files (Q8_0, Q5_K, Q4_K): parity with diffusers on the same file."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+
+import diffusers  # noqa: E402  (the test oracle)
+
+from diffcore.testing.gguf import assert_gguf_parity, check_gguf_parity  # noqa: E402
+from diffcore_qwen.transformer import QwenImageTransformer2DModel  # noqa: E402
+
+CFG = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=128, num_attention_heads=2,
+           joint_attention_dim=256, axes_dims_rope=(16, 56, 56))
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.arange(7)[None] < torch.tensor([7, 4])[:, None]).long()
+    return dict(hidden_states=torch.randn(2, 15, 64, generator=g), encoder_hidden_states=torch.randn(2, 7, 256, generator=g),
+                encoder_hidden_states_mask=mask, timestep=torch.tensor([0.9, 0.3]), img_shapes=[[(1, 3, 5)]] * 2)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_K", "Q4_K"])
+def test_gguf_transformer_matches_diffusers_on_the_same_file(qtype, tmp_path):
+    r = check_gguf_parity(QwenImageTransformer2DModel, diffusers.QwenImageTransformer2DModel, CFG, _inputs(), tmp_path, qtype)
+    print(f"qwen {qtype}: {r}")
+    assert_gguf_parity(r, min_quantized=15)
