@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import loader, offload
+from . import loader, offload, precision
 from .configs.engine_args import EngineArgs
 from .errors import ConfigError
 from .quantization import check_supported, quantize_model
@@ -94,16 +94,19 @@ class DiffGenerator:
         components: dict[str, Any] = {}
         load_device = "cpu" if engine.offload else engine.device  # offloaded weights live in CPU memory
         wanted = list(pipeline_cls._required_config_modules) + list(config.optional_components)
+        dtypes, slow_bf16 = precision.resolve(config, [n for n in dict.fromkeys(wanted) if n in index.components], engine.dtype,
+                                   engine.device)
         for name in dict.fromkeys(wanted):
             spec = index.components.get(name)
             if spec is None:
                 continue  # the pipeline constructor names required components that are missing
             components[name] = loader.load_component(
                 folder, spec, module_classes=registry.module_classes(), scheduler_classes=registry.scheduler_classes(),
-                dtype=config.dtype_for(name, engine.dtype), device=load_device, allow_pickle=engine.allow_pickle,
+                dtype=dtypes[name], device=load_device, allow_pickle=engine.allow_pickle,
                 custom_loaders=config.custom_loaders(),
                 weight_files=[weight_files[name]] if name in weight_files else None,
             )
+        precision.explain({n: c for n, c in components.items() if dtypes.get(n) != config.dtype_for(n)}, slow_bf16)
         if engine.quantization:  # after loading: each layer's full-precision weight is freed as it is quantized
             for name in DENOISERS:
                 if isinstance(components.get(name), torch.nn.Module):

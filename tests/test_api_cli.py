@@ -103,7 +103,12 @@ def test_save_errors(toy_gen, tmp_path):
         latent.save(tmp_path / "out.png")
 
 
-def test_dtype_none_uses_config_precisions_and_float32_forces_fp32(toy_folder, toy_manager, toy_gen, fastpath_mode):
+def test_dtype_none_uses_config_precisions_and_float32_forces_fp32(toy_folder, toy_manager, toy_gen, fastpath_mode,
+                                                                   monkeypatch):
+    from diffcore import fastpaths
+
+    native = {**fastpaths.cpu_features(), "avx512_bf16": True}  # on a CPU without native bf16: see test_precision
+    monkeypatch.setattr(fastpaths, "cpu_features", lambda: native)
     mixed = DiffGenerator.from_pretrained(toy_folder, dtype=None, progress=False, plugin_manager=toy_manager)
     c = mixed.components
     # ToyConfig: bfloat16 by default, the VAE in float32
