@@ -10,7 +10,7 @@ import torch
 
 from . import loader, offload, precision
 from .configs.engine_args import EngineArgs
-from .errors import ConfigError
+from .errors import ConfigError, SamplingParamError
 from .quantization import check_supported, quantize_model
 from .outputs import GenerationResult
 from .plugins import PluginManager, get_plugin_manager
@@ -178,6 +178,9 @@ class DiffGenerator:
 
     def new_request(self, params, callback=None, block_callback=None) -> Request:
         """A fresh Request for ``params``: its own generator (seeded on the CPU), its own state."""
+        for name, fn in (("callback", callback), ("block_callback", block_callback)):
+            if fn is not None and not callable(fn):
+                raise SamplingParamError(name, f"expected a function, got {type(fn).__name__}")
         prompts = params.prompts
         return Request(params=params, prompts=prompts, batch_size=len(prompts),
                        device=torch.device(self.pipeline.engine_args.device),

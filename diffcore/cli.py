@@ -51,11 +51,12 @@ def _generate(args) -> int:
     try:
         from .outputs import check_save_path
 
-        check_save_path(args.output)  # before minutes of loading and generating
+        check_save_path(args.output, writable=True)  # before minutes of loading and generating
         gen = DiffGenerator.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                             allow_pickle=args.allow_pickle, progress=not args.quiet,
                                             quantization=args.quantization, gguf=_gguf_files(args.gguf),
-                                            offload=args.offload)
+                                            offload=args.offload, max_pixels=args.max_pixels,
+                                            max_frames=args.max_frames, max_steps=args.max_steps)
         loras = {}
         for spec in args.lora or ():
             path, weight = parse_lora(spec)
@@ -144,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
                    help="apply a LoRA (file, folder or Hub id) with a weight (default 1.0); repeatable")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--max-pixels", type=int, help="budget: most pixels per frame (default 4096*4096 or DIFFCORE_MAX_PIXELS)")
+    g.add_argument("--max-frames", type=int, help="budget: most video frames (default 257 or DIFFCORE_MAX_FRAMES)")
+    g.add_argument("--max-steps", type=int, help="budget: most denoising steps (default 1000 or DIFFCORE_MAX_STEPS)")
     g.add_argument("--output", required=True, help="output file: .png/.jpg/.webp, or .mp4 for videos")
     g.set_defaults(func=_generate)
     p = sub.add_parser("plugins", help="list installed plugins and load errors")

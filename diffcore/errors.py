@@ -53,6 +53,15 @@ class MissingFileError(LoaderError, FileNotFoundError):
     """A file the checkpoint needs is not there."""
 
 
+class ConfigFileError(LoaderError, ConfigError):
+    """A checkpoint's JSON file is not valid JSON, lacks a required key, or holds a value of the wrong
+    type for the module it builds; ``file`` and ``field`` name where (when known)."""
+
+    def __init__(self, message: str, *, file=None, field=None):
+        self.file, self.field = (str(file) if file is not None else None), field
+        super().__init__(message)
+
+
 class CorruptCheckpointError(LoaderError):
     """A weight file cannot be parsed (truncated download, wrong format)."""
 

@@ -1,6 +1,7 @@
 """Generation results and writing them to disk (images, and H.264 mp4 for videos)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -100,6 +101,8 @@ class GenerationResult:
         suffix = path.suffix.lower()
         if self.output is None:
             raise InputError("this result holds latents only (output_type='latent'); nothing to save as media")
+        if isinstance(index, bool) or not isinstance(index, int) or not -len(self.output) <= index < len(self.output):
+            raise InputError(f"index={index!r}: this result holds {len(self.output)} item(s) (0 to {len(self.output) - 1})")
         if suffix == ".mp4":
             item = np.asarray(self.output[index])
             frames = item if self.is_video else item[None]
@@ -112,9 +115,29 @@ class GenerationResult:
         return path
 
 
-def check_save_path(path: str | Path) -> Path:
-    """Refuse a file name ``GenerationResult.save`` cannot write (the CLI checks before generating)."""
+def check_save_path(path: str | Path, writable: bool = False) -> Path:
+    """Refuse a file name ``GenerationResult.save`` cannot write. With ``writable`` (the CLI, before it
+    loads a model) also refuse a path that is a directory, whose folder does not exist (it is not
+    created: a typo should not make folders), or where no file can be created."""
     path = Path(path)
     if path.suffix.lower() not in IMAGE_SUFFIXES | {".mp4"}:
         raise InputError(f"cannot save {str(path)!r}: use one of {', '.join(sorted(IMAGE_SUFFIXES | {'.mp4'}))}")
+    if not writable:
+        return path
+    folder = path.parent
+    if path.is_dir():
+        raise InputError(f"cannot save {str(path)!r}: it is a directory; name a file in it, e.g. {str(path / 'out.png')!r}")
+    if not folder.is_dir():
+        what = "is not a directory" if folder.exists() else "does not exist"
+        raise InputError(f"cannot save {str(path)!r}: the folder {str(folder)!r} {what}; create it first "
+                         f"(mkdir -p {str(folder)!r}) or choose another --output")
+    try:  # the only reliable test (permissions, read-only file systems, root): create a file there
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".diffcore-", suffix=path.suffix):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is read-only")
+    except OSError as exc:
+        raise InputError(f"cannot save {str(path)!r}: {str(folder)!r} is not writable ({exc.strerror or exc})") from None
     return path

@@ -5,6 +5,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
+from .configs import budget
 from .configs.engine_args import EngineArgs
 from .configs.pipeline_config import PipelineConfig
 from .engine.context import EngineContext
@@ -56,6 +57,7 @@ class ComposedPipelineBase:
         context = EngineContext()
         if engine_args.attention_backend:
             context.set(attention.BACKEND, attention.check_backend(engine_args.attention_backend))
+        context.set(budget.CURRENT, engine_args.budget())  # InputValidationStage checks each request against it
         return context
 
     # -- composition -------------------------------------------------------------------------

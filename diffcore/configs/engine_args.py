@@ -1,6 +1,7 @@
 """Engine options: where and how a pipeline runs (not what it generates)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -10,6 +11,7 @@ import torch
 from ..errors import ConfigError
 from ..offload import parse_mode
 from ..quantization import parse_scheme
+from .budget import Budget
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -35,16 +37,40 @@ def parse_weight_files(value) -> Optional[dict]:
     return {k: Path(v) for k, v in value.items()}
 
 
+def _device(inst, attribute, value):
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device={value!r} is not a torch device ({exc}); e.g. 'cpu', 'cuda', 'cuda:1'") from None
+
+
+def _optional_positive_int(inst, attribute, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ConfigError(f"{attribute.name} must be a positive integer or None, got {value!r}")
+
+
+def _finite_non_negative(inst, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
+
+
+def _optional_str(inst, attribute, value):
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{attribute.name} must be a name (str) or None, got {value!r} ({type(value).__name__})")
+
+
 @attrs.define(kw_only=True)
 class EngineArgs:
-    """How to run: device, precision override, attention backend, and room for speed options."""
+    """How to run: device, precision override, attention backend, room for speed options, and the size
+    budget every request is checked against (``None``: ``DIFFCORE_MAX_*`` or the defaults, see
+    ``diffcore.configs.budget``)."""
 
-    device: str = "cpu"
+    device: str = attrs.field(default="cpu", validator=_device)
     dtype: Optional[torch.dtype] = attrs.field(default=None, converter=parse_dtype)
-    attention_backend: Optional[str] = None
+    attention_backend: Optional[str] = attrs.field(default=None, validator=_optional_str)
     compile: bool = False
-    cache: Optional[str] = None  # step-cache policy name, e.g. "fbcache"
-    cache_threshold: float = 0.1
+    cache: Optional[str] = attrs.field(default=None, validator=_optional_str)  # step-cache policy, e.g. "fbcache"
+    cache_threshold: float = attrs.field(default=0.1, validator=_finite_non_negative)
     # The policy class ``cache`` names; from_pretrained resolves it with its plugin manager's registry.
     cache_policy: Optional[Callable[..., Any]] = None
     # torchao weight quantization of the transformer(s): see diffcore.quantization.SCHEMES
@@ -55,8 +81,15 @@ class EngineArgs:
     gguf: Optional[dict] = attrs.field(default=None, converter=parse_weight_files)
     allow_pickle: bool = False  # executing pickle checkpoints must be an explicit choice
     revision: Optional[str] = None
-    num_threads: Optional[int] = None
+    num_threads: Optional[int] = attrs.field(default=None, validator=_optional_positive_int)
     progress: bool = True
+    max_pixels: Optional[int] = attrs.field(default=None, validator=_optional_positive_int)  # per frame
+    max_frames: Optional[int] = attrs.field(default=None, validator=_optional_positive_int)
+    max_steps: Optional[int] = attrs.field(default=None, validator=_optional_positive_int)
+
+    def budget(self) -> Budget:
+        """The per-request limits (read at each call, so ``DIFFCORE_MAX_*`` changes apply)."""
+        return Budget.resolve(max_pixels=self.max_pixels, max_frames=self.max_frames, max_steps=self.max_steps)
 
     def step_cache_factory(self) -> Optional[Callable[[], Any]]:
         """A callable that makes one fresh step cache (one per request), or None without a cache."""

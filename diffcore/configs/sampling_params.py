@@ -26,6 +26,8 @@ def _non_negative_float(inst, attribute, value):
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SamplingParamError(attribute.name, f"expected a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise SamplingParamError(attribute.name, f"must be a finite number, got {value}")
     if value < 0:
         raise SamplingParamError(attribute.name, f"must be >= 0, got {value}")
 
@@ -50,12 +52,27 @@ def _timesteps(inst, attribute, value):
         raise SamplingParamError(attribute.name, f"timesteps must be strictly decreasing (noisy to clean), got {list(value)}")
 
 
+def _check_finite(name: str, value) -> None:
+    """Every float parameter, of any model (subclass fields without validators too), must be finite:
+    NaN compares false with everything, so it would silently turn CFG off or give an all-NaN picture."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SamplingParamError(name, f"must be a finite number, got {value}")
+
+
 def _prompt(inst, attribute, value):
     if value is None:
         return
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, str) for p in items):
         raise SamplingParamError(attribute.name, f"expected a string or a non-empty list of strings, got {value!r}")
+    for i, text in enumerate(items):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates (e.g. half of an emoji from a bad decode)
+            where = f"{attribute.name}[{i}]" if not isinstance(value, str) else attribute.name
+            raise SamplingParamError(attribute.name, f"{where} is not valid Unicode text: {text[exc.start]!r} at "
+                                     f"position {exc.start} is a lone surrogate; no tokenizer can encode it "
+                                     "(decode the text with errors='replace', or remove it)") from None
 
 
 def _seed(inst, attribute, value):
@@ -128,6 +145,7 @@ class SamplingParams:
             check = _BASE_VALIDATORS.get(field.name)
             if check is not None and field.validator is None:
                 check(self, field, getattr(self, field.name))
+            _check_finite(field.name, getattr(self, field.name))
 
     @classmethod
     def parameter_names(cls) -> list[str]:

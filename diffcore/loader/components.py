@@ -34,15 +34,15 @@ def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow
         log.warning("%s/config.json says _class_name=%r, model_index.json says %r; using %s",
                     path, saved, spec.class_name, cls.__name__)
     with skip_init():
-        model = cls.from_config(config, device="meta")
+        model = cls.from_config(config, device="meta", source=path / "config.json")
     files = files or find_weight_files(path, allow_pickle=allow_pickle)
     load_into_module(model, files, key_map=cls.map_state_dict_key, dtype=dtype, device=device)
     return model.eval().requires_grad_(False)
 
 
 def _load_scheduler(path: Path, spec: ComponentSpec, cls: type):
-    config = read_json(path / "scheduler_config.json", f"scheduler config of component {spec.name!r}")
-    return cls.from_config(config)
+    file = path / "scheduler_config.json"
+    return cls.from_config(read_json(file, f"scheduler config of component {spec.name!r}"), source=file)
 
 
 def _dtype_kwarg() -> str:

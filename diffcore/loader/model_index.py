@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from ..errors import LoaderError, MissingFileError
+from ..errors import ConfigFileError, LoaderError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,6 @@ HUB_PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt"]
 HUB_IGNORE_PATTERNS = [f"*{sep}{v}{end}" for v in ("fp16", "bf16") for sep, end in ((".", ".*"), (".", "-*"))]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class ConfigFileError(LoaderError, ValueError):
-    """A JSON file of the checkpoint is not valid JSON or lacks a required key."""
 
 
 @attrs.frozen

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from diffcore import fastpaths
+from diffcore.errors import ConfigError
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -110,9 +111,10 @@ def available_backends() -> list[str]:
 
 
 def check_backend(name: str) -> str:
-    """``name`` if it is registered; otherwise a ValueError listing the alternatives."""
+    """``name`` if it is registered; otherwise a ConfigError (a ValueError) listing the alternatives."""
     if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(available_backends())}")
+        raise ConfigError(f"unknown attention backend (attention_backend) {name!r}; available: "
+                          f"{', '.join(available_backends())}")
     return name
 
 

@@ -63,15 +63,25 @@ class ModelMixin(nn.Module):
         return kwargs
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], device: torch.device | str | None = None):
-        """Build the module from a config dict (``device="meta"`` builds without allocating weights)."""
+    def from_config(cls, config: Mapping[str, Any], device: torch.device | str | None = None, source: Any = None):
+        """Build the module from a config dict (``device="meta"`` builds without allocating weights).
+
+        A value of the wrong type, or one the constructor rejects, is a ConfigFileError naming ``source``
+        (the config file) and the field."""
+        from ..loader.config_types import build, check_config
+
         kwargs = cls.filter_config(config)
-        if device is not None:
+        source = source if source is not None else f"the {cls.__name__} config"
+        check_config(cls.__init__, kwargs, source)
+
+        def make():
+            if device is None:
+                return cls(**kwargs)
             _repair_device_context()
             with torch.device(device):
-                model = cls(**kwargs)
-        else:
-            model = cls(**kwargs)
+                return cls(**kwargs)
+
+        model = build(make, cls, source)
         model.config = {**{k: v for k, v in config.items() if not k.startswith("_")}, **kwargs}
         return model
 

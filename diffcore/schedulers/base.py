@@ -50,9 +50,12 @@ class SchedulerBase:
         return [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], **overrides: Any):
+    def from_config(cls, config: Mapping[str, Any], source: Any = None, **overrides: Any):
         """Build from a ``scheduler_config.json`` dict; ``_``-prefixed keys are metadata and skipped,
-        unknown keys are ignored with a one-time warning (a newer Diffusers may add keys)."""
+        unknown keys are ignored with a one-time warning (a newer Diffusers may add keys). A value of the
+        wrong type, or one the constructor rejects, is a ConfigFileError naming ``source`` and the field."""
+        from ..loader.config_types import build, check_config
+
         accepted = set(cls.init_arg_names())
         kwargs = {}
         for key, value in {**dict(config), **overrides}.items():
@@ -63,7 +66,9 @@ class SchedulerBase:
             elif (cls.__name__, key) not in _warned:
                 _warned.add((cls.__name__, key))
                 log.warning("%s ignores unknown config key %r", cls.__name__, key)
-        return cls(**kwargs)
+        source = source if source is not None else f"the {cls.__name__} config"
+        check_config(cls.__init__, kwargs, source)
+        return build(lambda: cls(**kwargs), cls, source)
 
     def _store_config(self, values: Mapping[str, Any]) -> None:
         self.config = SchedulerConfig({n: values[n] for n in self.init_arg_names()})

@@ -1,11 +1,15 @@
 """InputValidationStage: resolve sizes, CFG, negative prompts and condition images before any compute."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+from ..configs import budget
 from ..errors import InputError, SamplingParamError
 from ..request import Request
 from .base import In, Out, PipelineStage
+
+log = logging.getLogger(__name__)
 
 # Modes that convert to RGB without losing meaning; anything else (16-bit, float, CMYK) is refused.
 _CONVERTIBLE = {"RGB", "RGBA", "L", "LA", "P", "PA"}
@@ -18,28 +22,71 @@ def load_image(item, index: int = 0):
     where = f"image[{index}]"
     if isinstance(item, (str, Path)):
         path = Path(item)
+        if path.is_dir():
+            raise SamplingParamError("image", f"{where}: {str(path)!r} is a directory; pass an image file")
         if not path.is_file():
             raise SamplingParamError("image", f"{where}: file {str(path)!r} does not exist")
         try:
             with Image.open(path) as img:
+                _check_pixels(img.size, where, path)  # from the header, before decoding anything
                 img.load()
                 item = img.copy()
+        except Image.DecompressionBombError as exc:  # PIL's own check in open(), at twice its limit
+            raise SamplingParamError("image", f"{where}: {str(path)!r}: {exc} Downscale it, or raise "
+                                     "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise SamplingParamError("image", f"{where}: {str(path)!r} is not a readable image ({exc})") from exc
     elif hasattr(item, "shape") and not hasattr(item, "convert"):
-        import numpy as np
-
-        arr = np.asarray(item)
-        if arr.ndim != 3 or arr.shape[-1] != 3:
-            raise SamplingParamError("image", f"{where}: expected an HxWx3 array, got shape {tuple(arr.shape)}")
-        if arr.dtype != np.uint8:
-            arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-        item = Image.fromarray(arr)
+        item = Image.fromarray(_array_to_uint8(item, where))
     if item.mode not in _CONVERTIBLE:
         raise SamplingParamError("image", f"{where}: mode {item.mode!r} is not supported; pass an RGB (or RGBA/greyscale) image")
     if min(item.size) < 1:
         raise InputError(f"{where}: image is empty")
     return item.convert("RGB") if item.mode != "RGB" else item
+
+
+def _check_pixels(size: tuple[int, int], where: str, path: Path) -> None:
+    """Refuse a decompression bomb: more pixels than PIL's own limit (``PIL.Image.MAX_IMAGE_PIXELS``)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:
+        raise SamplingParamError("image", f"{where}: {str(path)!r} is {size[0]} x {size[1]} = {size[0] * size[1]:,} "
+                                 f"pixels, more than the {limit:,} accepted (a decompression bomb?); downscale it, or "
+                                 "raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
+
+
+def _array_to_uint8(item, where: str):
+    """An HxWx3 array as uint8: uint8 as is, floats must be finite and in [0, 1] (they are scaled by 255)."""
+    import numpy as np
+
+    arr = np.asarray(item.detach().cpu() if hasattr(item, "detach") else item)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise SamplingParamError("image", f"{where}: expected an HxWx3 array, got shape {tuple(arr.shape)}")
+    if arr.dtype == np.uint8:
+        return arr
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise SamplingParamError("image", f"{where}: arrays must be uint8 (0-255) or float (0-1), got {arr.dtype}")
+    if not np.isfinite(arr).all():
+        raise SamplingParamError("image", f"{where}: the float array holds NaN or inf values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0 or hi > 1:
+        raise SamplingParamError("image", f"{where}: float arrays must be in [0, 1], got values in [{lo:g}, {hi:g}]; "
+                                 "scale it (e.g. a 0-255 float array: arr / 255), or pass uint8")
+    return (arr * 255).round().astype(np.uint8)
+
+
+def _warn_ignored(cfg, p, do_cfg: bool) -> None:
+    """Parameters this model or request will not use, reported as diffusers does (a warning, not silence)."""
+    if not cfg.is_video:
+        for name in ("num_frames", "fps"):
+            if getattr(p, name, None) is not None:
+                log.warning("%s=%s is ignored: this model makes images, not videos", name, getattr(p, name))
+    if p.negative_prompt is not None and not do_cfg:
+        why = {"cfg": "guidance_scale <= 1", "true_cfg": "true_cfg_scale <= 1"}.get(cfg.cfg, "this model does not use it")
+        log.warning("negative_prompt is ignored: classifier-free guidance is off (%s)", why)
+    if cfg.cfg == "true_cfg" and p.true_cfg_scale > 1 and not do_cfg:
+        log.warning("true_cfg_scale=%s is ignored: true CFG needs a negative_prompt", p.true_cfg_scale)
 
 
 class InputValidationStage(PipelineStage):
@@ -56,7 +103,10 @@ class InputValidationStage(PipelineStage):
         if getattr(p, "timesteps", None) is not None and getattr(cfg, "dmd", None) is None:
             raise SamplingParamError("timesteps", "this model samples with num_inference_steps; a list of timesteps "
                                                   "is for few-step (DMD-distilled) models")
+        limits = budget.current()
+        limits.check_steps(p.num_inference_steps)
         self.config.resolve_size(req, self.components)
+        limits.check_size(req.height, req.width, req.num_frames if cfg.is_video else None)
         images = p.images
         req.images = [load_image(im, i) for i, im in enumerate(images)] if images else None
         if cfg.cfg == "cfg":
@@ -70,4 +120,5 @@ class InputValidationStage(PipelineStage):
             want = False  # diffusers: true CFG needs a negative prompt
         req.do_cfg = want
         req.negative_prompts = negatives if want else None
+        _warn_ignored(cfg, p, want)
         return req
