@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from ..errors import ConfigError, DiffcoreError, LoaderError, MissingFileError, RegistryError
+from .config_types import build, check_config
 from .model_index import ComponentSpec, read_json
 from .safetensors_io import find_weight_files, load_into_module, skip_init
 from .transformers_models import load_fast
@@ -34,7 +36,7 @@ def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow
         log.warning("%s/config.json says _class_name=%r, model_index.json says %r; using %s",
                     path, saved, spec.class_name, cls.__name__)
     with skip_init():
-        model = cls.from_config(config, device="meta", source=path / "config.json")
+        model = _from_config(cls, config, path / "config.json", device="meta")
     files = files or find_weight_files(path, allow_pickle=allow_pickle)
     load_into_module(model, files, key_map=cls.map_state_dict_key, dtype=dtype, device=device)
     return model.eval().requires_grad_(False)
@@ -42,7 +44,15 @@ def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow
 
 def _load_scheduler(path: Path, spec: ComponentSpec, cls: type):
     file = path / "scheduler_config.json"
-    return cls.from_config(read_json(file, f"scheduler config of component {spec.name!r}"), source=file)
+    return _from_config(cls, read_json(file, f"scheduler config of component {spec.name!r}"), file)
+
+
+def _from_config(cls: type, config: dict, file: Path, **kwargs):
+    """``cls.from_config(config)``; a value of the wrong type is a ConfigFileError naming ``file`` and the field."""
+    if "source" in inspect.signature(cls.from_config).parameters:  # diffcore's base classes check it themselves
+        return cls.from_config(config, source=file, **kwargs)
+    check_config(cls.__init__, config, file)  # a plugin's own class with its own from_config
+    return build(lambda: cls.from_config(config, **kwargs), cls, file)
 
 
 def _dtype_kwarg() -> str:

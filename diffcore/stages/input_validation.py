@@ -105,6 +105,8 @@ class InputValidationStage(PipelineStage):
                                                   "is for few-step (DMD-distilled) models")
         limits = budget.current()
         limits.check_steps(p.num_inference_steps)
+        if getattr(p, "timesteps", None) is not None:
+            limits.check_steps(len(p.timesteps))
         self.config.resolve_size(req, self.components)
         limits.check_size(req.height, req.width, req.num_frames if cfg.is_video else None)
         images = p.images
