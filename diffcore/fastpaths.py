@@ -14,7 +14,7 @@ both done once per (path, dtype) and cached. A real call that still fails later 
 ``failed()``: the path is switched off for that dtype for the rest of the process.
 
 ``DIFFCORE_PORTABLE=1`` (or ``all``) forces every portable path; ``DIFFCORE_PORTABLE=onednn_linear,prepack``
-forces only the named ones. In process, ``with fastpaths.portable(): ...`` does the same for the current
+forces only the named ones (read once per process). In process, ``with fastpaths.portable(): ...`` does the same for the current
 thread / context (a ``contextvars`` value, so concurrent requests are unaffected). ``report()`` says
 what was chosen and why (the benchmark harness stores it with its results).
 """
@@ -62,19 +62,25 @@ def _parse(value: str) -> frozenset:
     return names
 
 
-_env_cache: tuple[Optional[str], frozenset] = (None, frozenset())
+_env_forced: Optional[frozenset] = None  # DIFFCORE_PORTABLE, parsed on first use (os.environ costs ~1 us a read)
 
 
 def forced() -> frozenset:
-    """The paths forced portable here: by ``portable()`` if active, else by ``DIFFCORE_PORTABLE``."""
-    global _env_cache
+    """The paths forced portable here: by ``portable()`` if active, else by ``DIFFCORE_PORTABLE`` (read
+    once per process; ``reload_environment()`` reads it again)."""
+    global _env_forced
     value = _override.get()
     if value is not None:
         return value
-    raw = os.environ.get(ENV, "")
-    if raw != _env_cache[0]:
-        _env_cache = (raw, _parse(raw))
-    return _env_cache[1]
+    if _env_forced is None:
+        _env_forced = _parse(os.environ.get(ENV, ""))
+    return _env_forced
+
+
+def reload_environment() -> None:
+    """Read ``DIFFCORE_PORTABLE`` again at the next check (after changing it in this process)."""
+    global _env_forced
+    _env_forced = None
 
 
 @contextlib.contextmanager

@@ -65,7 +65,7 @@ def test_taken_only_where_the_cpu_has_native_bf16_gemms(qkv, fastpath_mode):
     when portable paths are forced; the result is within bf16 noise of float64 either way."""
     q, k, v = qkv
     cpu = fastpaths.cpu_features()
-    expect = fastpath_mode == "fast" and cpu["avx512_bf16"] and not cpu["amx_tile"]
+    expect = fastpath_mode == "fast" and cpu["avx512_bf16"] and cpu["mkldnn_bf16"] and not cpu["amx_tile"]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

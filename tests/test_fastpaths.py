@@ -197,15 +197,26 @@ def test_environment_switch_in_a_fresh_process():
     assert not any(v[d]["fast"] for v in report["paths"].values() for d in ("float32", "bfloat16"))
 
 
-def test_environment_switch_values(monkeypatch):
+@pytest.fixture
+def reread_environment():
+    yield fastpaths.reload_environment
+    fastpaths.reload_environment()  # the real environment again for later tests
+
+
+def test_environment_switch_values(monkeypatch, reread_environment):
     monkeypatch.setenv("DIFFCORE_PORTABLE", "onednn_linear, prepack")
+    reread_environment()
     assert fastpaths.forced() == {"onednn_linear", "prepack"}
     assert not fastpaths.enabled("prepack", torch.float32)
     monkeypatch.setenv("DIFFCORE_PORTABLE", "0")
+    assert fastpaths.forced() == {"onednn_linear", "prepack"}  # read once per process
+    reread_environment()
     assert fastpaths.forced() == frozenset()
     monkeypatch.setenv("DIFFCORE_PORTABLE", "linear")
+    reread_environment()
     with pytest.raises(ConfigError, match="DIFFCORE_PORTABLE='linear': unknown fast path.*onednn_linear"):
         fastpaths.forced()
+    monkeypatch.undo()
 
 
 # oneDNN and ATen both take a CPU-feature ceiling from the environment: with these, this machine's oneDNN

@@ -16,6 +16,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 )
 from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler as RefUniPC
 
+from diffcore.errors import ConfigFileError
 from diffcore.schedulers.flow_match_euler import FlowMatchEulerDiscreteScheduler
 from diffcore.schedulers.unipc import UniPCMultistepScheduler
 
@@ -322,8 +323,8 @@ def test_unipc_add_noise_and_errors():
     with pytest.raises(ValueError):
         fresh.step(x0, 999, x0)
     for bad in (dict(use_karras_sigmas=True), dict(thresholding=True), dict(rescale_betas_zero_snr=True)):
-        with pytest.raises(NotImplementedError):
-            UniPCMultistepScheduler.from_config({**WAN, **bad})
+        with pytest.raises(ConfigFileError, match=f"{next(iter(bad))}=True is not supported by diffcore"):
+            UniPCMultistepScheduler.from_config({**WAN, **bad})  # from a config: names the file
     with pytest.raises(NotImplementedError):
         UniPCMultistepScheduler(solver_type="bh3")
     with pytest.raises(ValueError):
