@@ -88,7 +88,7 @@ class EngineArgs:
     max_steps: Optional[int] = attrs.field(default=None, validator=_optional_positive_int)
 
     def budget(self) -> Budget:
-        """The per-request limits (read at each call, so ``DIFFCORE_MAX_*`` changes apply)."""
+        """The per-request limits (``DIFFCORE_MAX_*`` is read here; the pipeline reads it once, when built)."""
         return Budget.resolve(max_pixels=self.max_pixels, max_frames=self.max_frames, max_steps=self.max_steps)
 
     def step_cache_factory(self) -> Optional[Callable[[], Any]]:
