@@ -23,7 +23,7 @@ def _out(gen, **kw):
     return gen.generate(prompt="a red circle", seed=3, output_type="np", **{**SMALL, **kw}).output
 
 
-@pytest.mark.parametrize("name", ["guidance_scale", "true_cfg_scale", "guidance_scale_2"])
+@pytest.mark.parametrize("name", ["guidance_scale", "true_cfg_scale", "flow_shift"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_non_finite_floats_are_refused(toy_gen, name, value):
     with pytest.raises(SamplingParamError, match="finite") as e:

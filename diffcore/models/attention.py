@@ -113,7 +113,7 @@ def available_backends() -> list[str]:
 def check_backend(name: str) -> str:
     """``name`` if it is registered; otherwise a ConfigError (a ValueError) listing the alternatives."""
     if name not in _BACKENDS:
-        raise ConfigError(f"unknown attention backend (attention_backend) {name!r}; available: "
+        raise ConfigError(f"unknown attention backend {name!r} (attention_backend); available: "
                           f"{', '.join(available_backends())}")
     return name
 
