@@ -20,6 +20,7 @@ from torch import nn
 from diffcore.models.attention import attention
 from diffcore.models.base import ModelMixin
 from diffcore.models.embeddings import TimestepEmbedding, timestep_embedding
+from diffcore.models.linear import Linear  # nn.Linear with the CPU fast path; LoRA adapters apply to these
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -81,10 +82,10 @@ class Attention(nn.Module):
         self.heads = heads
         self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
         self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
-        self.to_v = nn.Linear(dim, inner)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Identity()])  # Diffusers: [linear, dropout]
+        self.to_q = Linear(dim, inner)
+        self.to_k = Linear(dim, inner)
+        self.to_v = Linear(dim, inner)
+        self.to_out = nn.ModuleList([Linear(inner, dim), nn.Identity()])  # Diffusers: [linear, dropout]
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         kv = x if context is None else context
@@ -99,7 +100,7 @@ class GELU(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, inner)
+        self.proj = Linear(dim, inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.proj(x), approximate="tanh")
@@ -110,7 +111,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.net = nn.ModuleList([GELU(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
+        self.net = nn.ModuleList([GELU(dim, inner), nn.Identity(), Linear(inner, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](self.net[0](x))
@@ -122,7 +123,7 @@ class AdaLNModulation(nn.Module):
     def __init__(self, dim: int, n: int):
         super().__init__()
         self.n = n
-        self.linear = nn.Linear(dim, n * dim)
+        self.linear = Linear(dim, n * dim)
 
     def forward(self, temb_act: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.linear(temb_act).unsqueeze(1).chunk(self.n, dim=-1)
@@ -170,13 +171,13 @@ class {{ cookiecutter.class_prefix }}Transformer2DModel(ModelMixin):
         dim = num_attention_heads * attention_head_dim
         self.pos_embed = PatchEmbed(in_channels, dim, patch_size)
         self.time_text_embed = TimeTextEmbedding(dim, pooled_projection_dim)
-        self.context_embedder = nn.Linear(joint_attention_dim, dim)
+        self.context_embedder = Linear(joint_attention_dim, dim)
         self.transformer_blocks = nn.ModuleList(
             [{{ cookiecutter.class_prefix }}TransformerBlock(dim, num_attention_heads, attention_head_dim, mlp_ratio)
              for _ in range(num_layers)]
         )
         self.norm_out = AdaLNModulation(dim, 2)  # (scale, shift), Diffusers' AdaLayerNormContinuous order
-        self.proj_out = nn.Linear(dim, patch_size * patch_size * self.out_channels)
+        self.proj_out = Linear(dim, patch_size * patch_size * self.out_channels)
         self._zero_init()
 
     def _zero_init(self) -> None:
