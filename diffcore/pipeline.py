@@ -90,7 +90,7 @@ class ComposedPipelineBase:
     def forward(self, req: Request) -> Request:
         if self.engine_args.num_threads:
             torch.set_num_threads(self.engine_args.num_threads)
-        with self.context.applied(), lora_scope(self.loras.check_selection(req.params.loras)):  # this request's adapters, this thread only
+        with self.context.applied(), lora_scope(self.loras.request_selection(req)):  # this request's adapters, this thread only
             for stage in self.stages:
                 req = stage(req)
         return req

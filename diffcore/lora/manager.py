@@ -199,6 +199,18 @@ class LoraManager:
                                       "already uses it; do not name it per request, or unfuse_lora() first")
         return out
 
+    def request_selection(self, req) -> dict:
+        """The adapters a Request's forward runs with: its ``params.loras``, or for a batch whose rows
+        come from requests with different adapters, per-row weight tensors (0 where a row lacks one)."""
+        rows = getattr(req, "row_params", None)
+        if not rows:
+            return self.check_selection(req.params.loras)
+        per_row = [self.check_selection(p.loras) for p in rows]
+        if all(r == per_row[0] for r in per_row):
+            return per_row[0]
+        names = dict.fromkeys(n for r in per_row for n in r)
+        return {n: torch.tensor([r.get(n, 0.0) for r in per_row]) for n in names}
+
     def _get(self, name: str) -> _Adapter:
         adapter = self._adapters.get(name)
         if adapter is None:
