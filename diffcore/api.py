@@ -139,7 +139,8 @@ class DiffGenerator:
     def load_lora(self, source, name: Optional[str] = None, weight_name: Optional[str] = None, *,
                   component: str = "transformer", ignore_text_encoder: bool = False) -> str:
         """Load a LoRA (a ``.safetensors`` file, a folder or a Hugging Face repo id; ``weight_name`` picks
-        the file as in diffusers) into ``component``, unapplied; returns its name (default: the file stem).
+        the file as in diffusers) into ``component``, unapplied; returns its name (default: the file stem,
+        or the folder / repo name for diffusers' ``pytorch_lora_weights.safetensors``).
 
         Diffusers/PEFT files and the community layouts the model's plugin converts are accepted.
         Use it per request with ``generate(..., loras={name: weight})`` or merge it with ``fuse_lora``.

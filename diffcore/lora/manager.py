@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import LoraError, LoraFormatError, LoraNotFoundError, LoraShapeError
 from ..records import resolve_ref
 from .adapter import LayerLora, parse_peft_layout, split_text_encoder_keys
-from .source import read_lora_file, resolve_lora_file
+from .source import DIFFUSERS_WEIGHT_NAME, read_lora_file, resolve_lora_file
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ class LoraManager:
         else:
             label = name or Path(os.fspath(source)).stem
             path = resolve_lora_file(source, weight_name, label)
-            label = name or (path.stem if weight_name is None and Path(os.fspath(source)).exists() else label)
+            if name is None and path.name != DIFFUSERS_WEIGHT_NAME:  # the file's name, unless it is diffusers' default
+                label = path.stem
             tensors, metadata = read_lora_file(path, label)
             where = str(path)
         with self._lock:
