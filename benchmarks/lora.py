@@ -1,17 +1,20 @@
 """LoRA cost on FLUX-medium (CPU): transformer time per step with no LoRA, one and two unfused adapters and
 the two fused, for diffcore and for diffusers + PEFT on the same weights; and the time to load an adapter.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.lora [--steps 6] [--rounds 3] [--threads 1]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.lora [--rounds 15] [--threads 1]
 
 Adapters: the layers typical FLUX LoRAs train (every attention projection and MLP of the double and
 single blocks), diffusers layout, random weights; "style" rank 16 alpha 16 on all of them, "detail"
-rank 32 alpha 16 on the attention projections only. Configurations run in rounds (none, one, two,
-fused, none, ...), engines alternating within a configuration; medians over rounds. Writes
-results/lora.json and prints the README table.
+rank 32 alpha 16 on the attention projections only. One denoising step's transformer inputs (256x256,
+256 text tokens) are recorded from a real run, then single transformer calls are timed in rounds
+(none, one, two, fused, none, ...), engines alternating within a configuration, fusing and
+unfusing outside the timed call; medians over rounds. Writes results/lora.json and prints the
+README table.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -23,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.workloads import WORKLOADS, checkpoint
+from diffcore.lora import lora_scope
 
 ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
         "attn.add_v_proj", "attn.to_add_out")
@@ -46,23 +50,20 @@ def write_lora(model, path: Path, parts, rank: int, alpha: float, seed: int) -> 
     return len(state) // 3
 
 
-class StepTimer:
-    """Seconds of every transformer call (forward hooks), so text encoding and decoding do not count."""
+class CallRecorder:
+    """Keeps the arguments of the model's last forward call, to replay single transformer calls."""
 
     def __init__(self, model):
-        self.times, self._t0 = [], 0.0
-        model.register_forward_pre_hook(lambda *a: setattr(self, "_t0", time.perf_counter()))
-        model.register_forward_hook(lambda *a: self.times.append(time.perf_counter() - self._t0))
+        self.args = None
+        model.register_forward_pre_hook(self._keep, with_kwargs=True)
 
-    def take(self) -> list[float]:
-        out, self.times = self.times, []
-        return out
+    def _keep(self, module, args, kwargs):
+        self.args = (args, dict(kwargs))
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=15, help="alternating rounds of single transformer calls")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-diffusers", action="store_true")
     args = ap.parse_args(argv)
@@ -71,7 +72,7 @@ def main(argv=None) -> None:
     from diffcore import DiffGenerator
 
     folder = checkpoint("flux")
-    params = {**WORKLOADS["flux"].params, "num_inference_steps": args.steps}
+    params = {**WORKLOADS["flux"].params, "num_inference_steps": 2}  # one generate per engine captures a step's inputs
     tmp = Path(tempfile.mkdtemp(prefix="lora-bench-"))
     gen = DiffGenerator.from_pretrained(folder, dtype="float32", progress=False)
     model = gen.components["transformer"]
@@ -102,43 +103,47 @@ def main(argv=None) -> None:
         for name, path in files.items():
             ref.load_lora_weights(str(path), adapter_name=name)
         engines["diffusers"] = ref
-    timers = {e: StepTimer(p.transformer if e == "diffusers" else p.components["transformer"]) for e, p in engines.items()}
+    models = {e: (p.transformer if e == "diffusers" else p.components["transformer"]) for e, p in engines.items()}
+    recorders = {e: CallRecorder(m) for e, m in models.items()}
     configs = {"no LoRA": None, "one unfused": {"style": 1.0}, "two unfused": {"style": 1.0, "detail": 0.5},
                "two fused": {"style": 1.0, "detail": 0.5}}
+    gen.generate(**params, seed=0, output_type="latent")
+    if "diffusers" in engines:
+        engines["diffusers"](**params, generator=torch.Generator().manual_seed(0), output_type="latent")
 
-    def run(engine: str, config: str):
-        sel = configs[config]
-        if engine == "diffcore":
-            fused = config.endswith("fused") and not config.endswith("unfused")
-            if fused:
-                gen.fuse_lora(sel)
-            gen.generate(**params, seed=0, output_type="latent", loras=None if fused else sel)
-            if fused:
-                gen.unfuse_lora()
-        else:
+    def call(engine: str, config: str) -> float:
+        """One transformer call (the inputs of a real denoising step) under ``config``; fusing is not timed."""
+        sel, fused = configs[config], config == "two fused"
+        model, (a, kw) = models[engine], recorders[engine].args
+        scope = lora_scope(None if fused else sel) if engine == "diffcore" else contextlib.nullcontext()
+        if engine == "diffcore" and fused:
+            gen.fuse_lora(sel)
+        if engine == "diffusers":
             ref = engines["diffusers"]
             if sel is None:
                 ref.disable_lora()
             else:
                 ref.enable_lora()
                 ref.set_adapters(list(sel), list(sel.values()))
-                if config == "two fused":
+                if fused:
                     ref.fuse_lora(adapter_names=list(sel), lora_scale=1.0)
-            kw = {k: v for k, v in params.items() if k != "num_inference_steps"}
-            ref(**kw, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0), output_type="latent")
-            if config == "two fused":
-                ref.unfuse_lora()
-        return timers[engine].take()
+        with torch.no_grad(), scope:
+            t0 = time.perf_counter()
+            model(*a, **kw)
+            seconds = time.perf_counter() - t0
+        if fused:
+            gen.unfuse_lora() if engine == "diffcore" else engines["diffusers"].unfuse_lora()
+        return seconds
 
     samples = {(e, c): [] for e in engines for c in configs}
-    for e in engines:  # warm-up
+    for e in engines:  # warm-up: packs weights, first-call allocations
         for c in configs:
-            run(e, c)
+            call(e, c)
     start_load = os.getloadavg()
     for _ in range(args.rounds):
         for c in configs:
             for e in engines:
-                samples[(e, c)].append(statistics.median(run(e, c)))
+                samples[(e, c)].append(call(e, c))
     results = {
         "machine": {"load_start": start_load, "load_end": os.getloadavg(), "threads": args.threads,
                     "torch": torch.__version__},
@@ -146,6 +151,7 @@ def main(argv=None) -> None:
         "adapters": {"style": {"rank": 16, "layers": n_style}, "detail": {"rank": 32, "layers": n_detail}},
         "load_seconds": {"diffcore": statistics.median(load), **({"diffusers": statistics.median(ref_load)} if ref_load else {})},
         "step_seconds": {f"{e}/{c}": statistics.median(v) for (e, c), v in samples.items()},
+        "step_seconds_min": {f"{e}/{c}": min(v) for (e, c), v in samples.items()},
         "step_samples": {f"{e}/{c}": v for (e, c), v in samples.items()},
     }
     out = Path(__file__).resolve().parent / "results" / "lora.json"
