@@ -239,6 +239,11 @@ class LoraManager:
                 adapter = self._adapters[name]
                 for path, lw in adapter.layers.items():
                     per_layer.setdefault((adapter.info.component, path), []).append((lw, w))
+            for component, path in per_layer:  # before changing anything
+                weight = self.components[component].get_submodule(path).weight
+                if type(weight) not in (torch.Tensor, nn.Parameter):
+                    raise LoraError(next(iter(weights)), f"layer {path!r} holds {type(weight).__name__} (quantized) "
+                                                         "weights, which cannot be fused; apply it per request")
             for (component, path), terms in per_layer.items():
                 self._fuse_layer(component, path, terms)
             for name, w in weights.items():

@@ -218,3 +218,23 @@ def test_unfused_adapters_run_through_the_step_cache(flux_folders, adapters):
     got = cached.generate(**KW, seed=3, output_type="np", loras={"a": 0.8}).output
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert psnr(cached.generate(**KW, seed=3, output_type="np").output, want) < 40
+
+
+def test_adapters_on_quantized_weights_apply_unfused_and_refuse_to_fuse(flux_folders, adapters):
+    """torchao int8 weights: the low-rank product adds to the quantized GEMM; fusing would need the
+    full-precision weight, so it is refused with the layer named, and nothing changes."""
+    pytest.importorskip("torchao")
+    from diffcore.errors import LoraError
+
+    full = DiffGenerator.from_pretrained(flux_folders["dev"], dtype="float32", progress=False)
+    gen = DiffGenerator.from_pretrained(flux_folders["dev"], dtype="float32", progress=False,
+                                        quantization="int8_weight_only")
+    for g in (full, gen):
+        g.load_lora(adapters["a"], name="a")
+    base = gen.generate(**KW, seed=3, output_type="np").output
+    want = full.generate(**KW, seed=3, output_type="np", loras={"a": 0.8}).output
+    got = gen.generate(**KW, seed=3, output_type="np", loras={"a": 0.8}).output
+    assert psnr(got, want) > psnr(base, want) + 10  # the adapter applied on top of the int8 base
+    with pytest.raises(LoraError, match="'a'.*quantized.*per request"):
+        gen.fuse_lora({"a": 0.8})
+    assert gen.loras["a"].fused is None and np.array_equal(gen.generate(**KW, seed=3, output_type="np").output, base)
