@@ -1,4 +1,4 @@
-"""The ``diffcore`` command line: ``generate`` and ``plugins``."""
+"""The ``diffcore`` command line: ``generate``, ``serve`` and ``plugins``."""
 from __future__ import annotations
 
 import argparse
@@ -117,6 +117,65 @@ def _gguf_files(values):
     return files
 
 
+def _serve(args) -> int:
+    import os
+
+    from .errors import ConfigError
+
+    try:
+        from .serve.server import serve
+        from .serve.settings import ServeSettings
+
+        settings = ServeSettings(
+            host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DIFFCORE_API_KEY"),
+            served_model_name=args.served_model_name, max_batch_size=args.max_batch_size,
+            batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, request_timeout=args.request_timeout,
+            max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
+            max_upload_pixels=args.max_upload_pixels, file_ttl=args.file_ttl, cors_origins=args.cors_origin or ())
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"error: diffcore serve needs the serve extra ({exc.name} is missing): pip install 'diffcore[serve]'",
+              file=sys.stderr)
+        return 2
+    engine = dict(device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle, progress=False,
+                  attention_backend=args.attention_backend, cache=args.cache, compile=args.compile)
+    if args.cache_threshold is not None:
+        engine["cache_threshold"] = args.cache_threshold
+    if args.num_threads is not None:
+        engine["num_threads"] = args.num_threads
+    return serve(args.model, settings, engine, log_level=args.log_level)
+
+
+def _add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="serve a model over HTTP (OpenAI Images and Videos APIs, playground at /)")
+    s.add_argument("--model", default=DEFAULT_MODEL, help="Diffusers folder, Hugging Face id or alias (default: demo)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=30010)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 and /metrics (or set DIFFCORE_API_KEY)")
+    s.add_argument("--served-model-name", help="model id shown by /v1/models and matched against `model` (default: --model)")
+    s.add_argument("--max-batch-size", type=int, default=8, help="most requests run as one batch")
+    s.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch waits for company")
+    s.add_argument("--max-queue", type=int, default=64, help="queued requests before 429")
+    s.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take before 504")
+    s.add_argument("--max-body-bytes", type=int, default=32 * 2**20, help="largest request body (413 past it)")
+    s.add_argument("--max-upload-bytes", type=int, default=16 * 2**20, help="largest uploaded image file")
+    s.add_argument("--max-upload-pixels", type=int, default=4096 * 4096, help="largest uploaded image, in pixels")
+    s.add_argument("--file-ttl", type=float, default=3600.0, help="seconds `url` images and videos are kept")
+    s.add_argument("--cors-origin", action="append", help="allow browser requests from this origin (repeatable; default: none)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default=None, help="force a dtype for every component (e.g. float32)")
+    s.add_argument("--attention-backend", help="attention backend name")
+    s.add_argument("--cache", help="step-cache policy, e.g. fbcache or teacache")
+    s.add_argument("--cache-threshold", type=float)
+    s.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    s.add_argument("--num-threads", type=int)
+    s.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin/.pt) weights: runs code from the file")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffcore", description="Run diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, help="budget: most denoising steps (default 1000 or DIFFCORE_MAX_STEPS)")
     g.add_argument("--output", required=True, help="output file: .png/.jpg/.webp, or .mp4 for videos")
     g.set_defaults(func=_generate)
+    _add_serve(sub)
     p = sub.add_parser("plugins", help="list installed plugins and load errors")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_plugins)

@@ -99,3 +99,11 @@ class LoraShapeError(LoraError):
 
 class LoraNotFoundError(LoraError, LookupError):
     """An adapter name that is not loaded (in a request, fuse_lora or unload_lora)."""
+
+
+class QueueFullError(DiffcoreError):
+    """The request queue is at its limit; retry later (HTTP 429)."""
+
+
+class EngineShutdownError(DiffcoreError):
+    """The engine is shutting down and takes no new requests."""

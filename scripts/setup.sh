@@ -10,7 +10,7 @@ PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 plugins=()
 for p in plugins/diffcore-*; do [ -f "$p/pyproject.toml" ] && plugins+=(-e "$p"); done
 if [ "${1:-}" = "--test" ]; then
-  $PIP install -e ".[test]" "${plugins[@]}"
+  $PIP install -e ".[test,serve,video]" "${plugins[@]}"
 else
-  $PIP install -e ".[video]" "${plugins[@]}"
+  $PIP install -e ".[video,serve]" "${plugins[@]}"
 fi

@@ -1,0 +1,245 @@
+"""The FastAPI app: server state, the guard middleware (request ids, auth, body cap, metrics), errors."""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import secrets
+import threading
+import time
+from typing import Callable, Optional
+
+from .errors import APIError
+from .files import FileStore
+from .metrics import Metrics
+from .settings import ServeSettings
+
+log = logging.getLogger("diffcore.serve")
+
+
+class ServerState:
+    """Everything the routes share: the loaded generator, the runner in front of it, files, jobs, metrics."""
+
+    def __init__(self, settings: ServeSettings, model_name: Optional[str] = None):
+        self.settings = settings
+        self.model_name = settings.served_model_name or model_name
+        self.generator = None
+        self.runner = None
+        self.jobs = None
+        self.load_error: Optional[str] = None
+        self.closing = False
+        self.created = int(time.time())
+        self.metrics = Metrics()
+        self.files = FileStore(settings.file_ttl)
+        self.ready = threading.Event()
+
+    def attach(self, generator) -> None:
+        """Start serving ``generator``: the runner (batching scheduler) and the video job table."""
+        from .jobs import VideoJobs
+        from .runner import make_runner
+        from .videos import encode_video
+
+        s = self.settings
+        self.model_name = self.model_name or str(generator.model)
+        runner = make_runner(generator, max_batch_size=s.max_batch_size, max_wait_ms=s.batch_wait_ms,
+                             max_queue=s.max_queue)
+        runner.on_batch = self.metrics.batch_size.observe
+        self.metrics.queue_depth.set_function(lambda: runner.queue_depth)
+        self.generator, self.runner = generator, runner
+        self.jobs = VideoJobs(runner, self.files, self.model_name, s.max_jobs, encode_video, self.step_timer())
+        self.ready.set()
+
+    def load(self, loader: Callable[[], object]) -> None:
+        """Load in this thread (the server answers 503 meanwhile); a failure is kept for /health."""
+        try:
+            self.attach(loader())
+        except Exception as exc:
+            log.exception("loading the model failed")
+            self.load_error = f"{type(exc).__name__}: {exc}"
+
+    def require_ready(self) -> None:
+        if self.closing:
+            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        if not self.ready.is_set():
+            why = f"loading the model failed: {self.load_error}" if self.load_error else "the model is still loading"
+            raise APIError(503, why, type="server_error", code="loading", headers={"Retry-After": "5"})
+
+    def step_timer(self) -> Callable[[int, int], None]:
+        """An on_step callback that records the time between a request's consecutive denoising steps."""
+        last = [None]
+
+        def on_step(step: int, steps: int) -> None:
+            now = time.perf_counter()
+            if last[0] is not None:
+                self.metrics.step_latency.observe(now - last[0])
+            last[0] = now
+
+        return on_step
+
+    def close(self) -> None:
+        """Stop taking work, finish what the engine holds, drop the kept files."""
+        self.closing = True
+        if self.runner is not None:
+            self.runner.shutdown(wait=True)
+        if self.jobs is not None:
+            self.jobs.close()
+        self.files.close()
+
+
+def _json(status: int, body: dict, headers: dict) -> tuple[dict, bytes]:
+    data = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.lower().encode(), str(v).encode()) for k, v in headers.items()]
+    return {"type": "http.response.start", "status": status, "headers": raw}, data
+
+
+class Guard:
+    """Pure ASGI middleware around the whole app (pure, so waiting requests still see client disconnects).
+
+    Gives every request an id (``x-request-id``), checks the API key on /v1 and /metrics, reads the body
+    up to the cap (413 past it), counts requests by route and status, and turns an unexpected exception
+    into a logged 500 that carries the request id.
+    """
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+        key = state.settings.api_key
+        self.key = None if key is None else f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = "req_" + secrets.token_hex(8)
+        scope.setdefault("state", {})["request_id"] = request_id
+        start, status, started = time.perf_counter(), [500], [False]
+
+        async def send_wrapped(message):
+            if message["type"] == "http.response.start":
+                status[0], started[0] = message["status"], True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        async def reply(error: APIError):
+            start_msg, data = _json(error.status, error.body(request_id), error.headers)
+            await send_wrapped(start_msg)
+            await send({"type": "http.response.body", "body": data})
+
+        try:
+            error = self._refuse(scope)
+            if error is None:
+                receive, error = await self._read_body(scope, receive)
+            if error is not None:
+                await reply(error)
+            else:
+                try:
+                    await self.app(scope, receive, send_wrapped)
+                except Exception:
+                    log.exception("internal error in %s %s (request id %s)", scope["method"], scope["path"], request_id)
+                    status[0] = 500
+                    if not started[0]:
+                        await reply(APIError(500, f"internal server error (request id {request_id})",
+                                             type="server_error", code="internal_error"))
+        finally:
+            route = getattr(scope.get("route"), "path", None) or ("/v1/*" if scope["path"].startswith("/v1/") else "other")
+            self.state.metrics.requests.labels(route, str(status[0])).inc()
+            self.state.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+    def _refuse(self, scope) -> Optional[APIError]:
+        path = scope["path"]
+        if self.key is None or scope["method"] == "OPTIONS" or not (path.startswith("/v1") or path == "/metrics"):
+            return None
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.key):
+            return None
+        why = "missing API key: send 'Authorization: Bearer KEY'" if not given else "incorrect API key"
+        return APIError(401, why, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read_body(self, scope, receive):
+        """Buffer the body up to the cap, then replay it; later receives reach the client (disconnects)."""
+        limit = self.state.settings.max_body_bytes
+        too_big = APIError(413, f"request body is over this server's limit of {limit} bytes (--max-body-bytes)",
+                           code="body_too_large")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return receive, too_big
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return receive, APIError(400, "the client disconnected while sending the body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return receive, too_big
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        return replay, None
+
+
+def create_app(settings: Optional[ServeSettings] = None, generator=None, loader: Optional[Callable] = None,
+               model_name: Optional[str] = None):
+    """The ASGI app. Give a loaded ``generator``, or a ``loader`` run in a thread at startup (the server
+    answers /health with 503 until it returns)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    from . import routes, videos
+
+    settings = settings or ServeSettings()
+    state = ServerState(settings, model_name)
+    if generator is not None:
+        state.attach(generator)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if loader is not None and generator is None:
+            threading.Thread(target=state.load, args=(loader,), name="diffcore-serve-load", daemon=True).start()
+        yield
+        import anyio
+
+        await anyio.to_thread.run_sync(state.close)
+
+    app = FastAPI(title="diffcore", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.diffcore = state
+
+    def request_id(request) -> Optional[str]:
+        return request.scope.get("state", {}).get("request_id")
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return JSONResponse(exc.body(request_id(request)), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        error = APIError(exc.status_code, str(exc.detail), code=code)
+        return JSONResponse(error.body(request_id(request)), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        error = APIError(400, first.get("msg", "invalid request"), param=param, code="invalid_value")
+        return JSONResponse(error.body(request_id(request)), status_code=400)
+
+    app.include_router(routes.router)
+    app.include_router(videos.router)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(Guard, state=state)
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["x-request-id"])
+    else:
+        app.add_middleware(Guard, state=state)
+    return app

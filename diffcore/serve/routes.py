@@ -1,0 +1,251 @@
+"""Image routes, models, kept files, health, metrics and the playground. A thin adapter: requests become
+generate() keyword arguments for the runner; results become OpenAI bodies."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from importlib import resources
+from typing import Optional
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import QueueFullError
+from . import schemas
+from .errors import APIError, bad_param, from_exception
+
+log = logging.getLogger("diffcore.serve")
+router = APIRouter()
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request waited; nothing is sent back."""
+
+
+def state_of(request: Request):
+    return request.app.state.diffcore
+
+
+def ready_state(request: Request):
+    state = state_of(request)
+    state.require_ready()
+    return state
+
+
+async def read_body(request: Request) -> tuple[dict, dict[str, list], bool]:
+    """(fields, files, is_form). JSON must be an object; multipart files come back as raw bytes per field."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        try:
+            form = await request.form(max_files=64, max_fields=256)
+        except Exception as exc:
+            raise APIError(400, f"malformed form body: {exc}", code="invalid_body") from None
+        fields: dict = {}
+        files: dict[str, list] = {}
+        for key, value in form.multi_items():
+            if hasattr(value, "read"):
+                files.setdefault(key, []).append(await value.read())
+            else:
+                fields[key] = value
+        return fields, files, True
+    raw = await request.body()
+    try:
+        body = json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the body is not valid JSON ({exc})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    return body, {}, False
+
+
+def prevalidate(state, kwargs: dict) -> None:
+    """The engine's own parameter check, before queueing (a bad request costs no queue slot)."""
+    try:
+        state.generator.sampling_params_cls.from_user(**kwargs)
+    except Exception as exc:
+        raise from_exception(exc) from None
+
+
+def submit_all(state, kwargs_list: list[dict]) -> list:
+    futures = []
+    try:
+        for kwargs in kwargs_list:
+            futures.append(state.runner.submit(kwargs, on_step=state.step_timer()))
+    except BaseException:
+        for f in futures:
+            state.runner.cancel(f)
+        raise
+    return futures
+
+
+async def wait_all(request: Request, state, futures: list) -> list:
+    """Wait for the engine; a client that disconnects or a request past --request-timeout is dropped."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + state.settings.request_timeout
+    pending = {asyncio.wrap_future(f) for f in futures}
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=min(0.25, max(deadline - loop.time(), 0.01)))
+        if not pending:
+            break
+        gone = await request.is_disconnected()
+        if gone or loop.time() >= deadline:
+            reason = "disconnect" if gone else "timeout"
+            for f in futures:
+                if state.runner.cancel(f):
+                    state.metrics.dropped.labels(reason).inc()
+            if gone:
+                raise ClientGone()
+            raise APIError(504, f"the request took longer than --request-timeout ({state.settings.request_timeout:g} s)",
+                           type="server_error", code="timeout")
+    results = []
+    for f in futures:
+        exc = f.exception()
+        if exc is not None:
+            error = from_exception(exc)
+            if error.status >= 500:
+                log.error("generation failed (request id %s)", request.scope.get("state", {}).get("request_id"),
+                          exc_info=exc)
+            raise error
+        results.append(f.result())
+    return results
+
+
+async def run_images(request: Request, state, job: schemas.ImageJob) -> Response:
+    prevalidate(state, job.kwargs[0])
+    try:
+        futures = submit_all(state, job.kwargs)
+    except QueueFullError as exc:
+        raise from_exception(exc) from None
+    try:
+        results = await wait_all(request, state, futures)
+    except ClientGone:
+        return Response(status_code=499)
+    media = schemas.IMAGE_FORMATS[job.output_format]
+
+    def encode():
+        out = []
+        for kwargs, result in zip(job.kwargs, results):
+            image = result.images[0]
+            data = schemas.encode_image(image, job.output_format, job.output_compression)
+            if job.response_format == "url":
+                file_id = state.files.put(data, media, "." + job.output_format)
+                item = {"url": str(request.url_for("get_image_file", file_id=file_id))}
+            else:
+                item = {"b64_json": base64.b64encode(data).decode()}
+            out.append({**item, "revised_prompt": None, "seed": kwargs["seed"]})
+        return out, f"{image.width}x{image.height}"
+
+    data, size = await run_in_threadpool(encode)
+    return JSONResponse({"created": int(time.time()), "data": data, "output_format": job.output_format, "size": size})
+
+
+@router.post("/v1/images/generations")
+async def images_generations(request: Request):
+    state = ready_state(request)
+    body, _, form = await read_body(request)
+    job = schemas.image_job(body, state.model_name, form=form)
+    return await run_images(request, state, job)
+
+
+def upload_images(state, images: list[bytes], field: str = "image") -> list:
+    s = state.settings
+    return [schemas.decode_upload(data, f"{field}[{i}]" if len(images) > 1 else field, s.max_upload_bytes,
+                                  s.max_upload_pixels) for i, data in enumerate(images)]
+
+
+@router.post("/v1/images/edits")
+async def images_edits(request: Request):
+    state = ready_state(request)
+    body, files, form = await read_body(request)
+    raw = files.pop("image", []) + files.pop("image[]", [])
+    if not form:  # JSON edits: image is a data URL or a list of them
+        value = body.get("image")
+        raw = [schemas.decode_data_url(v, "image") for v in (value if isinstance(value, list) else [value] if value else [])]
+    if files:
+        name = sorted(files)[0]
+        raise bad_param(name, f"unexpected file field {name!r}; images go in 'image' (or 'image[]' for several)")
+    limit = state.generator.sampling_params_cls.max_images
+    if limit == 0:
+        raise bad_param("image", f"model {state.model_name!r} takes no input image; use /v1/images/generations")
+    if not raw:
+        raise bad_param("image", "an input image is required (multipart field 'image', or 'image[]' for several)")
+    if len(raw) > limit:
+        raise bad_param("image", f"model {state.model_name!r} takes at most {limit} input image(s), got {len(raw)}")
+    images = await run_in_threadpool(upload_images, state, raw)
+    job = schemas.image_job({k: v for k, v in body.items() if k not in ("image", "image[]")}, state.model_name,
+                            form=form, images=images)
+    return await run_images(request, state, job)
+
+
+@router.get("/v1/images/files/{file_id}", name="get_image_file")
+async def get_image_file(request: Request, file_id: str):
+    entry = state_of(request).files.get(file_id)
+    if entry is None:
+        raise APIError(404, "no such file (it may have expired)", param="file_id", code="not_found")
+    return FileResponse(entry.path, media_type=entry.media_type)
+
+
+def model_card(state) -> dict:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "diffcore"}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    state = ready_state(request)
+    return {"object": "list", "data": [model_card(state)]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(request: Request, model_id: str):
+    state = ready_state(request)
+    if model_id != state.model_name:
+        raise APIError(404, f"model {model_id!r} is not served here; this server serves {state.model_name!r}",
+                       param="model", code="model_not_found")
+    return model_card(state)
+
+
+@router.get("/health")
+async def health(request: Request):
+    state = state_of(request)
+    try:
+        state.require_ready()
+    except APIError as exc:
+        return JSONResponse({"status": exc.code, "detail": exc.message}, status_code=503)
+    return {"status": "ok", "model": state.model_name}
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(state_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _static(name: str) -> str:
+    return resources.files("diffcore.serve").joinpath("static").joinpath(name).read_text(encoding="utf-8")
+
+
+@router.get("/", response_class=HTMLResponse)
+async def playground():
+    return HTMLResponse(_static("index.html"))
+
+
+@router.get("/playground.js")
+async def playground_js():
+    return Response(_static("playground.js"), media_type="text/javascript")
+
+
+@router.get("/v1/playground/info")
+async def playground_info(request: Request):
+    """What the playground needs to lay itself out: the model, whether it takes images, whether it is video."""
+    state = ready_state(request)
+    gen = state.generator
+    params = gen.sampling_params_cls()
+    return {"model": state.model_name, "video": bool(gen.config.is_video),
+            "max_images": gen.sampling_params_cls.max_images, "min_images": gen.sampling_params_cls.min_images,
+            "defaults": {"num_inference_steps": params.num_inference_steps, "guidance_scale": params.guidance_scale,
+                         "height": params.height, "width": params.width}}

@@ -1,0 +1,226 @@
+"""OpenAI request bodies -> generate() keyword arguments, and results -> OpenAI response bodies.
+
+JSON bodies keep their types (a string where a number belongs is the engine's SamplingParamError);
+multipart form fields are all strings, so they are converted here, naming the field when that fails.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import math
+import re
+from typing import Any, Optional
+
+import attrs
+
+from .errors import APIError, bad_param
+
+IMAGE_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+RESPONSE_FORMATS = ("b64_json", "url")
+MAX_N = 10
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+
+# Diffusion parameters accepted at the top level (what the openai client sends through extra_body).
+INT_EXTRAS = ("seed", "num_inference_steps", "max_sequence_length")
+FLOAT_EXTRAS = ("guidance_scale", "true_cfg_scale", "guidance_scale_2")
+STR_EXTRAS = ("negative_prompt",)
+VIDEO_EXTRAS = ("num_frames", "fps")
+# OpenAI fields that mean nothing for a diffusion model: accepted and ignored, so clients work unchanged.
+IGNORED = ("user", "quality", "style", "background", "moderation", "partial_images", "input_fidelity", "mask")
+
+
+@attrs.define
+class ImageJob:
+    """One images request: a generate() call per output image, plus how to answer."""
+
+    kwargs: list[dict]
+    response_format: str = "b64_json"
+    output_format: str = "png"
+    output_compression: Optional[int] = None
+
+
+@attrs.define
+class VideoSpec:
+    kwargs: dict
+    size: Optional[str]
+    seconds: Optional[str]
+
+
+def parse_size(value: Any) -> tuple[Optional[int], Optional[int]]:
+    """ "WxH" -> (height, width); "auto" or absent -> the model's default."""
+    if value is None or value == "auto":
+        return None, None
+    m = _SIZE.match(value) if isinstance(value, str) else None
+    if not m or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
+        raise bad_param("size", f"size must be 'WIDTHxHEIGHT' (e.g. '1024x1024') or 'auto', got {value!r}")
+    return int(m.group(2)), int(m.group(1))
+
+
+def _number(field: str, value: Any, kind: type, form: bool) -> Any:
+    if form and isinstance(value, str):
+        try:
+            value = kind(value.strip())
+        except ValueError:
+            raise bad_param(field, f"{field} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise bad_param(field, f"{field} must be a finite number, got {value!r}")
+    return value
+
+
+def _int_field(body: dict, field: str, form: bool, default=None, lo=None, hi=None) -> Optional[int]:
+    value = body.get(field, default)
+    if value is None:
+        return None
+    value = _number(field, value, int, form)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_param(field, f"{field} must be an integer, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise bad_param(field, f"{field} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def check_fields(body: dict, allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(body) - set(allowed) - set(IGNORED))
+    if unknown:
+        raise bad_param(unknown[0], f"unknown parameter {unknown[0]!r}; accepted: {', '.join(sorted(allowed))}")
+
+
+def diffusion_extras(body: dict, form: bool, names=INT_EXTRAS + FLOAT_EXTRAS) -> dict:
+    """The diffusion parameters present in ``body``, converted where the body is a form."""
+    out = {}
+    for name in names:
+        value = body.get(name)
+        if value is None:
+            continue
+        out[name] = _number(name, value, float if name in FLOAT_EXTRAS else int, form)
+    for name in STR_EXTRAS:
+        if body.get(name) is not None:
+            out[name] = body[name]
+    return out
+
+
+def _prompt(body: dict) -> str:
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise bad_param("prompt", "prompt is required: a non-empty string")
+    return prompt
+
+
+def check_model(body: dict, served: str) -> None:
+    model = body.get("model")
+    if model is not None and model != served:
+        raise APIError(404, f"model {model!r} is not served here; this server serves {served!r} (or leave model out)",
+                       param="model", code="model_not_found")
+
+
+IMAGE_FIELDS = ("prompt", "n", "size", "response_format", "output_format", "output_compression", "model", "image",
+                "image[]", *INT_EXTRAS, *FLOAT_EXTRAS, *STR_EXTRAS)
+
+
+def image_job(body: dict, served: str, form: bool = False, images: Optional[list] = None) -> ImageJob:
+    """Validate an images/generations (JSON) or images/edits (form) body."""
+    check_fields(body, IMAGE_FIELDS)
+    check_model(body, served)
+    prompt = _prompt(body)
+    n = _int_field(body, "n", form, default=1, lo=1, hi=MAX_N)
+    height, width = parse_size(body.get("size"))
+    response_format = body.get("response_format") or "b64_json"
+    if response_format not in RESPONSE_FORMATS:
+        raise bad_param("response_format", f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, got {response_format!r}")
+    output_format = body.get("output_format") or "png"
+    if output_format not in IMAGE_FORMATS:
+        raise bad_param("output_format", f"output_format must be one of {', '.join(IMAGE_FORMATS)}, got {output_format!r}")
+    compression = _int_field(body, "output_compression", form, lo=0, hi=100)
+    extras = diffusion_extras(body, form)
+    stream = body.get("stream")
+    if stream not in (None, False, "false"):
+        raise bad_param("stream", "streaming partial images is not supported")
+    base = dict(prompt=prompt, height=height, width=width, **extras)
+    if images:
+        base["image"] = images if len(images) > 1 else images[0]
+    seed = base.pop("seed", None)
+    if seed is None:
+        import secrets
+
+        seed = secrets.randbelow(2**31)
+    kwargs = []
+    for i in range(n):  # image i is generate(seed=seed + i): each one can batch with any other request
+        kw = {k: v for k, v in base.items() if v is not None}
+        kw["seed"] = seed + i if isinstance(seed, int) and not isinstance(seed, bool) else seed
+        kwargs.append(kw)
+    return ImageJob(kwargs, response_format, output_format, compression)
+
+
+VIDEO_FIELDS = ("prompt", "model", "seconds", "size", "input_reference", *VIDEO_EXTRAS, *INT_EXTRAS, *FLOAT_EXTRAS,
+                *STR_EXTRAS)
+
+
+def video_spec(body: dict, served: str, fps: int, form: bool = False, image=None) -> VideoSpec:
+    """Validate a POST /v1/videos body. ``seconds`` becomes round(seconds * fps) + 1 frames (the model may
+    round it further, as Wan does to 4k+1); ``num_frames`` sets the count directly."""
+    check_fields(body, VIDEO_FIELDS)
+    check_model(body, served)
+    prompt = _prompt(body)
+    height, width = parse_size(body.get("size"))
+    kwargs = dict(prompt=prompt, height=height, width=width,
+                  **diffusion_extras(body, form, INT_EXTRAS + FLOAT_EXTRAS + VIDEO_EXTRAS))
+    seconds = body.get("seconds")
+    if seconds is not None:
+        try:
+            value = float(seconds)
+        except (TypeError, ValueError):
+            raise bad_param("seconds", f"seconds must be a number, got {seconds!r}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise bad_param("seconds", f"seconds must be a positive number, got {seconds!r}")
+        if kwargs.get("num_frames") is not None:
+            raise bad_param("seconds", "give seconds or num_frames, not both")
+        kwargs["num_frames"] = round(value * fps) + 1
+    if image is not None:
+        kwargs["image"] = image
+    if kwargs.get("seed") is None:
+        import secrets
+
+        kwargs["seed"] = secrets.randbelow(2**31)
+    size = body.get("size") if body.get("size") not in (None, "auto") else None
+    return VideoSpec({k: v for k, v in kwargs.items() if v is not None}, size,
+                     None if seconds is None else str(seconds))
+
+
+def decode_data_url(value: str, field: str) -> bytes:
+    """``data:image/png;base64,...`` -> bytes (JSON bodies have no files)."""
+    m = re.match(r"^data:[\w/+.-]*;base64,(.*)$", value, re.S)
+    if not m:
+        raise bad_param(field, f"{field} must be an uploaded file or a 'data:image/...;base64,' URL")
+    try:
+        return base64.b64decode(m.group(1), validate=True)
+    except ValueError:
+        raise bad_param(field, f"{field}: the base64 data does not decode") from None
+
+
+def decode_upload(data: bytes, field: str, max_bytes: int, max_pixels: int):
+    """An uploaded image, decoded in memory: size and pixel count checked before the pixels are."""
+    from PIL import Image
+
+    if len(data) > max_bytes:
+        raise APIError(413, f"{field}: {len(data)} bytes is over the upload limit of {max_bytes} bytes",
+                       param=field, code="upload_too_large")
+    try:
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if width * height > max_pixels:
+            raise bad_param(field, f"{field}: {width}x{height} is over this server's limit of {max_pixels} pixels")
+        img.load()
+    except APIError:
+        raise
+    except Exception as exc:  # PIL raises many types for bad data (incl. its decompression-bomb error)
+        raise bad_param(field, f"{field}: not a readable image ({type(exc).__name__}: {exc})") from None
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def encode_image(image, output_format: str, compression: Optional[int] = None) -> bytes:
+    buf = io.BytesIO()
+    if output_format == "png":
+        image.save(buf, format="PNG")
+    else:
+        image.save(buf, format=output_format.upper(), quality=95 if compression is None else compression)
+    return buf.getvalue()

@@ -1,0 +1,73 @@
+"""`diffcore serve`: uvicorn around the app; loads the model while /health answers 503; exits 0 on
+SIGINT/SIGTERM after in-flight requests finish."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+import time
+
+from .settings import ServeSettings
+
+
+def _uvicorn_server():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises the signal it caught after shutting down (exit status 130/143); a server
+        that drained cleanly exits 0 instead."""
+
+        state = None
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig, frame):
+            if self.state is not None:
+                self.state.closing = True  # requests on open connections get 503 from now on
+            super().handle_exit(sig, frame)
+
+    return Server
+
+
+def serve(model: str, settings: ServeSettings, engine_kwargs: dict, log_level: str = "info") -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        print("error: diffcore serve needs the serve extra: pip install 'diffcore[serve]'", file=sys.stderr)
+        return 2
+    from ..api import DiffGenerator
+    from .app import create_app
+
+    app = create_app(settings, loader=lambda: DiffGenerator.from_pretrained(model, **engine_kwargs), model_name=model)
+    state = app.state.diffcore
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=int(settings.request_timeout) + 1)
+    server = _uvicorn_server()(config)
+    server.state = state
+
+    def announce():
+        while not (state.ready.is_set() and server.started):
+            if state.load_error or server.should_exit:
+                if state.load_error:
+                    print(f"error: {state.load_error}", file=sys.stderr, flush=True)
+                    server.should_exit = True
+                return
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1] if server.servers else settings.port
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        print(f"diffcore serve: {state.model_name} ready at http://{host}:{port}", flush=True)
+
+    threading.Thread(target=announce, name="diffcore-serve-announce", daemon=True).start()
+    server.run()
+    return 2 if state.load_error else 0

@@ -1,0 +1,130 @@
+// The playground uses the public routes only, like any other client. No build step, no CDN.
+"use strict";
+const $ = (id) => document.getElementById(id);
+let info = null;
+
+function headers(extra) {
+  const h = Object.assign({}, extra || {});
+  const key = $("api-key").value || localStorage.getItem("diffcore-api-key");
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+async function api(path, options) {
+  const response = await fetch(path, Object.assign({}, options, { headers: headers((options || {}).headers) }));
+  if (response.status === 401) {
+    $("key-box").classList.remove("hidden");
+    throw new Error("this server needs an API key: enter it above");
+  }
+  if (!response.ok) {
+    let message = response.status + " " + response.statusText;
+    try { message = (await response.json()).error.message; } catch (e) { /* not JSON */ }
+    const error = new Error(message); error.status = response.status; throw error;
+  }
+  return response;
+}
+
+async function connect() {
+  try {
+    info = await (await api("/v1/playground/info")).json();
+  } catch (error) {
+    $("model").textContent = error.status === 503 ? "loading the model..." : error.message;
+    setTimeout(connect, 1000);
+    return;
+  }
+  $("model").textContent = info.model + (info.video ? " (video)" : "");
+  const d = info.defaults;
+  if (d.width) $("width").value = d.width;
+  if (d.height) $("height").value = d.height;
+  $("steps").value = d.num_inference_steps;
+  $("guidance").value = d.guidance_scale;
+  $("image-box").classList.toggle("hidden", info.max_images === 0);
+  $("frames-box").classList.toggle("hidden", !info.video);
+}
+
+function params() {
+  const p = { prompt: $("prompt").value };
+  const add = (name, id, parse) => { const v = $(id).value; if (v !== "") p[name] = parse(v); };
+  add("negative_prompt", "negative", String);
+  add("num_inference_steps", "steps", parseInt);
+  add("guidance_scale", "guidance", parseFloat);
+  add("seed", "seed", parseInt);
+  if ($("width").value && $("height").value) p.size = $("width").value + "x" + $("height").value;
+  if (info.video) add("num_frames", "frames", parseInt);
+  return p;
+}
+
+function asForm(p, fileField, file) {
+  const form = new FormData();
+  for (const [k, v] of Object.entries(p)) form.append(k, String(v));
+  form.append(fileField, file);
+  return form;
+}
+
+async function generateImage(p, file) {
+  const body = file ? asForm(p, "image", file) : JSON.stringify(Object.assign({ response_format: "b64_json" }, p));
+  const path = file ? "/v1/images/edits" : "/v1/images/generations";
+  const opts = { method: "POST", body };
+  if (!file) opts.headers = { "Content-Type": "application/json" };
+  const out = await (await api(path, opts)).json();
+  const img = document.createElement("img");
+  img.alt = p.prompt;
+  img.src = "data:image/" + out.output_format + ";base64," + out.data[0].b64_json;
+  return { element: img, seed: out.data[0].seed };
+}
+
+async function generateVideo(p, file) {
+  const opts = { method: "POST" };
+  if (file) opts.body = asForm(p, "input_reference", file);
+  else { opts.body = JSON.stringify(p); opts.headers = { "Content-Type": "application/json" }; }
+  let job = await (await api("/v1/videos", opts)).json();
+  while (job.status === "queued" || job.status === "in_progress") {
+    $("progress").value = job.progress;
+    $("status").textContent = job.status.replace("_", " ") + " " + job.progress + "%";
+    await new Promise((r) => setTimeout(r, 500));
+    job = await (await api("/v1/videos/" + job.id)).json();
+  }
+  if (job.status !== "completed") throw new Error("video failed: " + (job.error ? job.error.message : job.status));
+  const blob = await (await api("/v1/videos/" + job.id + "/content")).blob();
+  const video = document.createElement("video");
+  video.src = URL.createObjectURL(blob); video.controls = true; video.loop = true; video.autoplay = true; video.muted = true;
+  return { element: video, seed: p.seed };
+}
+
+function remember(result, prompt) {
+  const fig = document.createElement("figure");
+  const thumb = result.element.cloneNode(true);
+  thumb.removeAttribute("controls");
+  fig.appendChild(thumb);
+  const cap = document.createElement("figcaption");
+  cap.textContent = prompt.slice(0, 40) + (result.seed !== undefined ? " (seed " + result.seed + ")" : "");
+  fig.appendChild(cap);
+  fig.onclick = () => { $("result").replaceChildren(result.element.cloneNode(true)); };
+  $("history").prepend(fig);
+  while ($("history").children.length > 12) $("history").lastChild.remove();
+}
+
+$("api-key").addEventListener("change", () => { localStorage.setItem("diffcore-api-key", $("api-key").value); connect(); });
+
+$("form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  if (!info) return;
+  const p = params();
+  const file = $("image").files[0];
+  $("generate").disabled = true; $("error").textContent = "";
+  $("progress").classList.remove("hidden"); $("progress").removeAttribute("value");
+  $("status").textContent = "generating...";
+  const started = performance.now();
+  try {
+    const result = info.video ? await generateVideo(p, file) : await generateImage(p, file);
+    $("result").replaceChildren(result.element);
+    remember(result, p.prompt);
+    $("status").textContent = "done in " + ((performance.now() - started) / 1000).toFixed(1) + " s";
+  } catch (error) {
+    $("error").textContent = error.message; $("status").textContent = "";
+  } finally {
+    $("generate").disabled = false; $("progress").classList.add("hidden");
+  }
+});
+
+connect();
