@@ -1,0 +1,66 @@
+"""The playground page in a real headless chromium (Debian's, driven by playwright): ask for the API key,
+type a prompt, generate, and see the picture the model makes for that seed."""
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'diffcore[serve]'")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
+
+from diffcore.serve.settings import ServeSettings  # noqa: E402
+from diffcore.testing.serving import running_server  # noqa: E402
+
+# The flags a closed-network machine needs (no background connections, no GPU, root without a sandbox).
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None and Path("/usr/bin/chromium").exists():
+        path = "/usr/bin/chromium"
+    if path is None:
+        pytest.skip("no chromium on this machine: `apt-get install chromium` (bash scripts/install-browser.sh, "
+                    "which .ci/run calls, does it as root); skipping the browser test")
+    return path
+
+
+def test_playground_generates_in_a_browser(toy_gen, tmp_path):
+    from PIL import Image
+
+    exe = chromium()
+    settings = ServeSettings(served_model_name="toy", api_key="browser-key")
+    with running_server(toy_gen, settings) as (base, _), sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=FLAGS)  # playwright makes a fresh profile
+        try:
+            page = browser.new_page()
+            page.goto(base + "/")
+            page.wait_for_selector("#key-box:not(.hidden)", timeout=20_000)  # the page asks for the key
+            page.fill("#api-key", "browser-key")
+            page.dispatch_event("#api-key", "change")
+            page.wait_for_function("document.getElementById('model').textContent === 'toy'", timeout=20_000)
+            page.fill("#prompt", "a red circle")
+            page.fill("#width", "32")
+            page.fill("#height", "32")
+            page.fill("#steps", "2")
+            page.fill("#seed", "11")
+            page.click("#generate")
+            page.wait_for_function("(() => { const i = document.querySelector('#result img');"
+                                   " return i && i.complete && i.naturalWidth > 0; })()", timeout=60_000)
+            assert page.inner_text("#error") == ""
+            src = page.get_attribute("#result img", "src")
+            assert page.locator("#history figure").count() == 1
+            shot = tmp_path / "playground.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 1000
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+    want = np.asarray(toy_gen.generate(prompt="a red circle", height=32, width=32, num_inference_steps=2, seed=11).images[0])
+    np.testing.assert_array_equal(shown, want)
