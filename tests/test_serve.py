@@ -222,3 +222,12 @@ def test_request_timeout_and_disconnect_drop_queued_requests(toy_gen):
     assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
     assert 'diffcore_requests_dropped_total{reason="disconnect"} 1.0' in metrics
     assert 'diffcore_requests_dropped_total{reason="timeout"} 1.0' in metrics
+
+
+def test_videos_on_an_image_model_is_400(client):
+    import warnings
+
+    with warnings.catch_warnings(), pytest.raises(openai.BadRequestError) as info:
+        warnings.simplefilter("ignore", DeprecationWarning)
+        client.videos.create(prompt=PROMPT)
+    assert "/v1/images/generations" in info.value.body["message"]

@@ -115,6 +115,8 @@ async def wait_all(request: Request, state, futures: list) -> list:
 
 
 async def run_images(request: Request, state, job: schemas.ImageJob) -> Response:
+    if state.generator.config.is_video:
+        raise bad_param("model", f"model {state.model_name!r} generates videos; use POST /v1/videos")
     prevalidate(state, job.kwargs[0])
     try:
         futures = submit_all(state, job.kwargs)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import QueueFullError
@@ -58,7 +58,8 @@ async def list_videos(request: Request):
 
 @router.get("/v1/videos/{video_id}")
 async def get_video(request: Request, video_id: str):
-    return ready_state(request).jobs.get(video_id).to_json()
+    job = ready_state(request).jobs.get(video_id).to_json()
+    return JSONResponse(job, headers={"openai-poll-after-ms": "250"})  # the openai client's poll() reads it
 
 
 @router.delete("/v1/videos/{video_id}")

@@ -1,0 +1,105 @@
+"""Video jobs over HTTP with the official openai client: create (T2V and I2V), poll, progress, download,
+list, delete (queued and running)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'diffcore[serve]'")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+imageio = pytest.importorskip("imageio.v2")
+
+from wan_testlib import ours, random_image  # noqa: E402
+
+from diffcore.serve.settings import ServeSettings  # noqa: E402
+from diffcore.testing.serving import openai_client, png_bytes, running_server  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
+EXTRA = {"seed": 3, "num_inference_steps": 2}
+
+
+def frames(path) -> np.ndarray:
+    return np.stack(list(imageio.mimread(str(path))))
+
+
+@pytest.fixture(scope="module")
+def server(wan_folders):
+    gen = ours(wan_folders["ti2v"])  # TI2V: text-to-video, and image-to-video with an input image
+    with running_server(gen, ServeSettings(served_model_name="wan")) as (base, app):
+        yield base, app, gen
+
+
+def test_text_and_image_to_video_jobs(server, tmp_path):
+    base, app, gen = server
+    client = openai_client(base)
+    job = client.videos.create(model="wan", prompt="a cat surfing", size="32x32", seconds="0.17", extra_body=EXTRA)
+    assert job.object == "video" and job.status in ("queued", "in_progress", "completed") and job.model == "wan"
+    assert job.size == "32x32" and job.seconds == "0.17"
+    done = client.videos.poll(job.id, poll_interval_ms=20)
+    assert done.status == "completed" and done.progress == 100 and done.completed_at >= done.created_at
+    got = tmp_path / "got.mp4"
+    got.write_bytes(client.videos.download_content(job.id).content)
+    want = tmp_path / "want.mp4"  # round(0.17 s * 24 fps) + 1 = 5 frames
+    gen.generate(prompt="a cat surfing", height=32, width=32, num_frames=5, **EXTRA).save(want)
+    assert frames(got).shape == (5, 32, 32, 3)
+    np.testing.assert_array_equal(frames(got), frames(want))
+
+    ref = random_image(32, 32, seed=1)
+    i2v = client.videos.create(prompt="a cat surfing", size="32x32", input_reference=("ref.png", png_bytes(ref), "image/png"),
+                               extra_body={**EXTRA, "num_frames": 5})
+    assert client.videos.poll(i2v.id, poll_interval_ms=20).status == "completed"
+    (tmp_path / "i2v.mp4").write_bytes(client.videos.download_content(i2v.id).content)
+    gen.generate(prompt="a cat surfing", image=ref, height=32, width=32, num_frames=5, **EXTRA).save(tmp_path / "want2.mp4")
+    np.testing.assert_array_equal(frames(tmp_path / "i2v.mp4"), frames(tmp_path / "want2.mp4"))
+    assert not np.array_equal(frames(tmp_path / "i2v.mp4"), frames(got))  # the image conditions the video
+
+    listed = [v.id for v in client.videos.list().data]
+    assert listed[:2] == [i2v.id, job.id]  # newest first
+    assert client.videos.delete(job.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(job.id)
+
+
+def test_progress_then_delete_a_running_and_a_queued_job(server):
+    base, app, _ = server
+    client = openai_client(base)
+    long = client.videos.create(prompt="a long one", size="32x32", extra_body={"seed": 0, "num_inference_steps": 60,
+                                                                                "num_frames": 5})
+    queued = client.videos.create(prompt="never runs", size="32x32", extra_body={**EXTRA, "num_frames": 5})
+    seen = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        video = client.videos.retrieve(long.id)
+        seen.add(video.progress)
+        if 0 < video.progress < 100 and video.status == "in_progress":
+            break
+        time.sleep(0.01)
+    assert any(0 < p < 100 for p in seen), f"no partial progress seen: {seen}"
+    with pytest.raises(openai.APIStatusError) as info:  # not finished: no content yet
+        client.videos.download_content(long.id)
+    assert info.value.status_code == 409
+    future = app.state.diffcore.jobs.get(queued.id).future
+    assert client.videos.delete(queued.id).deleted and future.cancelled()  # left the queue without running
+    assert client.videos.delete(long.id).deleted
+    for job_id in (long.id, queued.id):
+        with pytest.raises(openai.NotFoundError):
+            client.videos.retrieve(job_id)
+
+
+def test_video_errors(server):
+    base, _, _ = server
+    client = openai_client(base)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.videos.create(prompt="x", size="32", extra_body=EXTRA)
+    assert info.value.body["param"] == "size"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.videos.create(prompt="x", seconds="soon", extra_body=EXTRA)
+    assert info.value.body["param"] == "seconds"
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve("video_nope")
+    assert httpx.get(base + "/v1/images/files/" + "a" * 32).status_code == 404
+    response = httpx.post(base + "/v1/images/generations", json={"prompt": "x"})  # a video model: no images API
+    assert response.status_code == 400 and "/v1/videos" in response.json()["error"]["message"]
