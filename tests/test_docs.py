@@ -145,6 +145,11 @@ def _check_excerpt(block: Block) -> None:
                                  f"(in this order):\n" + "\n".join(chunk))
 
 
+def is_serve_example(block: Block) -> bool:
+    """``python serve`` / ``bash serve`` (``serve=edit``) blocks need a running server: test_serve_docs.py."""
+    return "serve" in block.flags or "serve" in block.options
+
+
 def _register_hooks(block: Block, defined: dict) -> None:
     """Register the hook functions a block defined in a strict manager and resolve every record."""
     from diffcore.plugins import PluginManager
@@ -194,7 +199,7 @@ def test_python_examples_run(doc, in_workdir):
     for block in blocks(doc):
         if block.lang != "python":
             continue
-        if "excerpt" not in block.options:  # excerpts: test_excerpts_match_their_sources
+        if "excerpt" not in block.options and not is_serve_example(block):  # both tested elsewhere
             _run_python(block, namespace)
 
 
