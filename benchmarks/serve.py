@@ -1,0 +1,124 @@
+"""`diffcore serve` under load: requests/s and p50/p99 latency at 1, 4 and 16 concurrent clients, batching
+on (--max-batch-size 8) vs off (1), on the demo model and FLUX-medium.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.serve [--models demo,flux] [--clients 1,4,16] [--rounds 2]
+
+The real server runs on 127.0.0.1 in this process (uvicorn in a thread); clients are threads posting
+/v1/images/generations with distinct seeds. Batching on and off alternate (on, off, on, off, ...) for
+``--rounds`` rounds at every client count; each cell reports the median over rounds. Results go to
+benchmarks/results/serve.json and a markdown table on stdout (pasted into benchmarks/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Per request: what a client asks for. FLUX-medium at 128x128 and 8 steps keeps a run in minutes on 2 cores.
+MODELS = {
+    "demo": dict(size="128x128", num_inference_steps=20),
+    "flux": dict(size="128x128", num_inference_steps=8, guidance_scale=3.5),
+}
+
+
+def load(name: str, threads: int):
+    from diffcore import DiffGenerator
+
+    if name == "demo":
+        return DiffGenerator.from_pretrained("demo", progress=False, num_threads=threads)
+    from benchmarks.workloads import checkpoint
+
+    return DiffGenerator.from_pretrained(checkpoint("flux"), dtype="float32", progress=False, num_threads=threads)
+
+
+def run_cell(gen, model: str, batching: bool, clients: int, requests: int, seed0: int) -> dict:
+    import httpx
+
+    from diffcore.serve.settings import ServeSettings
+    from diffcore.testing.serving import running_server
+
+    settings = ServeSettings(max_batch_size=8 if batching else 1, batch_wait_ms=20, max_queue=256)
+    body = {"prompt": "a red circle on a blue background", **MODELS[model]}
+    with running_server(gen, settings) as (base, app), httpx.Client(timeout=3600) as http:
+        batches = []
+        app.state.diffcore.runner.on_batch = lambda n: batches.append(n)
+
+        def one(i: int) -> float:
+            start = time.perf_counter()
+            r = http.post(base + "/v1/images/generations", json={**body, "seed": seed0 + i})
+            r.raise_for_status()
+            return time.perf_counter() - start
+
+        start = time.perf_counter()
+        with cf.ThreadPoolExecutor(clients) as pool:
+            latencies = sorted(pool.map(one, range(requests)))
+        wall = time.perf_counter() - start
+    q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+    return {"req_per_s": requests / wall, "p50_s": statistics.median(latencies), "p99_s": q[98],
+            "mean_batch": statistics.mean(batches) if batches else None, "requests": requests}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="demo,flux")
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--rounds", type=int, default=2, help="on/off pairs per cell (median reported)")
+    ap.add_argument("--requests", type=int, default=0, help="requests per cell (default: 2x clients, at least 4)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the engine")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from diffcore.serve.runner import make_runner
+
+    clients = [int(c) for c in args.clients.split(",")]
+    meta = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "load_at_start": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "threads": args.threads, "rounds": args.rounds, "models": {m: MODELS[m] for m in args.models.split(",")}}
+    rows = []
+    for model in args.models.split(","):
+        gen = load(model, args.threads)
+        runner = make_runner(gen, max_queue=1)
+        meta.setdefault("runner", type(runner).__name__)  # SerialRunner: no batching scheduler in the engine
+        runner.shutdown()
+        gen.generate(prompt="warm-up", seed=0, **_params(MODELS[model]))  # first call pays one-time layouts
+        for n in clients:
+            requests = args.requests or max(4, 2 * n)
+            cells = {True: [], False: []}
+            for r in range(args.rounds):
+                for batching in (True, False):
+                    cells[batching].append(run_cell(gen, model, batching, n, requests, seed0=1000 * r))
+            for batching, results in cells.items():
+                row = {"model": model, "clients": n, "batching": batching, "requests": requests}
+                for key in ("req_per_s", "p50_s", "p99_s", "mean_batch"):
+                    values = [c[key] for c in results if c[key] is not None]
+                    row[key] = statistics.median(values) if values else None
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    meta["load_at_end"] = os.getloadavg()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "serve.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(table(meta, rows))
+    return 0
+
+
+def _params(request: dict) -> dict:
+    w, h = (int(v) for v in request["size"].split("x"))
+    return {"height": h, "width": w, **{k: v for k, v in request.items() if k != "size"}}
+
+
+def table(meta: dict, rows: list[dict]) -> str:
+    out = ["| model | clients | batching | req/s | p50 (s) | p99 (s) | mean batch |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mb = "-" if r["mean_batch"] is None else f"{r['mean_batch']:.1f}"
+        out.append(f"| {r['model']} | {r['clients']} | {'on' if r['batching'] else 'off'} | {r['req_per_s']:.2f} | "
+                   f"{r['p50_s']:.2f} | {r['p99_s']:.2f} | {mb} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
