@@ -65,9 +65,9 @@ class SerialRunner:
             if item is None:
                 break
             future, kwargs, on_step = item
-            try:
-                if not future.set_running_or_notify_cancel():
-                    continue
+            running = future.set_running_or_notify_cancel()
+            result = error = None
+            if running:
                 if self.on_batch is not None:
                     self.on_batch(1)
                 callback = None
@@ -75,12 +75,13 @@ class SerialRunner:
                     steps = kwargs.get("num_inference_steps") or self.generator.sampling_params_cls().num_inference_steps
                     callback = lambda i, t, latents: on_step(i + 1, steps)  # noqa: E731
                 try:
-                    future.set_result(self.generator.generate(**kwargs, callback=callback))
+                    result = self.generator.generate(**kwargs, callback=callback)
                 except BaseException as exc:  # the caller's error, on its own future
-                    future.set_exception(exc)
-            finally:
-                with self._lock:
-                    self._pending -= 1
+                    error = exc
+            with self._lock:  # before the caller hears back, so queue_depth is already right then
+                self._pending -= 1
+            if running:
+                future.set_exception(error) if error is not None else future.set_result(result)
         # fail whatever is still queued
         while True:
             try:
