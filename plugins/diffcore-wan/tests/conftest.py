@@ -31,4 +31,7 @@ def fewstep_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("fewstep")
     pipe = build_wan_pipeline("t2v21", seed=4)
     return {"dmd": save_as(pipe, root / "dmd", "WanDMDPipeline"),
-            "causal": save_as(pipe, root / "causal", "WanCausalDMDPipeline", {"num_frames_per_block": 2})}
+            "causal": save_as(pipe, root / "causal", "WanCausalDMDPipeline", {"num_frames_per_block": 2}),
+            # FastWan 2.2 TI2V-5B-like (first-frame image, per-token timesteps), TurboWan 2.2 I2V-like (two experts)
+            "ti2v": save_as(build_wan_pipeline("ti2v", seed=5), root / "ti2v", "WanDMDPipeline"),
+            "i2v22": save_as(build_wan_pipeline("i2v22", seed=6), root / "i2v22", "WanDMDPipeline")}

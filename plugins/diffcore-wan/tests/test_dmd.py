@@ -68,30 +68,56 @@ def test_stage_equals_the_plain_loop_bit_exact(fewstep_folders, timesteps):
     assert torch.equal(req.generator.get_state(), g.get_state())  # the noise stream continued the same way
 
 
-@pytest.fixture(scope="module")
-def diffusers_wan(fewstep_folders):
-    from diffusers import WanPipeline, WanTransformer3DModel
+def load_diffusers(folder, image_to_video: bool = False):
+    from diffusers import WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
 
     with mock.patch.object(WanTransformer3DModel, "_keep_in_fp32_modules", None):
-        pipe = WanPipeline.from_pretrained(fewstep_folders["dmd"])
+        pipe = (WanImageToVideoPipeline if image_to_video else WanPipeline).from_pretrained(folder)
+    if pipe.config.get("expand_timesteps") and not image_to_video:  # TI2V with an image: diffusers' I2V pipeline
+        parts = {k: getattr(pipe, k) for k in ("tokenizer", "text_encoder", "vae", "transformer")}
+        pipe = WanImageToVideoPipeline(**parts, scheduler=pipe.scheduler, expand_timesteps=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def diffusers_dmd(pipe, prompt, timesteps, shift, seed, num_frames, height, width):
-    """FastWan sampling with diffusers' Wan components: encode, draw, the plain DMD loop, decode."""
+@pytest.fixture(scope="module")
+def diffusers_wan(fewstep_folders):
+    return load_diffusers(fewstep_folders["dmd"])
+
+
+def diffusers_dmd(pipe, prompt, timesteps, shift, seed, num_frames, height, width, image=None):
+    """DMD sampling with diffusers' Wan components: encode, draw (+ image condition as diffusers' Wan
+    pipelines build it), the plain DMD loop (experts switched at the boundary), decode."""
     prompts = [prompt] if isinstance(prompt, str) else prompt
+    cfg = pipe.config
     with torch.inference_mode():
         embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=512)
         g = torch.Generator("cpu").manual_seed(seed)
-        x = pipe.prepare_latents(len(prompts), pipe.transformer.config.in_channels, height, width, num_frames,
-                                 torch.float32, torch.device("cpu"), g)
+        model_in, ts_of = (lambda x: x), (lambda t, x: torch.tensor([float(t)]).expand(x.shape[0]))
+        if image is None:
+            x = pipe.prepare_latents(len(prompts), pipe.transformer.config.in_channels, height, width, num_frames,
+                                     torch.float32, torch.device("cpu"), g)
+        else:
+            pixels = pipe.video_processor.preprocess(image, height=height, width=width).to(torch.float32)
+            out = pipe.prepare_latents(pixels, len(prompts), pipe.vae.config.z_dim, height, width, num_frames,
+                                       torch.float32, torch.device("cpu"), g)
+            if cfg.get("expand_timesteps"):
+                x, condition, mask = out
+                model_in = lambda x: (1 - mask) * condition + mask * x  # noqa: E731
+                ts_of = lambda t, x: (mask[0][0][:, ::2, ::2] * float(t)).flatten()[None].expand(x.shape[0], -1)  # noqa: E731
+            else:
+                x, condition = out
+                model_in = lambda x: torch.cat([x, condition], dim=1)  # noqa: E731
+        boundary = (cfg.get("boundary_ratio") or 0) * 1000
 
         def call(x, t):
-            ts = torch.tensor([float(t)]).expand(x.shape[0])
-            return pipe.transformer(hidden_states=x, timestep=ts, encoder_hidden_states=embeds, return_dict=False)[0]
+            model = pipe.transformer if t >= boundary or pipe.transformer_2 is None else pipe.transformer_2
+            return model(hidden_states=model_in(x), timestep=ts_of(t, x), encoder_hidden_states=embeds,
+                         return_dict=False)[0]
 
         x0 = plain_dmd(call, x, timesteps, grid(shift), g)
+        if cfg.get("expand_timesteps") and image is not None:  # the clean first frame is the image's
+            x0 = model_in(x0)
         vae = pipe.vae
         mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
@@ -111,6 +137,31 @@ def test_wan_dmd_pipeline_matches_diffusers_components(fewstep_folders, diffuser
     want = diffusers_dmd(diffusers_wan, prompt, timesteps, shift, seed, **KW)
     assert got.shape == (len(want), 5, 32, 48, 3)
     compare(got, want)
+
+
+@pytest.mark.parametrize("kind,config,size,timesteps", [
+    ("ti2v", "FastWan22TI2V5BConfig", (64, 96), [1000, 757, 522]),  # first frame = the image, per-token t
+    ("i2v22", "TurboWan22I2VConfig", (48, 32), [996, 932, 852, 608]),  # the last step runs transformer_2
+])
+def test_image_conditioned_dmd_matches_diffusers_components(fewstep_folders, kind, config, size, timesteps):
+    from wan_testlib import random_image
+
+    gen = ours(fewstep_folders[kind])
+    assert type(gen.config).__name__ == config
+    image, kw = random_image(56, 40, seed=3), dict(num_frames=5, height=size[0], width=size[1])
+    calls = []
+    hooks = [gen.components[n].register_forward_hook(lambda m, a, out, name=n: calls.append(name))
+             for n in ("transformer", "transformer_2") if gen.components.get(n) is not None]
+    try:
+        got = gen.generate(prompt="a cat walks", image=image, seed=4, output_type="np", **kw).output
+    finally:
+        for h in hooks:
+            h.remove()
+    want = diffusers_dmd(load_diffusers(fewstep_folders[kind], image_to_video=kind == "i2v22"), "a cat walks",
+                         timesteps, 8.0, 4, image=image, **kw)
+    compare(got, want)
+    if kind == "i2v22":  # boundary 0.9: 996 and 932 on the high-noise expert, 852 and 608 on the low-noise one
+        assert calls == ["transformer", "transformer", "transformer_2", "transformer_2"]
 
 
 def test_seed_reproduces_and_timesteps_matter(fewstep_folders):
