@@ -172,6 +172,9 @@ def test_seed_reproduces_and_timesteps_matter(fewstep_folders):
     assert np.abs(first - run(seed=12)).max() > 1e-3
     assert np.abs(first - run(seed=11, timesteps=[1000, 600])).max() > 1e-3
     assert gen.config.dmd.timesteps == (1000, 757, 522) and gen.config.cfg == "none"
+    seen = []
+    gen.generate(prompt="a cat", output_type="latent", callback=lambda i, t, x: seen.append((i, float(t))), **KW)
+    assert seen == [(0, 1000.0), (1, 757.0), (2, 522.0)]  # the step callback, as DenoisingStage calls it
 
 
 @pytest.mark.parametrize("kwargs,field", [
