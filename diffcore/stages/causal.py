@@ -9,9 +9,12 @@ request's ``block_callback``, which is what makes streaming possible.
 
 The model protocol: ``model.new_kv_cache(latent_shape, window, sink)`` and ``forward(...,
 kv_cache=cache, start_frame=s)`` on one block of latent frames starting at video frame ``s``.
-Everything per generation (cache, block index, decoder state) is local to ``forward``.
+Everything per generation (cache, block index, decoder state) is local to ``forward``. The stage's
+time includes the block decodes; ``timings["block_decoding"]`` says how much of it they took.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -60,9 +63,12 @@ class CausalDMDDenoisingStage(DmdDenoisingStage):
                               bar_desc=f"block {b + 1}/{num_blocks}")
             predict(self.config, model, x0, causal.context_timestep, kwargs, req)  # writes the clean K/V
             out[:, :, s:s + n] = x0
-            block_pixels = decode(x0, last=b == num_blocks - 1) if decode is not None else None
-            if block_pixels is not None:
+            block_pixels = None
+            if decode is not None:
+                start = time.perf_counter()
+                block_pixels = decode(x0, last=b == num_blocks - 1)
                 pixels.append(block_pixels)
+                req.timings["block_decoding"] = req.timings.get("block_decoding", 0.0) + time.perf_counter() - start
             if req.block_callback is not None:
                 req.block_callback(b, x0, None if block_pixels is None else block_pixels.cpu().numpy())
         req.latents, req.condition = out, None
