@@ -176,9 +176,11 @@ class StreamDecoder:
     @torch.inference_mode()
     def decode(self, z: torch.Tensor, last: bool = False) -> torch.Tensor:
         vae, p = self.vae, self.vae.patch_size or 1
-        x = vae.post_quant_conv(z)
-        if x.device.type == "cpu":
+        channels_last = z.device.type == "cpu" and fastpaths.enabled("channels_last_conv", z.dtype)
+        if channels_last:  # as in decode: weights converted (under the lock) before any is used
             vae._use_channels_last()
+        x = vae.post_quant_conv(z)
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         chunks = []
         for i in range(z.shape[2]):

@@ -30,6 +30,7 @@ class CausalDMDDenoisingStage(DmdDenoisingStage):
 
     inputs = (In("latents", torch.Tensor), In("condition", dict), In("generator", torch.Generator))
     outputs = (Out("latents", torch.Tensor), Out("output", torch.Tensor, required=False))
+    consumes = ("condition",)  # freed after the loop: per-request tensors must not outlive it
 
     def __init__(self, config, transformers: list, components: dict | None = None, name: str = "denoising",
                  progress: bool = True, callback=None):

@@ -94,6 +94,7 @@ class DmdDenoisingStage(PipelineStage):
 
     inputs = (In("latents", torch.Tensor), In("condition", dict), In("generator", torch.Generator))
     outputs = (Out("latents", torch.Tensor),)
+    consumes = ("condition",)  # freed after the loop: per-request tensors must not outlive it
 
     def __init__(self, config, transformers: list, name: str = "denoising", progress: bool = True,
                  callback=None, engine_args=None):
