@@ -242,3 +242,22 @@ def test_per_row_weights_give_each_row_its_own_adapters(gen, files):
         with lora_scope(weights):
             batched = model(x, t, ctx, pooled)
     torch.testing.assert_close(batched, torch.cat(solo), rtol=1e-5, atol=1e-6)
+
+
+def test_hub_repo_ids_load_from_the_cache_offline(gen, files, tmp_path, monkeypatch):
+    """A repo id with weight_name resolves through huggingface_hub's cache (here a hand-made snapshot)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    snap = tmp_path / "hub" / "models--org--style-lora" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    shutil.copy(files["style"], snap / "style_v2.safetensors")
+    (tmp_path / "hub" / "models--org--style-lora" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--style-lora" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    name = gen.load_lora("org/style-lora", weight_name="style_v2.safetensors")
+    assert name == "style_v2" and gen.loras[name].source.endswith("style_v2.safetensors")
+    gen.load_lora(files["style"], name="local")
+    assert np.array_equal(_run(gen, loras={"style_v2": 0.5}), _run(gen, loras={"local": 0.5}))
