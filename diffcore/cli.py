@@ -145,7 +145,8 @@ def _serve(args) -> int:
         engine["cache_threshold"] = args.cache_threshold
     if args.num_threads is not None:
         engine["num_threads"] = args.num_threads
-    return serve(args.model, settings, engine, log_level=args.log_level)
+    loras = [(n if sep else None, path if sep else n) for n, sep, path in (v.partition("=") for v in args.lora or ())]
+    return serve(args.model, settings, engine, log_level=args.log_level, loras=loras)
 
 
 def _add_serve(sub) -> None:
@@ -172,6 +173,8 @@ def _add_serve(sub) -> None:
     s.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
     s.add_argument("--num-threads", type=int)
     s.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin/.pt) weights: runs code from the file")
+    s.add_argument("--lora", action="append", metavar="[NAME=]PATH",
+                   help="load a LoRA at startup (repeatable); requests pick it with loras={name: weight}")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=_serve)
 

@@ -193,7 +193,7 @@ def create_app(settings: Optional[ServeSettings] = None, generator=None, loader:
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
-    from . import routes, videos
+    from . import loras, routes, videos
 
     settings = settings or ServeSettings()
     state = ServerState(settings, model_name)
@@ -234,6 +234,7 @@ def create_app(settings: Optional[ServeSettings] = None, generator=None, loader:
 
     app.include_router(routes.router)
     app.include_router(videos.router)
+    app.include_router(loras.router)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

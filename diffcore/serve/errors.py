@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from ..errors import ConfigError, DiffcoreError, EngineShutdownError, InputError, QueueFullError, SamplingParamError
+from ..errors import (ConfigError, DiffcoreError, EngineShutdownError, InputError, LoraError, LoraNotFoundError,
+                      QueueFullError, SamplingParamError)
 
 log = logging.getLogger("diffcore.serve")
 
@@ -29,10 +30,15 @@ def bad_param(param: str, message: str) -> APIError:
     return APIError(400, message, param=param, code="invalid_value")
 
 
-def from_exception(exc: BaseException) -> APIError:
-    """Map an engine exception to what the client sees; anything unexpected is a 500 (logged by the caller)."""
+def from_exception(exc: BaseException, param: Optional[str] = None) -> APIError:
+    """Map an engine exception to what the client sees; anything unexpected is a 500 (logged by the caller).
+    ``param``: the request field a LoRA error is about (default ``loras``, the per-request selection)."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, LoraNotFoundError):
+        return APIError(400, str(exc), param=param or "loras", code="lora_not_found")
+    if isinstance(exc, LoraError):
+        return APIError(400, str(exc), param=param or "loras", code="invalid_lora")
     if isinstance(exc, SamplingParamError):
         return APIError(400, str(exc), param=exc.param, code="invalid_value")
     if isinstance(exc, QueueFullError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import re
 from typing import Any, Optional
@@ -24,6 +25,7 @@ _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 INT_EXTRAS = ("seed", "num_inference_steps", "max_sequence_length")
 FLOAT_EXTRAS = ("guidance_scale", "true_cfg_scale", "guidance_scale_2")
 STR_EXTRAS = ("negative_prompt",)
+LORAS = "loras"  # {adapter name: weight} of adapters loaded on the server (a JSON string in a form)
 VIDEO_EXTRAS = ("num_frames", "fps")
 # OpenAI fields that mean nothing for a diffusion model: accepted and ignored, so clients work unchanged.
 IGNORED = ("user", "quality", "style", "background", "moderation", "partial_images", "input_fidelity", "mask")
@@ -96,6 +98,18 @@ def diffusion_extras(body: dict, form: bool, names=INT_EXTRAS + FLOAT_EXTRAS) ->
     for name in STR_EXTRAS:
         if body.get(name) is not None:
             out[name] = body[name]
+    loras = body.get(LORAS)
+    if isinstance(loras, str) and form:
+        try:
+            loras = json.loads(loras)
+        except ValueError:
+            raise bad_param(LORAS, 'loras must be a JSON object {"adapter name": weight}') from None
+    if loras is not None:
+        if not isinstance(loras, dict):
+            raise bad_param(LORAS, f'loras must be an object {{"adapter name": weight}}, got {loras!r}')
+        for weight in loras.values():
+            _number(LORAS, weight, float, False)  # NaN / infinity named here; types by the engine
+        out[LORAS] = loras
     return out
 
 
@@ -114,7 +128,7 @@ def check_model(body: dict, served: str) -> None:
 
 
 IMAGE_FIELDS = ("prompt", "n", "size", "response_format", "output_format", "output_compression", "model", "image",
-                "image[]", *INT_EXTRAS, *FLOAT_EXTRAS, *STR_EXTRAS)
+                "image[]", LORAS, *INT_EXTRAS, *FLOAT_EXTRAS, *STR_EXTRAS)
 
 
 def image_job(body: dict, served: str, form: bool = False, images: Optional[list] = None) -> ImageJob:
@@ -151,7 +165,7 @@ def image_job(body: dict, served: str, form: bool = False, images: Optional[list
     return ImageJob(kwargs, response_format, output_format, compression)
 
 
-VIDEO_FIELDS = ("prompt", "model", "seconds", "size", "input_reference", *VIDEO_EXTRAS, *INT_EXTRAS, *FLOAT_EXTRAS,
+VIDEO_FIELDS = ("prompt", "model", "seconds", "size", "input_reference", LORAS, *VIDEO_EXTRAS, *INT_EXTRAS, *FLOAT_EXTRAS,
                 *STR_EXTRAS)
 
 

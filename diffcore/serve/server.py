@@ -40,16 +40,25 @@ def _uvicorn_server():
     return Server
 
 
-def serve(model: str, settings: ServeSettings, engine_kwargs: dict, log_level: str = "info") -> int:
+def load_generator(model: str, engine_kwargs: dict, loras=()):
+    """The model, with the operator's LoRA files (``[(name or None, path)]``) loaded, unapplied."""
+    from ..api import DiffGenerator
+
+    gen = DiffGenerator.from_pretrained(model, **engine_kwargs)
+    for name, path in loras:
+        gen.load_lora(path, name=name)
+    return gen
+
+
+def serve(model: str, settings: ServeSettings, engine_kwargs: dict, log_level: str = "info", loras=()) -> int:
     try:
         import uvicorn
     except ImportError:
         print("error: diffcore serve needs the serve extra: pip install 'diffcore[serve]'", file=sys.stderr)
         return 2
-    from ..api import DiffGenerator
     from .app import create_app
 
-    app = create_app(settings, loader=lambda: DiffGenerator.from_pretrained(model, **engine_kwargs), model_name=model)
+    app = create_app(settings, loader=lambda: load_generator(model, engine_kwargs, loras), model_name=model)
     state = app.state.diffcore
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=int(settings.request_timeout) + 1)
