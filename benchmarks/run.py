@@ -43,9 +43,11 @@ def log(msg: str) -> None:
 
 
 class Worker:
-    def __init__(self, engine: str, folder: Path, pipeline: str, dtype: str, threads: int, compile: bool = False):
+    def __init__(self, engine: str, folder: Path, pipeline: str, dtype: str, threads: int, compile: bool = False,
+                 engine_args: dict | None = None):
         cmd = [sys.executable, "-m", "benchmarks.worker", "serve", "--engine", engine, "--folder", str(folder),
-               "--pipeline", pipeline, "--dtype", dtype, "--threads", str(threads)]
+               "--pipeline", pipeline, "--dtype", dtype, "--threads", str(threads),
+               "--engine-args", json.dumps(engine_args or {})]
         if compile and engine == "diffcore":
             cmd.append("--compile")
         self.engine = engine

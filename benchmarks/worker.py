@@ -4,7 +4,8 @@ The orchestrator (benchmarks/run.py) talks to it with one JSON object per line: 
 replies on the original stdout (library prints are sent to stderr). Separate processes give each
 engine its own peak RSS (VmHWM) and keep one engine's allocator state out of the other's timings.
 
-Commands: {"cmd": "load"}, {"cmd": "run", "params": {...}, "out": "x.npy", "cache": None, "threshold": 0.1},
+Commands: {"cmd": "load"}, {"cmd": "run", "params": {...}, "out": "x.npy", "cache": None}, where ``cache`` is
+{"name": policy, "threshold": t} for diffcore or {"cache_dit": {...}, "taylorseer": order} for diffusers,
 {"cmd": "flops", "params": {...}}, {"cmd": "rss"}, {"cmd": "exit"}; ``python -m benchmarks.worker matmul``
 measures matmul throughput instead.
 """
@@ -147,9 +148,26 @@ class DiffusersEngine(Engine):
 
         self.transformer.register_forward_pre_hook(first_call, with_kwargs=True)
 
+    def _cache_dit(self, cache):
+        """Apply cache-dit (benchmark-only peer) with {"cache_dit": {DBCacheConfig fields}, "taylorseer": order}."""
+        import cache_dit
+
+        if getattr(self, "_cache_dit_on", False):
+            cache_dit.disable_cache(self.pipe)
+            self._cache_dit_on = False
+        if not cache or "cache_dit" not in cache:
+            return
+        calibrator = None
+        if cache.get("taylorseer"):
+            calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=cache["taylorseer"])
+        cache_dit.enable_cache(self.pipe, cache_config=cache_dit.DBCacheConfig(**cache["cache_dit"]),
+                               calibrator_config=calibrator)
+        self._cache_dit_on = True
+
     def run(self, params: dict, cache):
         p = dict(params)
         seed = p.pop("seed", 0)
+        self._cache_dit(cache)
         self.marks.clear()
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -159,6 +177,15 @@ class DiffusersEngine(Engine):
         images = out.frames if hasattr(out, "frames") else out.images
         stages = {"text_encoding": m.get("text", 0.0), "denoising": m["decode_start"] - m["denoise_start"],
                   "decoding": m["decode_end"] - m["decode_start"]}
+        if getattr(self, "_cache_dit_on", False):
+            import cache_dit
+
+            st = cache_dit.summary(self.pipe, logging=False)[0]
+            diffs = sorted(float(v) for v in {**st.residual_diffs, **st.cfg_residual_diffs}.values())
+            skipped = len(st.cached_steps) + len(st.cfg_cached_steps)
+            calls = p.get("num_inference_steps", 0) * (2 if p.get("negative_prompt") and "Wan" in self.pipeline_name else 1)
+            stages["cache_stats"] = {"computed": calls - skipped, "skipped": skipped,
+                                     "residual_diff_median": diffs[len(diffs) // 2] if diffs else None}
         return np.asarray(images, dtype=np.float32), total, stages
 
 
@@ -190,7 +217,8 @@ class DiffcoreEngine(Engine):
 
     def load(self):
         self.pipe = None
-        self.pipe = self.cls.from_pretrained(self.folder, dtype=self.dtype, progress=False, compile=self.compile)
+        self.pipe = self.cls.from_pretrained(self.folder, dtype=self.dtype, progress=False, compile=self.compile,
+                                             **self.engine_args)
         self.transformer = self.pipe.components["transformer"]
 
     def run(self, params: dict, cache):
@@ -209,6 +237,7 @@ class DiffcoreEngine(Engine):
 def serve(args) -> None:
     engine = (DiffusersEngine if args.engine == "diffusers" else DiffcoreEngine)(args.folder, args.dtype, args.pipeline,
                                                                                  args.compile)
+    engine.engine_args = json.loads(args.engine_args)
     engine.preload()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -279,6 +308,7 @@ def main(argv=None) -> None:
     s.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--compile", action="store_true", help="diffcore: EngineArgs(compile=True)")
+    s.add_argument("--engine-args", default="{}", help="diffcore: more EngineArgs as JSON (quantization, gguf, ...)")
     m = sub.add_parser("matmul")
     m.add_argument("--n", type=int, default=2048)
     m.add_argument("--repeat", type=int, default=10)
