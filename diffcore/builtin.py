@@ -38,4 +38,5 @@ def register_cache_policies():
     return [
         CachePolicyRegistration("fbcache", "diffcore.cache.policies:FirstBlockCache"),
         CachePolicyRegistration("teacache", "diffcore.cache.policies:TeaCache"),
+        CachePolicyRegistration("fbcache_taylor", "diffcore.cache.policies:TaylorFirstBlockCache"),
     ]

@@ -77,7 +77,7 @@ def test_policies_are_registered_and_the_model_opts_in(flux_folder):
     assert supports_step_cache(gen.components["transformer"])
 
 
-@pytest.mark.parametrize("policy", ["fbcache", "teacache"])
+@pytest.mark.parametrize("policy", ["fbcache", "teacache", "fbcache_taylor"])
 def test_threshold_zero_equals_uncached_exactly(flux_folder, uncached, policy):
     out, stats, body_runs, _ = _cached(flux_folder, policy, 0.0)
     assert stats == {"computed": STEPS, "skipped": 0}
@@ -85,7 +85,7 @@ def test_threshold_zero_equals_uncached_exactly(flux_folder, uncached, policy):
     assert np.array_equal(out, uncached)
 
 
-@pytest.mark.parametrize("policy,threshold", [("fbcache", 0.3), ("teacache", 0.3)])
+@pytest.mark.parametrize("policy,threshold", [("fbcache", 0.3), ("teacache", 0.3), ("fbcache_taylor", 0.3)])
 def test_skips_calls_and_stays_close(flux_folder, uncached, policy, threshold):
     out, stats, body_runs, _ = _cached(flux_folder, policy, threshold)
     assert stats["computed"] + stats["skipped"] == STEPS
@@ -137,3 +137,12 @@ def test_compile_option_compiles_the_denoiser_lazily(flux_folder):
     assert gen.components["transformer"]._compiled_call_impl is not None
     plain = DiffGenerator.from_pretrained(flux_folder, dtype="float32", progress=False)
     assert plain.components["transformer"]._compiled_call_impl is None
+
+
+def test_taylor_variant_extrapolates_and_warms_up(flux_folder, uncached):
+    plain, plain_stats, _, _ = _cached(flux_folder, "fbcache", 0.3)
+    taylor, stats, body_runs, _ = _cached(flux_folder, "fbcache_taylor", 0.3)
+    assert stats["skipped"] >= 1 and body_runs == stats["computed"]
+    assert stats["computed"] >= 2  # the warm-up steps always run
+    assert not np.array_equal(taylor, plain)  # skipped calls used the extrapolated residual, not the last one
+    print(f"fbcache {plain_stats} {_psnr(plain, uncached):.1f} dB; fbcache_taylor {stats} {_psnr(taylor, uncached):.1f} dB")

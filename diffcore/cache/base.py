@@ -56,6 +56,10 @@ class _Slot:
     probe: Optional[torch.Tensor] = None
     residual: Optional[torch.Tensor] = None
     accumulated: float = 0.0
+    # the residual of the full call before the last one and the steps of both (first-order extrapolation)
+    prev_residual: Optional[torch.Tensor] = None
+    step: int = -1
+    prev_step: int = -1
 
 
 class StepCache:

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .base import StepCache, rel_l1
+from .base import CacheState, StepCache, rel_l1
 
 
 class FirstBlockCache(StepCache):
@@ -20,17 +20,47 @@ class FirstBlockCache(StepCache):
     first-block cache of ParaAttention / xDiT). Typical thresholds: 0.05 (safe) to 0.2 (fast).
     """
 
+    warmup = 0  # steps that always run in full
+    keep_history = False  # also keep the full call before the last one (extrapolating subclasses)
+
     def step(self, model, step: int, branch: str, inputs: dict) -> torch.Tensor:
         state = model.cache_embed(**inputs)
         slot = self.slot(model, branch)
         before = state.hidden
         state = model.cache_blocks(state, 0, 1)
         probe = state.hidden - before
-        if (slot.probe is not None and slot.residual is not None and slot.residual.shape == state.hidden.shape
-                and rel_l1(probe, slot.probe) < self.threshold):
-            return self._skip(model, state, slot)
+        if (step >= self.warmup and slot.probe is not None and slot.residual is not None
+                and slot.residual.shape == state.hidden.shape and rel_l1(probe, slot.probe) < self.threshold):
+            return self._skip_at(model, state, slot, step)
         slot.probe = probe
+        if self.keep_history:
+            slot.prev_residual, slot.prev_step = slot.residual, slot.step
+        slot.step = step
         return self._run(model, state, 1, slot)
+
+    def _skip_at(self, model, state: CacheState, slot, step: int) -> torch.Tensor:
+        return self._skip(model, state, slot)
+
+
+class TaylorFirstBlockCache(FirstBlockCache):
+    """FBCache whose skipped calls extrapolate the cached residual to first order in the step index
+    (the TaylorSeer idea cache-dit offers with its DBCache), and which never skips the first
+    ``warmup`` steps, where consecutive inputs differ most (cache-dit's ``max_warmup_steps``).
+
+    Same signal and threshold as FBCache; the extrapolation ``r + (r - r_prev) * (t - t_r) / (t_r - t_prev)``
+    uses the residuals of the last two full calls.
+    """
+
+    warmup = 2
+    keep_history = True
+
+    def _skip_at(self, model, state: CacheState, slot, step: int) -> torch.Tensor:
+        self.stats["skipped"] += 1
+        residual = slot.residual
+        if slot.prev_residual is not None and slot.step > slot.prev_step >= 0:
+            residual = residual + (residual - slot.prev_residual) * ((step - slot.step) / (slot.step - slot.prev_step))
+        state.hidden = state.hidden + residual
+        return model.cache_tail(state)
 
 
 class TeaCache(StepCache):
