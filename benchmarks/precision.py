@@ -56,7 +56,9 @@ def main(argv=None) -> None:
                 times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     fast, why = precision.native_bf16("cpu")
-    out = {"cpu": fastpaths.cpu_features(), "threads": args.threads, "native_bf16": fast, "why": why,
+    import os
+
+    out = {"cpu": fastpaths.cpu_features(), "threads": args.threads, "load_avg": os.getloadavg(), "native_bf16": fast, "why": why,
            "dtype_none_picks_for_bf16_models": "bfloat16" if fast else "float32", "median_s": med,
            "bf16_over_fp32": {e: med[f"{e} bfloat16"] / med[f"{e} float32"] for e in ("F.linear", "diffcore")}}
     (HERE / "results").mkdir(exist_ok=True)
@@ -65,7 +67,7 @@ def main(argv=None) -> None:
     print(f"| {out['cpu']['capability']} | AVX512-BF16 {out['cpu']['avx512_bf16']}, AMX {out['cpu']['amx_tile']} | "
           f"{med['F.linear float32']:.3f} / {med['F.linear bfloat16']:.3f} ({r['F.linear']:.2f}x) | "
           f"{med['diffcore float32']:.3f} / {med['diffcore bfloat16']:.3f} ({r['diffcore']:.2f}x) | "
-          f"{out['dtype_none_picks_for_bf16_models']} |")
+          f"{out['dtype_none_picks_for_bf16_models']} | {out['load_avg'][0]:.1f} |")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ def run_family(name: str, args) -> list[dict]:
         status = worker.close()
         step = statistics.median(r["stages"]["denoising"] for r in runs) / steps
         row = {"family": name, "config": label, "step_s": step, "peak_rss_mb": status["vmhwm_mb"],
-               "rss_after_load_mb": loaded.get("vmrss_mb"), "load_s": loaded["load_s"]}
+               "rss_after_load_mb": loaded.get("vmrss_mb"), "load_s": loaded["load_s"],
+               "transformer_mb": loaded.get("transformer_mb")}
         if label != "bf16":
             row.update(compare(out, ref_out))
         log(f"{name} {label}: {step:.3f} s/step, peak RSS {row['peak_rss_mb']:.0f} MB"
@@ -77,10 +78,12 @@ def run_family(name: str, args) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| family | weights | s/step | peak RSS MB | RSS after load MB | PSNR vs bf16 dB |", "|---|---|---|---|---|---|"]
+    lines = ["| family | weights | transformer MB | s/step | peak RSS MB | RSS after load MB | PSNR vs bf16 dB |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         psnr = f"{r['psnr_db']:.1f}" if "psnr_db" in r else "–"
-        lines.append(f"| {r['family']} | {r['config']} | {r['step_s']:.3f} | {r['peak_rss_mb']:.0f} | "
+        size = f"{r['transformer_mb']:.0f}" if r.get("transformer_mb") else "–"
+        lines.append(f"| {r['family']} | {r['config']} | {size} | {r['step_s']:.3f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['rss_after_load_mb']:.0f} | {psnr} |")
     return "\n".join(lines)
 

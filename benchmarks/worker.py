@@ -55,6 +55,15 @@ def _extra_flops():
             torch.ops.mkldnn._linear_pointwise: linear}
 
 
+def _tensor_bytes(t) -> int:
+    """Bytes a (possibly quantized) tensor really holds: torchao tensors by their inner tensors, GGUF
+    weights by their packed bytes."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
 def _preimport(folder: str) -> None:
     """Import every class model_index.json names (both engines), so load times exclude Python imports."""
     import importlib
@@ -248,7 +257,8 @@ def serve(args) -> None:
         if name == "load":
             t0 = time.perf_counter()
             engine.load()
-            _reply({"load_s": time.perf_counter() - t0, **_status()})
+            weights = sum(_tensor_bytes(p) for p in engine.transformer.parameters()) / 2**20
+            _reply({"load_s": time.perf_counter() - t0, "transformer_mb": weights, **_status()})
         elif name == "run":
             output, total, stages = engine.run(cmd["params"], cmd.get("cache"))
             if cmd.get("out"):

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with diffcore, its plugins and (with --test) the test dependencies. Idempotent.
+# Create .venv with diffcore, its plugins and (with --test) the test dependencies (--bench: also the benchmark
+# peers). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,6 +12,8 @@ plugins=()
 for p in plugins/diffcore-*; do [ -f "$p/pyproject.toml" ] && plugins+=(-e "$p"); done
 if [ "${1:-}" = "--test" ]; then
   $PIP install -e ".[test,serve,video]" "${plugins[@]}"
+elif [ "${1:-}" = "--bench" ]; then  # the test extras plus the benchmark-only peers (cache-dit, matplotlib)
+  $PIP install -e ".[test,serve,video,bench]" "${plugins[@]}"
 else
   $PIP install -e ".[video,serve]" "${plugins[@]}"
 fi
