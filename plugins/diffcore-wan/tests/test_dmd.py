@@ -196,3 +196,14 @@ def test_timesteps_are_refused_by_a_scheduler_model(wan_folders):
     with pytest.raises(SamplingParamError, match="few-step") as info:
         ours(wan_folders["t2v21"]).generate(prompt="a cat", timesteps=[1000, 500], **KW)
     assert info.value.param == "timesteps"
+
+
+def test_cli_takes_timesteps(fewstep_folders, tmp_path, capsys):
+    from diffcore.cli import main
+
+    out = tmp_path / "fast.png"
+    args = ["generate", "--model", str(fewstep_folders["dmd"]), "--prompt", "a cat", "--num-frames", "5", "--height",
+            "32", "--width", "48", "--quiet", "--dtype", "float32", "--output", str(out)]
+    assert main(args + ["--timesteps", "1000", "500"]) == 0 and out.is_file()
+    assert main(args + ["--timesteps", "500", "1000"]) == 2
+    assert "strictly decreasing" in capsys.readouterr().err
