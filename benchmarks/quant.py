@@ -1,6 +1,6 @@
 """Quantized and GGUF transformers on the CPU: peak memory, step time and PSNR against the unquantized output.
 
-    .venv/bin/python -m benchmarks.quant                 # FLUX, Qwen-Image and Wan medium; results/quant.json
+    .venv/bin/python -m benchmarks.quant                 # FLUX, Qwen-Image and Wan medium; results/quant-flux-qwen-wan.json
     .venv/bin/python -m benchmarks.quant --families flux --steps 4
 
 Each row is diffcore in a fresh worker process (so peak RSS is that configuration's own): bf16
@@ -50,7 +50,7 @@ def gguf_file(folder: Path, qtype: str) -> Path:
     return path
 
 
-def run_family(name: str, args) -> list[dict]:
+def run_family(name: str, args, save=lambda rows: None) -> list[dict]:
     w = WORKLOADS[name]
     params = {**w.params, **SHORT[name], **({"num_inference_steps": args.steps} if args.steps else {})}
     steps = params["num_inference_steps"]
@@ -74,6 +74,7 @@ def run_family(name: str, args) -> list[dict]:
         log(f"{name} {label}: {step:.3f} s/step, peak RSS {row['peak_rss_mb']:.0f} MB"
             + (f", PSNR {row['psnr_db']:.1f} dB" if "psnr_db" in row else ""))
         rows.append(row)
+        save(rows)
     return rows
 
 
@@ -99,10 +100,16 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     TMP.mkdir(parents=True, exist_ok=True)
     started, load_start = time.strftime("%Y-%m-%d %H:%M:%S"), os.getloadavg()
-    rows = [r for name in args.families.split(",") for r in run_family(name, args)]
-    out = {"machine": machine(), "started": started, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-           "threads": args.threads, "rows": rows}
-    (RESULTS / "quant.json").write_text(json.dumps(out, indent=1) + "\n")
+    head = {"machine": machine(), "started": started, "load_avg_start": load_start, "threads": args.threads}
+    done: list[dict] = []
+
+    def save(rows):  # after every row, so an interrupted run keeps what it measured
+        out = {**head, "load_avg_now": os.getloadavg(), "rows": done + rows}
+        (RESULTS / f"quant-{args.families.replace(',', '-')}.json").write_text(json.dumps(out, indent=1) + "\n")
+
+    for name in args.families.split(","):
+        done += run_family(name, args, save)
+    rows = done
     print(table(rows))
 
 
