@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import loader, offload, precision
+from . import loader, offload, parallel, precision
 from .configs.engine_args import EngineArgs
 from .errors import ConfigError, SamplingParamError
 from .quantization import check_supported, quantize_model
@@ -52,13 +52,20 @@ class DiffGenerator:
 
         return any(isinstance(s, CausalDMDDenoisingStage) and s.components is not None for s in self.pipeline.stages)
 
+    @property
+    def rank(self) -> int:
+        """This process's rank in a sequence/CFG parallel run (0 in one process): rank 0 writes outputs."""
+        groups = getattr(self.pipeline, "parallel", None)
+        return 0 if groups is None else groups.rank
+
     @classmethod
     def from_pretrained(cls, model: str | Path, device: str = "cpu", dtype: Any = None,
                         plugin_manager: Optional[PluginManager] = None, **engine_args) -> "DiffGenerator":
         """Load ``model`` (a Diffusers folder, a Hugging Face id or a registered alias).
 
         ``dtype=None`` uses the model's per-component precisions; ``dtype="float32"`` forces fp32.
-        Other keywords are EngineArgs (attention_backend, cache, allow_pickle, revision, ...).
+        Other keywords are EngineArgs (attention_backend, cache, allow_pickle, revision, sp_degree,
+        cfg_parallel, ...). With ``sp_degree``/``cfg_parallel`` call this on every rank of a torchrun job.
         """
         start = time.perf_counter()
         engine = EngineArgs.from_kwargs(device=device, dtype=dtype, **engine_args)
@@ -91,6 +98,9 @@ class DiffGenerator:
         if unknown:
             raise ConfigError(f"gguf names component(s) {', '.join(unknown)} that {folder} does not have; "
                               f"its components: {', '.join(sorted(index.components))}")
+        parallel.check_parallel(engine.sp_degree, engine.cfg_parallel, config, folder, index.class_name)
+        if engine.world_size > 1:
+            engine.device = parallel.groups.rank_device(engine.device)
         components: dict[str, Any] = {}
         load_device = "cpu" if engine.offload else engine.device  # offloaded weights live in CPU memory
         wanted = list(pipeline_cls._required_config_modules) + list(config.optional_components)

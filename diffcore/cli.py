@@ -56,7 +56,8 @@ def _generate(args) -> int:
                                             allow_pickle=args.allow_pickle, progress=not args.quiet,
                                             quantization=args.quantization, gguf=_gguf_files(args.gguf),
                                             offload=args.offload, max_pixels=args.max_pixels,
-                                            max_frames=args.max_frames, max_steps=args.max_steps)
+                                            max_frames=args.max_frames, max_steps=args.max_steps,
+                                            **parallel_args(args))
         loras = {}
         for spec in args.lora or ():
             path, weight = parse_lora(spec)
@@ -74,6 +75,8 @@ def _generate(args) -> int:
             result, path = _generate_streaming(gen, args.output, kwargs)
         else:
             result = gen.generate(**kwargs)
+            if gen.rank != 0:  # under torchrun every rank holds the same result; rank 0 writes it
+                return 0
             path = result.save(args.output)
     except DiffcoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -179,6 +182,19 @@ def _add_serve(sub) -> None:
     s.set_defaults(func=_serve)
 
 
+def parallel_args(args) -> dict:
+    """EngineArgs of ``add_parallel_flags``; only the ones given, so defaults stay EngineArgs'."""
+    return {"sp_degree": args.sp_degree, "cfg_parallel": True} if args.cfg_parallel else {"sp_degree": args.sp_degree}
+
+
+def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    """Sequence / CFG parallel flags (shared by generate and serve); launch the ranks with torchrun."""
+    parser.add_argument("--sp-degree", type=int, default=1,
+                        help="Ulysses sequence-parallel degree (launch sp-degree x (2 with --cfg-parallel) ranks)")
+    parser.add_argument("--cfg-parallel", action="store_true",
+                        help="run the conditional and unconditional CFG branches on two ranks")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffcore", description="Run diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-pixels", type=int, help="budget: most pixels per frame (default 4096*4096 or DIFFCORE_MAX_PIXELS)")
     g.add_argument("--max-frames", type=int, help="budget: most video frames (default 257 or DIFFCORE_MAX_FRAMES)")
     g.add_argument("--max-steps", type=int, help="budget: most denoising steps (default 1000 or DIFFCORE_MAX_STEPS)")
+    add_parallel_flags(g)
     g.add_argument("--output", required=True, help="output file: .png/.jpg/.webp, or .mp4 for videos")
     g.set_defaults(func=_generate)
     _add_serve(sub)

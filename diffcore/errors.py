@@ -107,3 +107,7 @@ class QueueFullError(DiffcoreError):
 
 class EngineShutdownError(DiffcoreError):
     """The engine is shutting down and takes no new requests."""
+
+
+class ParallelConfigError(ConfigError):
+    """A sequence/CFG parallel layout cannot run: wrong world size, heads not divisible, unsupported model."""

@@ -5,6 +5,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
+from . import parallel
 from .configs import budget
 from .configs.engine_args import EngineArgs
 from .configs.pipeline_config import PipelineConfig
@@ -12,6 +13,7 @@ from .engine.context import EngineContext
 from .errors import PipelineDataflowError, RegistryError
 from .lora.manager import LoraManager
 from .lora.runtime import lora_scope
+from .parallel import ParallelGroups
 from .request import REQUEST_INPUTS, Request
 from .stages.base import PipelineStage
 
@@ -33,6 +35,11 @@ class ComposedPipelineBase:
         self.components, self.config = components, config
         config.configure_from_components(components)
         self.engine_args = engine_args or EngineArgs()
+        # The process groups of sequence/CFG parallelism belong to the pipeline (None in one process).
+        self.parallel: Optional[ParallelGroups] = None
+        if self.engine_args.world_size > 1:
+            self.parallel = ParallelGroups(self.engine_args.sp_degree, self.engine_args.cfg_parallel,
+                                           self.engine_args.device)
         self.context = self.engine_context(self.engine_args)
         self.loras = LoraManager(components)  # loaded adapters; each request picks its own (params.loras)
         self.stages: list[PipelineStage] = []
@@ -58,6 +65,8 @@ class ComposedPipelineBase:
         if engine_args.attention_backend:
             context.set(attention.BACKEND, attention.check_backend(engine_args.attention_backend))
         context.set(budget.CURRENT, engine_args.budget())  # InputValidationStage checks each request against it
+        if self.parallel is not None:  # the attention dispatch and the denoising loop find our groups here
+            context.set(parallel.CURRENT, self.parallel)
         return context
 
     # -- composition -------------------------------------------------------------------------

@@ -38,6 +38,13 @@ class CacheState:
 
     hidden: torch.Tensor
     extra: dict = field(default_factory=dict)
+    shard: Any = None  # diffcore.parallel.SeqShard when the model runs sequence-parallel: hidden is one shard
+
+
+def state_rel_l1(state: CacheState, now: torch.Tensor, before: torch.Tensor) -> float:
+    """``rel_l1`` over the whole sequence; under sequence parallelism reduced over every shard, so all
+    ranks take the same skip decision."""
+    return rel_l1(now, before) if state.shard is None else state.shard.rel_l1(now, before)
 
 
 def supports_step_cache(model: Any) -> bool:

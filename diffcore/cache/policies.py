@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .base import CacheState, StepCache, rel_l1
+from .base import CacheState, StepCache, state_rel_l1
 
 
 class FirstBlockCache(StepCache):
@@ -30,7 +30,7 @@ class FirstBlockCache(StepCache):
         state = model.cache_blocks(state, 0, 1)
         probe = state.hidden - before
         if (step >= self.warmup and slot.probe is not None and slot.residual is not None
-                and slot.residual.shape == state.hidden.shape and rel_l1(probe, slot.probe) < self.threshold):
+                and slot.residual.shape == state.hidden.shape and state_rel_l1(state, probe, slot.probe) < self.threshold):
             return self._skip_at(model, state, slot, step)
         slot.probe = probe
         if self.keep_history:
@@ -93,7 +93,7 @@ class TeaCache(StepCache):
         last = self.num_steps is not None and step >= self.num_steps - 1
         skip = False
         if slot.probe is not None and slot.residual is not None and not last and slot.residual.shape == state.hidden.shape:
-            slot.accumulated += self._rescale(rel_l1(probe, slot.probe), model)
+            slot.accumulated += self._rescale(state_rel_l1(state, probe, slot.probe), model)
             skip = slot.accumulated < self.threshold
         slot.probe = probe
         if skip:

@@ -59,6 +59,19 @@ def _optional_str(inst, attribute, value):
         raise ConfigError(f"{attribute.name} must be a name (str) or None, got {value!r} ({type(value).__name__})")
 
 
+def _bool(inst, attribute, value):
+    if not isinstance(value, bool):
+        raise ConfigError(f"{attribute.name} must be True or False, got {value!r}")
+
+
+def _positive_int(name: str):
+    def check(_inst, _attr, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+    return check
+
+
 @attrs.define(kw_only=True)
 class EngineArgs:
     """How to run: device, precision override, attention backend, room for speed options, and the size
@@ -90,6 +103,14 @@ class EngineArgs:
     def budget(self) -> Budget:
         """The per-request limits (``DIFFCORE_MAX_*`` is read here; the pipeline reads it once, when built)."""
         return Budget.resolve(max_pixels=self.max_pixels, max_frames=self.max_frames, max_steps=self.max_steps)
+    # Parallelism inside one generation (launch world_size processes with torchrun; docs/scale.md):
+    sp_degree: int = attrs.field(default=1, validator=_positive_int("sp_degree"))  # Ulysses sequence shards
+    cfg_parallel: bool = attrs.field(default=False, validator=_bool)  # a rank per CFG branch
+
+    @property
+    def world_size(self) -> int:
+        """Processes one generation runs on: ``sp_degree x (2 if cfg_parallel else 1)``."""
+        return self.sp_degree * (2 if self.cfg_parallel else 1)
 
     def step_cache_factory(self) -> Optional[Callable[[], Any]]:
         """A callable that makes one fresh step cache (one per request), or None without a cache."""

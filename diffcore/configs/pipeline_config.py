@@ -42,6 +42,9 @@ class PipelineConfig:
 
     # Components the pipeline uses but a checkpoint may omit ([null, null] in model_index.json).
     optional_components: ClassVar[tuple[str, ...]] = ()
+    # The model's transformer(s) shard their token sequence under sequence parallelism (sp_degree > 1):
+    # they call diffcore.parallel.sequence_shard and pass the shard to the attention dispatch.
+    sequence_parallel: ClassVar[bool] = False
 
     default_fps: Optional[int] = None
     # Few-step distilled checkpoints (DmdDenoisingStage) and block-causal ones (CausalDMDDenoisingStage).

@@ -1,4 +1,4 @@
-"""One attention entry point for every model, so backends and sequence parallelism plug in here.
+"""One attention entry point for every model, so backends and sequence parallelism (Ulysses) plug in here.
 
 Layout is diffusers' dispatch layout: ``(batch, seq, heads, head_dim)`` in and out.
 
@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
 from diffcore import fastpaths
 from diffcore.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..parallel.ulysses import SeqShard
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -139,9 +142,19 @@ def attention(
     value: torch.Tensor,
     attn_mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    shard: Optional["SeqShard"] = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention over ``(B, S, H, D)`` tensors.
 
     ``attn_mask`` is broadcastable to ``(B, H, S_q, S_k)``: bool (True = attend) or additive float.
+    ``shard`` (sequence parallelism, from ``diffcore.parallel.sequence_shard``): q/k/v are this rank's
+    sequence shard, each optionally preceded by tokens every rank holds whole (joint attention's text);
+    the backend then runs on all tokens of this rank's heads, between two all-to-alls (Ulysses), and
+    ``attn_mask`` refers to the unsharded sequence. Without ``shard`` the call is local (cross-attention).
     """
-    return _BACKENDS[BACKEND.get()](query, key, value, attn_mask=attn_mask, scale=scale)
+    fn = _BACKENDS[BACKEND.get()]
+    if shard is not None:
+        from ..parallel.ulysses import ulysses_attention
+
+        return ulysses_attention(fn, query, key, value, attn_mask, scale, shard)
+    return fn(query, key, value, attn_mask=attn_mask, scale=scale)

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from .. import parallel
 from ..configs.engine_args import EngineArgs
 from ..request import Request
 from .base import In, Out, PipelineStage
@@ -19,6 +20,8 @@ class DenoisingStage(PipelineStage):
     the Request (latents, scheduler, the step cache of this request), so one stage serves concurrent
     requests. Engine settings arrive through ``engine_args``: ``progress``, ``compile`` (the denoisers'
     forward is compiled here) and the step-cache policy (a fresh cache per request).
+    Under CFG parallelism (the pipeline's parallel groups are current) each rank predicts one branch;
+    the two predictions are all-gathered, then combined exactly as in one process.
     """
 
     inputs = (In("latents", torch.Tensor), In("timesteps", torch.Tensor), In("scheduler"), In("condition", dict),
@@ -54,13 +57,21 @@ class DenoisingStage(PipelineStage):
             req.step_cache = self.make_step_cache()
         if req.step_cache is not None:
             req.step_cache.reset(len(req.timesteps))
+        groups = parallel.current()
         bar = tqdm(req.timesteps, desc="denoising", disable=not self.progress, leave=False)
         for i, t in enumerate(bar):
             expert = self.config.select_denoiser(t, req, len(self.transformers))
             model = self.transformers[expert]
-            pred = self._predict(req, model, latents, t, cond_kwargs, i, "cond")
+            if req.do_cfg and groups is not None and groups.cfg_parallel:
+                # CFG parallel: this rank runs one branch; its partner rank runs the other
+                branch = ("cond", "uncond")[groups.cfg_rank]
+                mine = self._predict(req, model, latents, t, (cond_kwargs, uncond_kwargs)[groups.cfg_rank], i, branch)
+                pred, uncond = groups.gather_branches(mine)
+            else:
+                pred = self._predict(req, model, latents, t, cond_kwargs, i, "cond")
+                if req.do_cfg:
+                    uncond = self._predict(req, model, latents, t, uncond_kwargs, i, "uncond")
             if req.do_cfg:
-                uncond = self._predict(req, model, latents, t, uncond_kwargs, i, "uncond")
                 pred = self.config.combine_guidance(pred, uncond, self.config.guidance_scale_at(t, req, expert), req)
             latents = scheduler.step(pred, t, latents)
             if req.callback is not None:

@@ -44,6 +44,7 @@ def latent_ids(h: int, w: int, first: float = 0.0, device=None, dtype=None):
 
 @attrs.define(kw_only=True)
 class FluxDevConfig(PipelineConfig):
+    sequence_parallel: ClassVar[bool] = True  # the transformer shards its tokens (Ulysses)
     default_dtype: str = "bfloat16"
     cfg: str = "true_cfg"  # only when a negative prompt and true_cfg_scale > 1 are given, as diffusers does
 

@@ -78,6 +78,7 @@ def last_hidden_state(encoder, inputs: dict):
 @attrs.define(kw_only=True)
 class QwenImageConfig(PipelineConfig):
     """Qwen-Image text-to-image: true CFG with norm rescale, negative prompt " " by default."""
+    sequence_parallel: ClassVar[bool] = True  # the transformer shards its tokens (Ulysses)
 
     default_dtype: str = "bfloat16"
     cfg: str = "true_cfg"

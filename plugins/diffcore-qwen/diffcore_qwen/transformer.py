@@ -17,6 +17,10 @@ Per-step work is kept lean (numerics follow diffusers; fp32 parity is tested aga
 * The model returns only the image stream, so the last block stops its text stream after attention
   (no ``to_add_out``, text residual or text MLP there).
 
+Sequence parallelism (Ulysses, ``diffcore.parallel``): each rank runs a shard of the image tokens
+(with their RoPE rows and condition-token flags) and the whole text stream; joint attention
+all-to-alls to head shards of the full sequence and back; ``cache_tail`` gathers the output.
+
 The model implements diffcore's block-cache protocol (``cache_embed`` / ``cache_blocks`` /
 ``cache_tail``, see ``diffcore.cache``) and ``forward`` is exactly their composition, so step caches
 (FBCache, TeaCache) reuse the same code path.
@@ -36,6 +40,7 @@ from diffcore.models.base import ModelMixin
 from diffcore.models.embeddings import TimestepEmbedding, Timesteps
 from diffcore.models.dit import FeedForward, modulate, rotary_table, rotate
 from diffcore.models.linear import Linear
+from diffcore.parallel import sequence_shard
 
 Shape3 = tuple[int, int, int]
 RopeTables = tuple[torch.Tensor, torch.Tensor]
@@ -104,14 +109,16 @@ class QwenJointAttention(nn.Module):
         self.to_out = nn.ModuleList([Linear(inner, dim), nn.Dropout(0.0)])
         self.to_add_out = Linear(inner, dim)
 
-    def forward(self, img, txt, rope: torch.Tensor, attn_mask: Optional[torch.Tensor], txt_out: bool = True):
-        """``(image output, text output)``; the text output is ``None`` when ``txt_out`` is False."""
+    def forward(self, img, txt, rope: torch.Tensor, attn_mask: Optional[torch.Tensor], txt_out: bool = True,
+                shard=None):
+        """``(image output, text output)``; the text output is ``None`` when ``txt_out`` is False.
+        ``shard``: sequence parallelism (``img`` is one shard, ``txt`` whole on every rank)."""
         split = lambda t: t.unflatten(-1, (-1, self.head_dim))  # noqa: E731  (B, S, H, D)
         q = torch.cat([self.norm_added_q(split(self.add_q_proj(txt))), self.norm_q(split(self.to_q(img)))], dim=1)
         k = torch.cat([self.norm_added_k(split(self.add_k_proj(txt))), self.norm_k(split(self.to_k(img)))], dim=1)
         v = torch.cat([split(self.add_v_proj(txt)), split(self.to_v(img))], dim=1)
         q, k = rotate(q, rope), rotate(k, rope)
-        out = attention(q, k, v, attn_mask=attn_mask).flatten(2, 3).to(q.dtype)
+        out = attention(q, k, v, attn_mask=attn_mask, shard=shard).flatten(2, 3).to(q.dtype)
         n_txt = txt.shape[1]
         img_out = self.to_out[0](out[:, n_txt:].contiguous())
         return img_out, (self.to_add_out(out[:, :n_txt].contiguous()) if txt_out else None)
@@ -130,7 +137,8 @@ class QwenImageTransformerBlock(nn.Module):
         self.img_mlp = FeedForward(dim)
         self.txt_mlp = FeedForward(dim)
 
-    def forward(self, img, txt, temb_act, rope: torch.Tensor, attn_mask=None, cond_tokens=None, txt_out: bool = True):
+    def forward(self, img, txt, temb_act, rope: torch.Tensor, attn_mask=None, cond_tokens=None, txt_out: bool = True,
+                shard=None):
         """``temb_act`` is ``silu(temb)``. With ``txt_out=False`` (last block: the model discards the text
         stream) only the image stream is updated and the returned text stream is ``None``."""
         img_mod1, img_mod2 = self.img_mod[1](temb_act).chunk(2, dim=-1)
@@ -140,7 +148,7 @@ class QwenImageTransformerBlock(nn.Module):
         shift, scale, gate = _mod_params(img_mod1, cond_tokens)
         c_shift, c_scale, c_gate = _mod_params(txt_mod1)
         img_attn, txt_attn = self.attn(modulate(img, shift, scale), modulate(txt, c_shift, c_scale), rope,
-                                       attn_mask, txt_out)
+                                       attn_mask, txt_out, shard)
         img = torch.addcmul(img, gate, img_attn)
         shift, scale, gate = _mod_params(img_mod2, cond_tokens)
         img = torch.addcmul(img, gate, self.img_mlp(modulate(img, shift, scale)))
@@ -312,7 +320,10 @@ class QwenImageTransformer2DModel(ModelMixin):
         """Embeddings and per-call conditioning; ``state.hidden`` is the image stream."""
         batch, n_txt = encoder_hidden_states.shape[:2]
         n_img = hidden_states.shape[1]
-        img = self.img_in(hidden_states)
+        # Sequence parallelism: this rank runs a shard of the image tokens (see diffcore.parallel);
+        # cache_tail gathers the prediction. n_img stays the global count (RoPE, masks).
+        shard = sequence_shard(n_img)
+        img = self.img_in(hidden_states if shard is None else shard.split(hidden_states))
         dtype = img.dtype
         timestep = timestep.to(dtype)
         cond_tokens = None
@@ -339,9 +350,12 @@ class QwenImageTransformer2DModel(ModelMixin):
                                  f"must be (batch, text_len)=({batch}, {n_txt})")
             img_keys = torch.ones(batch, n_img, dtype=torch.bool, device=img.device)
             attn_mask = torch.cat([encoder_hidden_states_mask.to(torch.bool), img_keys], dim=1)[:, None, None, :]
-        extra = {"txt": txt, "temb_act": F.silu(temb), "rope": rotary_table(rotary_emb), "attn_mask": attn_mask,
-                 "cond_tokens": cond_tokens}
-        return CacheState(hidden=img, extra=extra)
+        rope = rotary_table(rotary_emb)
+        if shard is not None:  # per-token tensors of the image stream follow its shard; text stays whole
+            rope = torch.cat([rope[:, :n_txt], shard.split(rope[:, n_txt:])], dim=1)
+            cond_tokens = None if cond_tokens is None else shard.split(cond_tokens)
+        extra = {"txt": txt, "temb_act": F.silu(temb), "rope": rope, "attn_mask": attn_mask, "cond_tokens": cond_tokens}
+        return CacheState(hidden=img, extra=extra, shard=shard)
 
     @property
     def cache_num_blocks(self) -> int:
@@ -354,7 +368,7 @@ class QwenImageTransformer2DModel(ModelMixin):
         last = len(self.transformer_blocks) - 1
         for i in range(start, stop):
             img, txt = self.transformer_blocks[i](img, txt, e["temb_act"], e["rope"], e["attn_mask"],
-                                                  e["cond_tokens"], txt_out=i < last)
+                                                  e["cond_tokens"], txt_out=i < last, shard=state.shard)
         state.hidden, e["txt"] = img, txt
         return state
 
@@ -369,4 +383,5 @@ class QwenImageTransformer2DModel(ModelMixin):
         temb_act = state.extra["temb_act"]
         if self.zero_cond_t:
             temb_act = temb_act.chunk(2, dim=0)[0]
-        return self.proj_out(self.norm_out(state.hidden, temb_act))
+        out = self.proj_out(self.norm_out(state.hidden, temb_act))
+        return out if state.shard is None else state.shard.gather(out)

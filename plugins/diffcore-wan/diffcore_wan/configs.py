@@ -87,6 +87,7 @@ def is_i2v_720p(model_index, folder) -> bool:
 @attrs.define(kw_only=True)
 class WanConfig(PipelineConfig):
     """Wan 2.1 T2V 1.3B (480p, flow shift 3.0). Base of all Wan configs."""
+    sequence_parallel: ClassVar[bool] = True  # the transformer shards its tokens (Ulysses)
 
     default_dtype: str = "bfloat16"
     component_dtypes: dict = attrs.field(factory=lambda: {"vae": "float32", "image_encoder": "float32"})

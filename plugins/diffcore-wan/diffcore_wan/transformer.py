@@ -23,6 +23,10 @@ Per-step work is kept lean:
 * Token-wise projections use ``diffcore.models.linear`` (oneDNN GEMMs on the CPU, the FFN's
   GELU(tanh) fused into its first GEMM).
 
+Sequence parallelism (Ulysses, ``diffcore.parallel``): each rank runs a shard of the video tokens
+(RoPE rows and per-token timestep indices sharded alike); self-attention all-to-alls to head shards
+of the full sequence and back, cross-attention stays local; ``cache_tail`` gathers the output.
+
 The model implements diffcore's block-cache protocol (``cache_embed`` / ``cache_blocks`` /
 ``cache_tail``, see ``diffcore.cache``) and ``forward`` is exactly their composition, so step caches
 (FBCache, TeaCache) run the same code.
@@ -41,6 +45,7 @@ from diffcore.models.attention import attention
 from diffcore.models.base import ModelMixin
 from diffcore.models.embeddings import TimestepEmbedding, timestep_embedding
 from diffcore.models.linear import Linear, linear
+from diffcore.parallel import sequence_shard
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 KV = tuple[torch.Tensor, ...]  # one block's cross-attention (k, v) or (k, v, k_img, v_img), each (B, S, H, D)
@@ -200,15 +205,16 @@ class WanAttention(nn.Module):
     def _kv(self, x: torch.Tensor, to_k: nn.Linear, to_v: nn.Linear, norm_k: nn.RMSNorm) -> KV:
         return self._heads(norm_k(to_k(x))), self._heads(to_v(x))
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | Rope, self_kv=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | Rope, self_kv=None, shard=None) -> torch.Tensor:
         """Self-attention; with ``self_kv = (layer_cache, start_frame)`` (block-causal generation) this
-        block's rotated K/V go into the cache and the queries attend to every frame it holds."""
+        block's rotated K/V go into the cache and the queries attend to every frame it holds. ``shard``:
+        sequence parallelism (Ulysses all-to-all around the attention call)."""
         q = apply_rope(self._heads(self.norm_q(self.to_q(x))), rope)
         k, v = self._kv(x, self.to_k, self.to_v, self.norm_k)
         k = apply_rope(k, rope)
         if self_kv is not None:
             k, v = self_kv[0].update(self_kv[1], k, v)
-        return self.to_out[0](attention(q, k, v).flatten(2).to(x.dtype))
+        return self.to_out[0](attention(q, k, v, shard=shard).flatten(2).to(x.dtype))
 
     def context_kv(self, context: torch.Tensor, context_img: Optional[torch.Tensor] = None) -> KV:
         """Cross-attention K/V of the text tokens (and of the image tokens when the layer has image projections)."""
@@ -271,9 +277,11 @@ class WanTransformerBlock(nn.Module):
         return _Modulation(self.scale_shift_table, temb_proj, token_index)
 
     def forward(self, x: torch.Tensor, kv: KV, temb_proj: torch.Tensor, token_index: Optional[torch.Tensor],
-                rope: torch.Tensor | Rope, self_kv=None) -> torch.Tensor:
+                rope: torch.Tensor | Rope, self_kv=None, shard=None) -> torch.Tensor:
+        """``shard``: sequence parallelism for the self-attention; the cross-attention to the (replicated)
+        context needs no communication and stays local."""
         mod = self.modulation(temb_proj, token_index)
-        x = mod.gate(x, self.attn1(mod.norm(x, self.eps, 0, 1), rope, self_kv), 2)
+        x = mod.gate(x, self.attn1(mod.norm(x, self.eps, 0, 1), rope, self_kv, shard), 2)
         h = x if self.norm2 is None else _fp32_layer_norm(x, self.norm2)
         x = x + self.attn2.cross(h, kv)
         return mod.gate(x, self.ffn(mod.norm(x, self.eps, 3, 4)), 5)
@@ -429,10 +437,18 @@ class WanTransformer3DModel(ModelMixin):
             return self.context_kv(encoder_hidden_states, encoder_hidden_states_image)
 
         kv = build() if context_cache is None else context_cache.get(self, build)
+        # Sequence parallelism: this rank runs a shard of the video tokens with their RoPE rows and
+        # per-token timestep indices; cache_tail gathers the prediction before unpatchifying. Block-causal
+        # generation (a self-attention KV cache) is not sharded: every rank then runs the whole sequence.
+        shard = sequence_shard(x.shape[1]) if kv_cache is None else None
+        if shard is not None:
+            x = shard.split(x)
+            rotary_emb = tuple(shard.split(t, dim=0) for t in rotary_emb)
+            token_index = None if token_index is None else shard.split(token_index)
         extra = {"temb": temb, "temb_proj": temb_proj, "token_index": token_index, "kv": kv,
                  "rope": rope_table(rotary_emb), "size": hidden_states.shape[2:],
                  "self_kv": None if kv_cache is None else [(layer, start_frame) for layer in kv_cache.layers]}
-        return CacheState(hidden=x, extra=extra)
+        return CacheState(hidden=x, extra=extra, shard=shard)
 
     @property
     def cache_num_blocks(self) -> int:
@@ -442,7 +458,7 @@ class WanTransformer3DModel(ModelMixin):
         e, x = state.extra, state.hidden
         self_kv = e.get("self_kv") or [None] * len(self.blocks)
         for block, kv, cache in zip(self.blocks[start:stop], e["kv"][start:stop], self_kv[start:stop]):
-            x = block(x, kv, e["temb_proj"], e["token_index"], e["rope"], cache)
+            x = block(x, kv, e["temb_proj"], e["token_index"], e["rope"], cache, state.shard)
         state.hidden = x
         return state
 
@@ -456,6 +472,8 @@ class WanTransformer3DModel(ModelMixin):
         e, x = state.extra, state.hidden
         mod = _Modulation(self.scale_shift_table, e["temb"].unsqueeze(1), e["token_index"])
         x = self.proj_out(mod.norm(x, self.eps, 0, 1))
+        if state.shard is not None:
+            x = state.shard.gather(x)
 
         # unpatchify: (B, F'H'W', pt*ph*pw*C) -> (B, C, F, H, W)
         (f, h, w), (pt, ph, pw), b = e["size"], self.patch_size, x.shape[0]
