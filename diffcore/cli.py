@@ -149,6 +149,19 @@ def _serve(args) -> int:
     if args.num_threads is not None:
         engine["num_threads"] = args.num_threads
     loras = [(n if sep else None, path if sep else n) for n, sep, path in (v.partition("=") for v in args.lora or ())]
+    if args.replicas < 1:
+        print(f"error: --replicas must be >= 1, got {args.replicas}", file=sys.stderr)
+        return 2
+    if args.replicas > 1 or args.ray_address:
+        try:
+            from .serve.ray import run
+        except ImportError as exc:
+            print(f"error: --replicas/--ray-address need the ray extra ({exc.name} is missing): "
+                  "pip install 'diffcore[ray]'", file=sys.stderr)
+            return 2
+        run(args.model, settings, engine, args.replicas, args.ray_address or "local", args.replica_cpus,
+            args.replica_gpus, args.replica_max_requests, loras)
+        return 0
     return serve(args.model, settings, engine, log_level=args.log_level, loras=loras)
 
 
@@ -179,6 +192,13 @@ def _add_serve(sub) -> None:
     s.add_argument("--lora", action="append", metavar="[NAME=]PATH",
                    help="load a LoRA at startup (repeatable); requests pick it with loras={name: weight}")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    r = s.add_argument_group("replicas (Ray Serve, the diffcore[ray] extra; docs/scale.md)")
+    r.add_argument("--replicas", type=int, default=1, help="serve N replicas behind Ray Serve's router")
+    r.add_argument("--ray-address", help="'local' (start Ray here), 'auto' (join the running cluster) or ray://HOST:PORT")
+    r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    r.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves per replica")
+    r.add_argument("--replica-max-requests", type=int,
+                   help="requests Ray hands one replica at a time (default: --max-batch-size)")
     s.set_defaults(func=_serve)
 
 

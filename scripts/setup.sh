@@ -11,7 +11,7 @@ PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 plugins=()
 for p in plugins/diffcore-*; do [ -f "$p/pyproject.toml" ] && plugins+=(-e "$p"); done
 if [ "${1:-}" = "--test" ]; then
-  $PIP install -e ".[test,serve,video]" "${plugins[@]}"
+  $PIP install -e ".[test,serve,video,ray]" "${plugins[@]}"
 elif [ "${1:-}" = "--bench" ]; then  # the test extras plus the benchmark-only peers (cache-dit, matplotlib)
   $PIP install -e ".[test,serve,video,bench]" "${plugins[@]}"
 else
