@@ -62,8 +62,8 @@ def run_workload(name: str, args, save=lambda res: None) -> dict:
     rows = [{"engine": "diffusers", "label": "uncached", "speedup": 1.0, "psnr_db": None, "total_s": df_ref["total_s"]},
             {"engine": "diffcore", "label": "uncached", "speedup": df_ref["total_s"] / dc_ref["total_s"],
              "psnr_db": None, "total_s": dc_ref["total_s"], "vs_diffusers": compare(ref["diffcore"], ref["diffusers"])}]
-    cases = [("diffusers", s["label"], s["cache"]) for s in cache_dit_settings(warmup)]
-    cases += [("diffcore", f"{p} {t}", {"name": p, "threshold": t}) for p, t in DIFFCORE]
+    cases = [] if args.only_diffcore else [("diffusers", s["label"], s["cache"]) for s in cache_dit_settings(warmup)]
+    cases += [("diffcore", f"{p} {t}", {"name": p, "threshold": t}) for p, t in (args.diffcore or DIFFCORE)]
     if args.quick:
         cases = cases[:1] + cases[-2:-1]
     for engine, label, cache in cases:
@@ -128,11 +128,15 @@ def main(argv=None) -> None:
     ap.add_argument("--workloads", default="flux,wan")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--diffcore", type=lambda v: [(p, float(t)) for p, t in (x.split("@") for x in v.split(","))],
+                    default=None, help="diffcore settings policy@threshold,... instead of the default grid")
+    ap.add_argument("--only-diffcore", action="store_true", help="skip the cache-dit settings")
+    ap.add_argument("--stem", default=None, help="results file stem (default caching / caching-quick)")
     ap.add_argument("--merge", action="store_true",
                     help="only combine results/caching-<workload>.json files into caching.json, the table and the plot")
     args = ap.parse_args(argv)
     TMP.mkdir(parents=True, exist_ok=True)
-    stem = "caching-quick" if args.quick else "caching"
+    stem = args.stem or ("caching-quick" if args.quick else "caching")
     if not args.merge:
         import cache_dit
 
