@@ -78,3 +78,19 @@ def test_cli_lists_plugin_and_generates(flux_folders, tmp_path, capsys):
     assert cli(["generate", "--model", str(flux_folders["dev"]), "--prompt", "a cat", "--height", "32", "--width", "48",
                 "--steps", "2", "--quiet", "--output", str(out)]) == 0
     assert Image.open(out).size == (48, 32)
+
+
+def test_nan_guidance_is_refused_and_ignored_negative_prompt_warns(dev, caplog):
+    """FLUX.1-dev used to return an all-NaN picture for guidance_scale=nan; NaN true_cfg_scale used to turn
+    true CFG off silently. Both are refused; a negative prompt without true CFG warns, as in diffusers."""
+    small = dict(height=32, width=32, num_inference_steps=2, output_type="np")
+    for name in ("guidance_scale", "true_cfg_scale"):
+        with pytest.raises(SamplingParamError, match="finite") as e:
+            dev.generate(prompt="a cat", **{name: float("nan")}, **small)
+        assert e.value.param == name
+    with caplog.at_level(logging.WARNING, logger="diffcore.stages.input_validation"):
+        out = dev.generate(prompt="a cat", negative_prompt="blurry", **small).output
+    assert "negative_prompt is ignored: classifier-free guidance is off (true_cfg_scale <= 1)" in caplog.text
+    import numpy as np
+
+    assert np.isfinite(out).all()
