@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="demo,flux")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--rounds", type=int, default=2, help="on/off pairs per cell (median reported)")
-    ap.add_argument("--requests", type=int, default=0, help="requests per cell (default: 2x clients, at least 4)")
+    ap.add_argument("--requests", type=int, default=0, help="requests per cell (default: the client count, at least 4)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the engine")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         runner.shutdown()
         gen.generate(prompt="warm-up", seed=0, **_params(MODELS[model]))  # first call pays one-time layouts
         for n in clients:
-            requests = args.requests or max(4, 2 * n)
+            requests = args.requests or max(4, n)
             cells = {True: [], False: []}
             for r in range(args.rounds):
                 for batching in (True, False):

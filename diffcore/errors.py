@@ -102,11 +102,18 @@ class LoraNotFoundError(LoraError, LookupError):
 
 
 class QueueFullError(DiffcoreError):
-    """The request queue is at its limit; retry later (HTTP 429)."""
+    """The batch scheduler's queue is full: retry later (a server answers 429 / 503)."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        super().__init__(f"the request queue is full ({max_queue} waiting); retry later or raise max_queue")
 
 
 class EngineShutdownError(DiffcoreError):
-    """The engine is shutting down and takes no new requests."""
+    """The engine (batch scheduler) is shut down and takes no new requests."""
+
+    def __init__(self):
+        super().__init__("the batch scheduler has been shut down and accepts no new requests; create a new one")
 
 
 class ParallelConfigError(ConfigError):

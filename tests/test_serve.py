@@ -53,7 +53,8 @@ def test_n_images_as_urls_each_equal_its_seed(client, toy_gen, server):
         assert item.url.startswith(server[0] + "/v1/images/files/")
         response = httpx.get(item.url)
         assert response.status_code == 200 and response.headers["content-type"] == "image/png"
-        np.testing.assert_array_equal(decode_image(response.content), solo(toy_gen, 10 + i))
+        got = decode_image(response.content).astype(int)  # the two may run as one batch: equal up to rounding
+        assert np.abs(got - solo(toy_gen, 10 + i).astype(int)).max() <= 1
     assert httpx.get(server[0] + "/v1/images/files/" + "0" * 32).status_code == 404
     assert httpx.get(server[0] + "/v1/images/files/..%2F..%2Fetc%2Fpasswd").status_code == 404
 
@@ -210,9 +211,9 @@ def test_request_timeout_and_disconnect_drop_queued_requests(toy_gen):
         holder = threading.Thread(target=_post, args=(base, "/v1/images/generations", json.dumps(long).encode()),
                                   kwargs={"timeout": 60})
         holder.start()
-        deadline = time.monotonic() + 10
-        while app.state.diffcore.runner.queue_depth == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)  # the long one is in the engine
+        deadline, registry = time.monotonic() + 10, app.state.diffcore.metrics.registry
+        while not registry.get_sample_value("diffcore_batch_size_count") and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the long one is in the engine
         short = json.dumps({"prompt": PROMPT, "size": "32x32", "num_inference_steps": 1, "seed": 1}).encode()
         with pytest.raises(httpx.ReadTimeout):
             _post(base, "/v1/images/generations", short, timeout=0.4)

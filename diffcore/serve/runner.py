@@ -41,9 +41,9 @@ class SerialRunner:
     def submit(self, kwargs: dict, on_step: Optional[Callable[[int, int], None]] = None) -> cf.Future:
         with self._lock:
             if self._closed:
-                raise EngineShutdownError("the engine is shutting down; no new requests")
+                raise EngineShutdownError()
             if self._pending >= self.max_queue:
-                raise QueueFullError(f"{self._pending} requests are queued (limit {self.max_queue}); retry later")
+                raise QueueFullError(self.max_queue)
             self._pending += 1
         future: cf.Future = cf.Future()
         self._queue.put((future, dict(kwargs), on_step))
@@ -89,4 +89,4 @@ class SerialRunner:
             except queue.Empty:
                 break
             if item is not None and item[0].set_running_or_notify_cancel():
-                item[0].set_exception(EngineShutdownError("the engine shut down before this request ran"))
+                item[0].set_exception(EngineShutdownError())
