@@ -178,7 +178,7 @@ def _add_serve(sub) -> None:
     s.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take before 504")
     s.add_argument("--max-body-bytes", type=int, default=32 * 2**20, help="largest request body (413 past it)")
     s.add_argument("--max-upload-bytes", type=int, default=16 * 2**20, help="largest uploaded image file")
-    s.add_argument("--max-upload-pixels", type=int, default=4096 * 4096, help="largest uploaded image, in pixels")
+    s.add_argument("--max-upload-pixels", type=int, help="largest uploaded image, in pixels (default: the engine's max_pixels)")
     s.add_argument("--file-ttl", type=float, default=3600.0, help="seconds `url` images and videos are kept")
     s.add_argument("--cors-origin", action="append", help="allow browser requests from this origin (repeatable; default: none)")
     s.add_argument("--device", default="cpu")

@@ -204,10 +204,10 @@ def test_request_timeout_and_disconnect_drop_queued_requests(toy_gen):
     """One long request holds the engine; a request whose client leaves, and one past its timeout,
     are dropped from the queue without running."""
     start = time.perf_counter()
-    toy_gen.generate(prompt=PROMPT, height=32, width=32, num_inference_steps=50)
-    steps = int(50 * 5.0 / (time.perf_counter() - start))  # about 5 s of engine time, whatever this machine does
+    toy_gen.generate(prompt=PROMPT, height=96, width=96, num_inference_steps=20)
+    steps = min(1000, int(20 * 5.0 / (time.perf_counter() - start)))  # ~5 s of engine time (1000: the step budget)
     with running_server(toy_gen, ServeSettings(request_timeout=1.5)) as (base, app):
-        long = {"prompt": PROMPT, "size": "32x32", "num_inference_steps": steps, "seed": 0}
+        long = {"prompt": PROMPT, "size": "96x96", "num_inference_steps": steps, "seed": 0}
         holder = threading.Thread(target=_post, args=(base, "/v1/images/generations", json.dumps(long).encode()),
                                   kwargs={"timeout": 60})
         holder.start()

@@ -153,10 +153,18 @@ async def images_generations(request: Request):
     return await run_images(request, state, job)
 
 
+def upload_pixel_limit(state) -> int:
+    """--max-upload-pixels, or the engine's own pixel budget (EngineArgs.max_pixels / DIFFCORE_MAX_PIXELS)."""
+    if state.settings.max_upload_pixels is not None:
+        return state.settings.max_upload_pixels
+    engine = getattr(state.generator.pipeline, "engine_args", None)
+    return engine.budget().max_pixels if engine is not None and hasattr(engine, "budget") else 4096 * 4096
+
+
 def upload_images(state, images: list[bytes], field: str = "image") -> list:
-    s = state.settings
-    return [schemas.decode_upload(data, f"{field}[{i}]" if len(images) > 1 else field, s.max_upload_bytes,
-                                  s.max_upload_pixels) for i, data in enumerate(images)]
+    limit = upload_pixel_limit(state)
+    return [schemas.decode_upload(data, f"{field}[{i}]" if len(images) > 1 else field,
+                                  state.settings.max_upload_bytes, limit) for i, data in enumerate(images)]
 
 
 @router.post("/v1/images/edits")

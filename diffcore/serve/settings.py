@@ -29,7 +29,7 @@ class ServeSettings:
     request_timeout: float = attrs.field(default=600.0, validator=_positive)  # seconds, per request
     max_body_bytes: int = attrs.field(default=32 * 2**20, validator=_positive)  # whole request body
     max_upload_bytes: int = attrs.field(default=16 * 2**20, validator=_positive)  # one uploaded image
-    max_upload_pixels: int = attrs.field(default=4096 * 4096, validator=_positive)  # decoded size of one upload
+    max_upload_pixels: Optional[int] = attrs.field(default=None, validator=_positive)  # None: the engine's max_pixels
     file_ttl: float = attrs.field(default=3600.0, validator=_positive)  # seconds a `url` result / video is kept
     max_jobs: int = attrs.field(default=256, validator=_positive)  # video jobs remembered (oldest finished dropped)
     cors_origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)  # () = CORS off
