@@ -24,7 +24,8 @@ def _plugins(args) -> int:
         return 0
     for p in plugins:
         models = sorted(n for n, e in registry.tables["configs"].items() if e.plugin == p["name"])
-        print(f"{p['name']:<10} {p['distribution'] or '-'} {p['version'] or ''}")
+        state = "  DISABLED (conflict, see below)" if p["name"] in manager.disabled else ""
+        print(f"{p['name']:<10} {p['distribution'] or '-'} {p['version'] or ''}{state}")
         print(f"{'':<10} pipelines: {', '.join(p['pipelines']) or '-'}")
         if models:
             print(f"{'':<10} models:    {', '.join(models)}")

@@ -4,6 +4,10 @@ A plugin that fails to import, is built for another diffcore version, or raises 
 reported (a warning, and ``diffcore plugins`` lists it) while every other plugin keeps working.
 ``DIFFCORE_STRICT_PLUGINS=1`` turns those failures into exceptions. ``DIFFCORE_PLUGINS`` (comma list)
 is an allow-list; ``DIFFCORE_TRACE_PLUGINS=1`` logs every hook call.
+
+Conflicts: plugins are admitted into the registry whole, built-ins first, then the plugins an earlier
+build of this manager admitted, then the rest by distribution name; a plugin claiming a name an
+admitted one holds is disabled (all of its records withdrawn) and both are reported.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from .errors import PluginError
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "diffcore"
 BUILTIN = "diffcore.builtin"
+BUILTIN_NAME = "diffcore"  # the plugin name the built-ins register under
 
 
 @attrs.define
@@ -71,23 +76,41 @@ class PluginManager:
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, PluginInfo] = {}
         self.errors: list[PluginLoadError] = []
+        self.admitted: list[str] = []  # plugins the last registry build admitted, in admission order
+        self.disabled: dict[str, str] = {}  # plugins the last build refused whole (a conflict), with the reason
         if os.environ.get("DIFFCORE_TRACE_PLUGINS"):
             self.pm.trace.root.setwriter(lambda msg: log.warning("pluggy: %s", msg.rstrip()))
             self.pm.enable_tracing()
         import importlib
 
-        self.register(importlib.import_module(BUILTIN), "diffcore", "diffcore", __version__)
+        self.register(importlib.import_module(BUILTIN), BUILTIN_NAME, "diffcore", __version__)
         if load_entrypoints:
             self.load_entrypoints()
         for name, module in plugins:
             self.register(module, name)
         self._registry = None
 
-    def fail(self, plugin: str, message: str, exc: Optional[BaseException] = None) -> None:
+    def fail(self, plugin: str, message: str, exc: Optional[BaseException] = None, disabled: bool = True) -> None:
+        """Record (and warn about) a plugin's failure; ``disabled=False`` for a failure that costs it nothing
+        more than the call that failed (a detector that raised)."""
         self.errors.append(PluginLoadError(plugin, message))
-        warnings.warn(f"diffcore plugin {plugin!r} disabled: {message}", RuntimeWarning, stacklevel=3)
+        state = "disabled" if disabled else "error"
+        warnings.warn(f"diffcore plugin {plugin!r} {state}: {message}", RuntimeWarning, stacklevel=3)
         if self.strict:
             raise PluginError(f"plugin {plugin!r}: {message}") from exc
+
+    def priority(self, names: Iterable[str]) -> list[str]:
+        """Admission order (first wins a conflict): built-ins, then the plugins an earlier registry build
+        admitted (in that order), then the others by distribution name (plugin name without one)."""
+        names = list(names)
+        kept = [n for n in [BUILTIN_NAME, *self.admitted] if n in names]
+        kept = list(dict.fromkeys(kept))
+
+        def key(name: str) -> tuple[str, str]:
+            info = self.plugins.get(name)
+            return ((info.distribution if info and info.distribution else name).lower(), name)
+
+        return kept + sorted((n for n in names if n not in kept), key=key)
 
     def register(self, module: Any, name: str, distribution: Optional[str] = None, version: Optional[str] = None) -> None:
         try:
@@ -104,8 +127,17 @@ class PluginManager:
 
     def load_entrypoints(self) -> None:
         allow = os.environ.get("DIFFCORE_PLUGINS")
-        allowed = {a.strip() for a in allow.split(",")} if allow else None
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        allowed = {a.strip() for a in allow.split(",") if a.strip()} if allow else None
+        entry_points = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+        if allowed is not None:
+            installed = sorted({ep.name for ep in entry_points})
+            for name in sorted(allowed - set(installed) - {BUILTIN_NAME}):
+                message = (f"DIFFCORE_PLUGINS names {name!r}, which is not installed "
+                           f"(installed plugins: {', '.join(installed) or 'none'})")
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                if self.strict:
+                    raise PluginError(message)
+        for ep in entry_points:
             if allowed is not None and ep.name not in allowed:
                 continue
             if ep.name in self.plugins:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,30 +31,79 @@ _HOOKS = {
 }
 
 
+def _claimed_keys(kind: str, record) -> list[tuple]:
+    """The names a record holds: its ``name`` in its kind, and for configs every alias (one namespace for
+    all pipelines: ``from_pretrained("alias")``) and every HF id (per pipeline, as ``select_config`` reads them)."""
+    keys = [(kind, record.name)]
+    if kind == "configs":
+        keys += [("aliases", a) for a in record.aliases]
+        keys += [("hf_ids", record.pipeline_name, h) for h in record.hf_ids]
+    return keys
+
+
+_WHAT = {"aliases": "alias", "hf_ids": "HF id"}
+
+
+def _conflict(claims: dict, stamped: dict[str, list]) -> Optional[str]:
+    """Why a plugin's records (``{kind: [Registered]}``) cannot be admitted beside ``claims``, or None."""
+    own: dict[tuple, R.Registered] = {}
+    for kind, entries in stamped.items():
+        for entry in entries:
+            for key in _claimed_keys(kind, entry.record):
+                other = claims.get(key) or own.get(key)
+                if other is not None:
+                    what = _WHAT.get(key[0]) or key[0][:-1].replace("_", " ")
+                    holder = "itself" if other.plugin == entry.plugin else other.describe()
+                    return (f"conflicting {what} {key[-1]!r}: already registered by {holder}; "
+                            f"{entry.describe()} is disabled and none of its records are registered "
+                            "(uninstall one of the two distributions, or leave one out with DIFFCORE_PLUGINS)")
+                own[key] = entry
+    return None
+
+
 class Registry:
     def __init__(self):
         self.tables: dict[str, dict[str, R.Registered]] = {kind: {} for kind in _HOOKS}
         self._resolved: dict[tuple[str, str], Any] = {}
+        self.report = _warn  # (plugin, message, exc): set by build() to the manager's failure reporter
 
     @classmethod
     def build(cls, manager) -> "Registry":
+        """Collect every plugin's records, then admit plugins whole, in ``manager.priority`` order.
+
+        A plugin that claims a name an admitted plugin already holds (any kind's ``name``, a config's
+        alias, or a config's HF id for the same pipeline) is disabled: none of its records are
+        registered, so the plugin that was there first keeps working and nothing is half-registered.
+        """
         reg = cls()
+        reg.report = lambda plugin, message, exc=None: manager.fail(plugin, message, exc, disabled=False)
+        collected: dict[str, tuple[Any, dict[str, list]]] = {}
         for kind, (hook, record_type) in _HOOKS.items():
             for info, records in manager.call_each(hook):
+                kinds = collected.setdefault(info.name, (info, {}))[1]
                 for record in records:
                     if not isinstance(record, record_type):
                         manager.fail(info.name, f"{hook} returned {type(record).__name__}, expected {record_type.__name__}")
                         continue
-                    stamped = R.Registered(record, info.name, info.distribution, info.version)
-                    table = reg.tables[kind]
-                    key = record.name
-                    if key in table:
-                        other = table[key]
-                        manager.fail(info.name, f"conflicting {kind[:-1]} {key!r}: already registered by "
-                                                f"{other.describe()}; refused from {stamped.describe()}",
-                                     PluginError(key))
-                        continue
-                    table[key] = stamped
+                    kinds.setdefault(kind, []).append(record)
+        claims: dict[tuple, R.Registered] = {}
+        admitted, manager.disabled = [], {}
+        for name in manager.priority(list(collected)):
+            info, kinds = collected[name]
+            stamped = {kind: [R.Registered(r, info.name, info.distribution, info.version) for r in records]
+                       for kind, records in kinds.items()}
+            problem = _conflict(claims, stamped)
+            if problem is not None:
+                manager.disabled[name] = problem
+                manager.fail(name, problem, PluginError(problem))
+                continue
+            for kind, entries in stamped.items():
+                for entry in entries:
+                    reg.tables[kind][entry.record.name] = entry
+                    for key in _claimed_keys(kind, entry.record):
+                        claims[key] = entry
+            admitted.append(name)
+        manager.admitted = admitted
         for name, entry in reg.tables["attention_backends"].items():
             from .models import attention
 
@@ -98,6 +148,15 @@ class Registry:
         return _LazyTable(self, "schedulers")
 
     # -- model selection ---------------------------------------------------------------------
+    def _detects(self, entry: R.Registered, model_index, folder: Path) -> bool:
+        """Run one detector; one that raises is reported against its plugin and counts as "no match"."""
+        try:
+            return bool(R.resolve_ref(entry.record.detector)(model_index, folder))
+        except Exception as exc:
+            self.report(entry.plugin, f"detector of config {entry.record.name!r} raised {type(exc).__name__}: {exc}; "
+                                      "skipped, other configs are tried", exc)
+            return False
+
     def config_for_alias(self, model: str) -> Optional[R.ConfigRegistration]:
         for entry in self.tables["configs"].values():
             if model in entry.record.aliases:
@@ -115,8 +174,9 @@ class Registry:
         for rec in candidates:
             if name_or_path and name_or_path in rec.hf_ids:
                 return rec
-        for rec in candidates:
-            if rec.detector is not None and R.resolve_ref(rec.detector)(model_index, folder):
+        for entry in self.tables["configs"].values():
+            rec = entry.record
+            if rec.pipeline_name == pipeline and rec.detector is not None and self._detects(entry, model_index, folder):
                 return rec
         for rec in candidates:
             if rec.default_for_pipeline:
@@ -125,6 +185,10 @@ class Registry:
             return candidates[0]
         self.get("pipelines", pipeline)  # raises the "not installed" error with a hint
         raise RegistryError(f"pipeline {pipeline!r} is installed but no plugin registered a config for it")
+
+
+def _warn(plugin: str, message: str, exc: Optional[BaseException] = None) -> None:
+    warnings.warn(f"diffcore plugin {plugin!r}: {message}", RuntimeWarning, stacklevel=3)
 
 
 def _name_or_path(folder: Path) -> Optional[str]:
