@@ -71,7 +71,8 @@ def _generate(args) -> int:
             extra["loras"] = loras
         kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, image=images, height=args.height,
                       width=args.width, num_frames=args.num_frames, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance_scale, true_cfg_scale=args.true_cfg_scale, seed=args.seed, **extra)
+                      guidance_scale=args.guidance_scale, true_cfg_scale=args.true_cfg_scale,
+                      flow_shift=args.flow_shift, seed=args.seed, **extra)
         if gen.streams_blocks and str(args.output).lower().endswith(".mp4"):
             result, path = _generate_streaming(gen, args.output, kwargs)
         else:
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=float)
     g.add_argument("--true-cfg-scale", type=float)
     g.add_argument("--timesteps", type=float, nargs="+", help="few-step (DMD) models: the timesteps to sample at")
+    g.add_argument("--flow-shift", type=float, help="flow shift of the schedule (default: the checkpoint's)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default=None, help="force a dtype for every component (e.g. float32)")

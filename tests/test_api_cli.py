@@ -201,6 +201,22 @@ def test_cli_generate_writes_the_requested_image(global_manager, toy_manager, to
     np.testing.assert_array_equal(pixels, np.asarray(ref))  # the flags reached the generator
 
 
+def test_flow_shift_is_per_request_and_reaches_the_cli(global_manager, toy_manager, toy_folder, toy_gen, tmp_path):
+    """The toy folder's scheduler_config.json says shift 3.0; flow_shift=1.5 changes one request only."""
+    kw = dict(prompt="a red circle", height=32, width=48, num_inference_steps=2, seed=9, output_type="np")
+    plain = toy_gen.generate(**kw).output
+    shifted = toy_gen.generate(**kw, flow_shift=1.5).output
+    assert np.abs(plain - shifted).max() > 1e-3
+    np.testing.assert_array_equal(toy_gen.generate(**kw).output, plain)  # the loaded scheduler is untouched
+    assert toy_gen.components["scheduler"].config["shift"] == 3.0
+    global_manager(toy_manager)
+    out = tmp_path / "shifted.png"
+    assert main(_generate_args(toy_folder, out, "--flow-shift", "1.5")) == 0
+    want = toy_gen.generate(**{**kw, "output_type": "pil"}, flow_shift=1.5).images[0]
+    with Image.open(out) as img:
+        np.testing.assert_array_equal(np.asarray(img), np.asarray(want))
+
+
 def test_cli_errors_exit_2_with_a_message(global_manager, toy_manager, toy_folder, tmp_path, capsys):
     global_manager(toy_manager)
     cases = [

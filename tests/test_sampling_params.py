@@ -35,6 +35,10 @@ BAD_VALUES = [
     ("negative_prompt", 5, "a string or a non-empty list of strings"),
     ("output_type", "jpg", "must be one of pil, np, pt, latent"),
     ("image", 42, "a PIL image, a path or an array"),
+    ("flow_shift", 0.0, "finite number > 0"),
+    ("flow_shift", float("nan"), "finite number > 0"),
+    ("flow_shift", float("inf"), "finite number > 0"),
+    ("flow_shift", "5", "finite number > 0"),
 ]
 
 

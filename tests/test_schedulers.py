@@ -333,3 +333,31 @@ def test_unipc_add_noise_and_errors():
         UniPCMultistepScheduler().set_timesteps(sigmas=[1.0, 0.5])
     assert UniPCMultistepScheduler.diffusers_class_name == "UniPCMultistepScheduler"
     assert ours.timesteps.dtype == torch.int64 and ours.sigmas.device.type == "cpu"
+
+
+@pytest.mark.parametrize("cls,ref_cls,cfg,key", [
+    (UniPCMultistepScheduler, RefUniPC, WAN, "flow_shift"),
+    (FlowMatchEulerDiscreteScheduler, RefFlowMatch, FLUX_SCHNELL, "shift"),
+], ids=["unipc-flow", "flow-match-static"])
+def test_with_flow_shift_equals_diffusers_from_config(cls, ref_cls, cfg, key):
+    """A request's flow_shift is diffusers' ``Scheduler.from_config(config, flow_shift=...)``; the original is untouched."""
+    from diffcore.schedulers.base import with_flow_shift
+
+    original = cls.from_config(cfg)
+    shifted = with_flow_shift(original, 7.0)
+    assert shifted is not original and original.config[key] == cfg[key] and shifted.config[key] == 7.0
+    ref = ref_cls.from_config({**cfg, key: 7.0})
+    shifted.set_timesteps(10)
+    ref.set_timesteps(10)
+    assert_same_schedule(shifted, ref)
+
+
+def test_with_flow_shift_refuses_schedules_without_a_fixed_shift():
+    from diffcore.errors import SamplingParamError
+    from diffcore.schedulers.base import with_flow_shift
+
+    with pytest.raises(SamplingParamError, match="use_dynamic_shifting"):
+        with_flow_shift(FlowMatchEulerDiscreteScheduler.from_config(FLUX_DEV), 3.0)
+    with pytest.raises(SamplingParamError, match="has no flow shift"):
+        with_flow_shift(UniPCMultistepScheduler.from_config({**WAN, "use_flow_sigmas": False,
+                                                             "prediction_type": "epsilon"}), 3.0)

@@ -73,6 +73,11 @@ class SchedulerBase:
     def _store_config(self, values: Mapping[str, Any]) -> None:
         self.config = SchedulerConfig({n: values[n] for n in self.init_arg_names()})
 
+    def flow_shift_key(self) -> str | None:
+        """The config key holding this scheduler's fixed flow shift, or None where it has none
+        (schedulers override it)."""
+        return None
+
     def clone(self):
         """A fresh instance with the same config and no per-request state."""
         return type(self)(**self.config)
@@ -140,3 +145,22 @@ def stretch_to_terminal(sigmas, shift_terminal: float):
     one_minus = 1 - sigmas
     scale = one_minus[-1] / (1 - shift_terminal)
     return 1 - (one_minus / scale)
+
+
+def with_flow_shift(scheduler, shift: float):
+    """A fresh copy of ``scheduler`` whose fixed flow shift is ``shift``: what diffusers users write as
+    ``Scheduler.from_config(scheduler.config, flow_shift=...)``. A SamplingParamError where the schedule
+    has no fixed shift (no flow sigmas, shifted by the image size, or a scheduler without the hook)."""
+    from ..errors import SamplingParamError
+
+    name = type(scheduler).__name__
+    config = getattr(scheduler, "config", None) or {}
+    if config.get("use_dynamic_shifting"):
+        raise SamplingParamError("flow_shift", f"this model's {name} shifts its schedule by the image size "
+                                               "(use_dynamic_shifting in scheduler_config.json), so a fixed "
+                                               "flow_shift does not apply; leave it unset")
+    key = scheduler.flow_shift_key() if hasattr(scheduler, "flow_shift_key") else None
+    if key is None:
+        raise SamplingParamError("flow_shift", f"this model's {name} (as its scheduler_config.json sets it up) "
+                                               "has no flow shift; leave it unset")
+    return type(scheduler).from_config(config, **{key: float(shift)})

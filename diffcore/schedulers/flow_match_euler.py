@@ -67,6 +67,9 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         self._begin_index: int | None = None
 
     # ---- shift --------------------------------------------------------------------------------
+    def flow_shift_key(self) -> str:
+        return "shift"
+
     @property
     def shift(self) -> float:
         return self._shift

@@ -107,6 +107,9 @@ class UniPCMultistepScheduler(SchedulerBase):
         self.disable_corrector = list(disable_corrector)
         self._reset()
 
+    def flow_shift_key(self) -> str | None:
+        return "flow_shift" if self.config["use_flow_sigmas"] else None
+
     def _reset(self) -> None:
         """Forget the multistep history of the previous request."""
         self.num_inference_steps: int | None = getattr(self, "num_inference_steps", None)

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..configs import budget
 from ..errors import InputError, SamplingParamError
 from ..request import Request
+from ..schedulers.base import with_flow_shift
 from .base import In, Out, PipelineStage
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,9 @@ class InputValidationStage(PipelineStage):
         limits.check_steps(p.num_inference_steps)
         if getattr(p, "timesteps", None) is not None:
             limits.check_steps(len(p.timesteps))
+        if getattr(p, "flow_shift", None) is not None and getattr(cfg, "dmd", None) is None \
+                and "scheduler" in self.components:
+            with_flow_shift(self.components["scheduler"], p.flow_shift)  # refuse it now, not after text encoding
         self.config.resolve_size(req, self.components)
         limits.check_size(req.height, req.width, req.num_frames if cfg.is_video else None)
         images = p.images

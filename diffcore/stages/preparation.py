@@ -7,11 +7,15 @@ import numpy as np
 import torch
 
 from ..request import Request
+from ..schedulers.base import with_flow_shift
 from .base import In, Out, PipelineStage
 
 
 class TimestepPreparationStage(PipelineStage):
-    """Set the scheduler's timesteps on a per-request copy (dynamic shift ``mu`` from the image size)."""
+    """Set the scheduler's timesteps on a per-request copy (dynamic shift ``mu`` from the image size).
+
+    The schedule is the checkpoint's scheduler_config.json, as in diffusers; a request's ``flow_shift``
+    replaces its fixed shift for that request only."""
 
     inputs = (In("params"), In("height", int), In("width", int))
     outputs = (Out("timesteps", torch.Tensor), Out("scheduler"))
@@ -22,7 +26,8 @@ class TimestepPreparationStage(PipelineStage):
 
     def forward(self, req: Request) -> Request:
         n = req.params.num_inference_steps
-        scheduler = copy.deepcopy(self.scheduler)
+        shift = getattr(req.params, "flow_shift", None)
+        scheduler = with_flow_shift(self.scheduler, shift) if shift is not None else copy.deepcopy(self.scheduler)
         kwargs = {}
         if self.config.linear_sigmas:
             kwargs["sigmas"] = np.linspace(1.0, 1 / n, n)

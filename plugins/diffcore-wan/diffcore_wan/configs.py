@@ -10,8 +10,10 @@ One ``WanConfig`` serves every variant; the switches come from the checkpoint:
   DenoisingStage to switch to ``transformer_2`` below ``boundary_ratio * num_train_timesteps``, and
   ``guidance_scale_at`` gives that expert ``guidance_scale_2``.
 
-Defaults follow the official Wan recipes (shared/reference/models.md section 4); ``flow_shift``
-replaces the checkpoint scheduler's shift, as diffusers' docs tell users to do by hand.
+Defaults follow the official Wan recipes (shared/reference/models.md section 4). The schedule is the
+checkpoint's own scheduler_config.json, as in diffusers; the official recipes' flow shift is only a
+recommendation (``recommended_flow_shift``, logged at load when the folder differs), applied per request
+with ``generate(flow_shift=...)``.
 """
 from __future__ import annotations
 
@@ -101,7 +103,8 @@ class WanConfig(PipelineConfig):
     default_fps: Optional[int] = 16
     default_height: int = 480
     default_width: int = 832
-    flow_shift: Optional[float] = 3.0  # None keeps the checkpoint scheduler's own value
+    # The official recipe's flow shift: documentation and a load-time hint, never applied by itself.
+    recommended_flow_shift: Optional[float] = 3.0
     expand_timesteps: bool = False
     concat_condition: bool = False
     boundary_ratio: Optional[float] = None  # two experts (Wan 2.2 A14B): transformer_2 below ratio * 1000
@@ -112,8 +115,12 @@ class WanConfig(PipelineConfig):
     # -- checkpoint switches ---------------------------------------------------------------------
     def configure_from_index(self, model_index) -> None:
         super().configure_from_index(model_index)
-        if model_index.extra.get("boundary_ratio") is not None:
-            self.boundary_ratio = float(model_index.extra["boundary_ratio"])
+        if "boundary_ratio" in model_index.extra:  # the file's value, null included, wins (as in diffusers)
+            value = model_index.extra["boundary_ratio"]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"{model_index.folder / 'model_index.json'}: boundary_ratio must be a number "
+                                  f"in (0, 1) or null, got {value!r}")
+            self.boundary_ratio = None if value is None else float(value)
         if "expand_timesteps" in model_index.extra:
             self.expand_timesteps = bool(model_index.extra["expand_timesteps"])
         if self.expand_timesteps:  # TI2V weights served by WanImageToVideoPipeline: first-frame conditioning
@@ -125,11 +132,12 @@ class WanConfig(PipelineConfig):
         if model is not None:
             self.spatial_patch = int(model.config.get("patch_size", (1, 2, 2))[1])
         scheduler = components.get("scheduler")
-        cfg = getattr(scheduler, "config", None) or {}
-        key = "flow_shift" if cfg.get("use_flow_sigmas") else "shift" if "shift" in cfg else None
-        if self.flow_shift is not None and key and cfg.get(key) != self.flow_shift:
-            log.info("using flow shift %s (the checkpoint's scheduler says %s)", self.flow_shift, cfg.get(key))
-            components["scheduler"] = type(scheduler).from_config(cfg, **{key: self.flow_shift})
+        key = scheduler.flow_shift_key() if hasattr(scheduler, "flow_shift_key") else None
+        saved = scheduler.config.get(key) if key else None
+        if self.recommended_flow_shift is not None and saved is not None and saved != self.recommended_flow_shift:
+            log.info("the checkpoint's scheduler_config.json sets %s=%s (used); the official recipe for this model "
+                     "uses %s: pass generate(flow_shift=%s) to follow it", key, saved, self.recommended_flow_shift,
+                     self.recommended_flow_shift)
 
     # -- sizes -----------------------------------------------------------------------------------
     @property
@@ -298,7 +306,7 @@ class Wan21T2V14BConfig(WanConfig):
 
     default_height: int = 720
     default_width: int = 1280
-    flow_shift: Optional[float] = 5.0
+    recommended_flow_shift: Optional[float] = 5.0
 
 
 @attrs.define(kw_only=True)
@@ -307,7 +315,7 @@ class Wan22T2VA14BConfig(WanConfig):
 
     default_height: int = 720
     default_width: int = 1280
-    flow_shift: Optional[float] = 12.0
+    recommended_flow_shift: Optional[float] = 12.0
     boundary_ratio: Optional[float] = 0.875
 
 
@@ -318,7 +326,7 @@ class Wan22TI2V5BConfig(WanConfig):
     default_height: int = 704
     default_width: int = 1280
     default_fps: Optional[int] = 24
-    flow_shift: Optional[float] = 5.0
+    recommended_flow_shift: Optional[float] = 5.0
     expand_timesteps: bool = True
 
 
@@ -352,7 +360,7 @@ class WanI2VConfig(WanConfig):
 class WanI2V720PConfig(WanI2VConfig):
     default_height: int = 720
     default_width: int = 1280
-    flow_shift: Optional[float] = 5.0
+    recommended_flow_shift: Optional[float] = 5.0
 
 
 @attrs.define(kw_only=True)
@@ -362,7 +370,7 @@ class Wan22I2VA14BConfig(WanI2VConfig):
     default_negative_prompt: Optional[str] = DEFAULT_NEGATIVE_PROMPT
     default_height: int = 720
     default_width: int = 1280
-    flow_shift: Optional[float] = 5.0
+    recommended_flow_shift: Optional[float] = 5.0
     boundary_ratio: Optional[float] = 0.9
 
 

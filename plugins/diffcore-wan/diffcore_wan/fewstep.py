@@ -22,7 +22,7 @@ class FastWan21T2VConfig(WanConfig):
 
     cfg: str = "none"
     default_negative_prompt: Optional[str] = None
-    flow_shift: Optional[float] = 8.0
+    recommended_flow_shift: Optional[float] = 8.0
     dmd: Optional[DmdConfig] = DmdConfig((1000, 757, 522), shift=8.0)
 
 
@@ -59,7 +59,7 @@ class SelfForcingWanConfig(WanConfig):
 
     cfg: str = "none"
     default_negative_prompt: Optional[str] = None
-    flow_shift: Optional[float] = 5.0
+    recommended_flow_shift: Optional[float] = 5.0
     dmd: Optional[DmdConfig] = DmdConfig((1000, 750, 500, 250), shift=5.0, warp=True)
     causal: Optional[CausalConfig] = CausalConfig()
 

@@ -2,6 +2,7 @@
 size/frame rules and precisions."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -45,7 +46,8 @@ def test_umt5_embeddings_match_diffusers(wan_folders):
 
 
 EXPECTED = {
-    # config name: (config class, height, width, frames, fps, steps, guidance, guidance_2, flow shift, boundary)
+    # config name: (config class, height, width, frames, fps, steps, guidance, guidance_2, recommended flow shift,
+    # boundary)
     "wan2.1-t2v-1.3b": ("WanConfig", 480, 832, 81, 16, 50, 5.0, None, 3.0, None),
     "wan2.1-t2v-14b": ("Wan21T2V14BConfig", 720, 1280, 81, 16, 50, 5.0, None, 5.0, None),
     "wan2.2-t2v-a14b": ("Wan22T2VA14BConfig", 720, 1280, 81, 16, 40, 4.0, 3.0, 12.0, 0.875),
@@ -76,7 +78,7 @@ def test_every_wan_hub_id_is_registered_with_real_defaults():
         assert (config.default_height, config.default_width, config.default_fps) == (h, w, fps), name
         assert (params.num_frames, params.num_inference_steps, params.guidance_scale, params.guidance_scale_2) == \
             (frames, steps, g, g2), name
-        assert (config.flow_shift, config.boundary_ratio) == (shift, boundary), name
+        assert (config.recommended_flow_shift, config.boundary_ratio) == (shift, boundary), name
         assert config.default_negative_prompt.startswith("镜头晃动" if "2.1-i2v" in name else "色调艳丽")
 
 
@@ -86,8 +88,9 @@ def test_every_wan_hub_id_is_registered_with_real_defaults():
 def test_local_folders_are_detected(wan_folders, kind, name):
     gen = ours(wan_folders[kind])
     assert type(gen.config).__name__ == name
-    # the config's flow shift replaces the checkpoint scheduler's (3.0 in the tiny folders)
-    assert gen.components["scheduler"].config["flow_shift"] == gen.config.flow_shift
+    # the folder's scheduler_config.json decides (3.0 in the tiny folders), whatever the official recipe says
+    saved = json.loads((wan_folders[kind] / "scheduler" / "scheduler_config.json").read_text())["flow_shift"]
+    assert gen.components["scheduler"].config["flow_shift"] == saved == 3.0
     assert gen.config.expand_timesteps is (kind == "ti2v")
     assert gen.config.boundary_ratio == {"t2v22": 0.875, "i2v22": 0.9}.get(kind)  # read from model_index.json
 
@@ -155,3 +158,20 @@ def test_loader_drops_the_keys_diffusers_ignores():
     assert M.map_state_dict_key("blocks.0.attn2.norm_added_q.weight") is None  # _keys_to_ignore_on_load_unexpected
     assert M.map_state_dict_key("blocks.0.attn2.norm_added_k.weight") == "blocks.0.attn2.norm_added_k.weight"
     assert M._keep_in_fp32_modules == ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+
+
+def test_model_index_boundary_ratio_wins_over_the_configs_default(wan_folders, tmp_path):
+    """``"boundary_ratio": null`` in model_index.json means one expert in diffusers; the Wan 2.2 A14B
+    config's 0.875 must not replace it. A non-number is an error naming the file."""
+    import shutil
+
+    folder = tmp_path / "t2v22-null"
+    shutil.copytree(wan_folders["t2v22"], folder)
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index_path.write_text(json.dumps({**index, "boundary_ratio": None}))
+    gen = DiffGenerator.from_pretrained(folder, dtype="float32", progress=False)
+    assert type(gen.config).__name__ == "Wan22T2VA14BConfig" and gen.config.boundary_ratio is None
+    index_path.write_text(json.dumps({**index, "boundary_ratio": "0.9"}))
+    with pytest.raises(ConfigError, match=r"model_index.json: boundary_ratio must be a number"):
+        DiffGenerator.from_pretrained(folder, dtype="float32", progress=False)

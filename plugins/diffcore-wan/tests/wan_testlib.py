@@ -98,10 +98,10 @@ def ours(folder) -> DiffGenerator:
 
 
 @functools.lru_cache(maxsize=None)
-def reference(folder, kind: str, with_image: bool = False):
-    """The diffusers pipeline for a tiny folder, with the scheduler's flow_shift set to the one our config
-    uses (what diffusers' docs tell users to do by hand). TI2V + image runs diffusers' image-to-video
-    pipeline with expand_timesteps on the same components, as diffusers documents for TI2V-5B."""
+def reference(folder, kind: str, with_image: bool = False, flow_shift: float | None = None):
+    """The diffusers pipeline for a tiny folder, with its own scheduler_config.json (or ``flow_shift`` set
+    the way diffusers' docs tell users to). TI2V + image runs diffusers' image-to-video pipeline with
+    expand_timesteps on the same components, as diffusers documents for TI2V-5B."""
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
 
     cls = WanImageToVideoPipeline if kind.startswith("i2v") else WanPipeline
@@ -111,8 +111,8 @@ def reference(folder, kind: str, with_image: bool = False):
     if kind == "ti2v" and with_image:
         parts = {k: getattr(pipe, k) for k in ("tokenizer", "text_encoder", "vae", "scheduler", "transformer")}
         pipe = WanImageToVideoPipeline(**parts, expand_timesteps=True)
-    shift = ours(folder).config.flow_shift
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=shift)
+    if flow_shift is not None:
+        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=flow_shift)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -134,8 +134,9 @@ def compare(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
 def run_both(folder, kind: str, image=None, ref_kwargs=None, seed: int = 7, **kwargs):
     """(diffcore output, diffusers output) as (B, F, H, W, 3) float arrays in [0, 1]."""
     extra = {"image": image} if image is not None else {}
-    pipe = reference(folder, kind, with_image=image is not None)
-    ref = pipe(**kwargs, **extra, **(ref_kwargs or {}), generator=torch.Generator("cpu").manual_seed(seed),
+    pipe = reference(folder, kind, with_image=image is not None, flow_shift=kwargs.get("flow_shift"))
+    ref_args = {k: v for k, v in kwargs.items() if k != "flow_shift"}
+    ref = pipe(**ref_args, **extra, **(ref_kwargs or {}), generator=torch.Generator("cpu").manual_seed(seed),
                output_type="np").frames
     got = ours(folder).generate(**kwargs, **extra, seed=seed, output_type="np").output
     return got, ref
