@@ -74,8 +74,11 @@ class DiffGenerator:
         model = str(model)
         alias_rec = registry.config_for_alias(model)
         location = _resolve_source(alias_rec) or model
-        folder = loader.resolve_model_path(location, revision=engine.revision, allow_pickle=engine.allow_pickle)
+        folder = loader.resolve_model_path(location, revision=engine.revision, allow_pickle=engine.allow_pickle,
+                                           variant=engine.variant)
         index = loader.read_model_index(folder)
+        if engine.variant:
+            loader.check_variant(folder, index.components, engine.variant)
         pipeline_cls = registry.get("pipelines", index.class_name)
         rec = alias_rec if alias_rec is not None and alias_rec.pipeline_name == index.class_name else \
             registry.select_config(model, index, folder)
@@ -113,7 +116,7 @@ class DiffGenerator:
             components[name] = loader.load_component(
                 folder, spec, module_classes=registry.module_classes(), scheduler_classes=registry.scheduler_classes(),
                 dtype=dtypes[name], device=load_device, allow_pickle=engine.allow_pickle,
-                custom_loaders=config.custom_loaders(),
+                custom_loaders=config.custom_loaders(), variant=engine.variant,
                 weight_files=[weight_files[name]] if name in weight_files else None,
             )
         precision.explain({n: c for n, c in components.items() if dtypes.get(n) != config.dtype_for(n)}, slow_bf16)

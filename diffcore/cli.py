@@ -53,7 +53,7 @@ def _generate(args) -> int:
         from .outputs import check_save_path
 
         check_save_path(args.output, writable=True)  # before minutes of loading and generating
-        gen = DiffGenerator.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+        gen = DiffGenerator.from_pretrained(args.model, device=args.device, dtype=args.dtype, variant=args.variant,
                                             allow_pickle=args.allow_pickle, progress=not args.quiet,
                                             quantization=args.quantization, gguf=_gguf_files(args.gguf),
                                             offload=args.offload, max_pixels=args.max_pixels,
@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the transformer (or NAME) from a .gguf file; the rest comes from --model")
     g.add_argument("--offload", choices=["model", "layers"],
                    help="keep weights in CPU memory, on the device only while they run (whole components / transformer blocks)")
+    g.add_argument("--variant", help="load the weight files of this variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)")
     g.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin/.pt) weights: runs code from the file")
     g.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
                    help="apply a LoRA (file, folder or Hub id) with a weight (default 1.0); repeatable")

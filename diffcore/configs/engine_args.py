@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -72,6 +73,12 @@ def _positive_int(name: str):
     return check
 
 
+def _variant(inst, attribute, value):
+    if value is not None and (not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_]+", value)):
+        raise ConfigError(f"variant must be a weight-file variant name such as 'fp16' or 'bf16' (as in "
+                          f"diffusion_pytorch_model.fp16.safetensors), got {value!r}")
+
+
 @attrs.define(kw_only=True)
 class EngineArgs:
     """How to run: device, precision override, attention backend, room for speed options, and the size
@@ -94,6 +101,7 @@ class EngineArgs:
     gguf: Optional[dict] = attrs.field(default=None, converter=parse_weight_files)
     allow_pickle: bool = False  # executing pickle checkpoints must be an explicit choice
     revision: Optional[str] = None
+    variant: Optional[str] = attrs.field(default=None, validator=_variant)  # load *.<variant>.safetensors (diffusers)
     num_threads: Optional[int] = attrs.field(default=None, validator=_optional_positive_int)
     progress: bool = True
     max_pixels: Optional[int] = attrs.field(default=None, validator=_optional_positive_int)  # per frame

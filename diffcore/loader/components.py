@@ -21,6 +21,7 @@ import torch
 from ..errors import ConfigError, DiffcoreError, LoaderError, MissingFileError, RegistryError
 from .config_types import build, check_config
 from .model_index import ComponentSpec, read_json
+from .required_files import check_transformers_folder
 from .safetensors_io import find_weight_files, load_into_module, skip_init
 from .transformers_models import load_fast
 
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 CustomLoader = Callable[[Path, ComponentSpec, "torch.dtype | None", "torch.device | str"], Any]
 
 
-def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow_pickle: bool, files=None):
+def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow_pickle: bool, files=None,
+                variant=None):
     config = read_json(path / "config.json", f"config of component {spec.name!r}")
     saved = config.get("_class_name")
     if saved is not None and saved != spec.class_name:
@@ -37,7 +39,7 @@ def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow
                     path, saved, spec.class_name, cls.__name__)
     with skip_init():
         model = _from_config(cls, config, path / "config.json", device="meta")
-    files = files or find_weight_files(path, allow_pickle=allow_pickle)
+    files = files or find_weight_files(path, allow_pickle=allow_pickle, variant=variant)
     load_into_module(model, files, key_map=cls.map_state_dict_key, dtype=dtype, device=device)
     return model.eval().requires_grad_(False)
 
@@ -63,7 +65,7 @@ def _dtype_kwarg() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
-def _load_transformers(path: Path, spec: ComponentSpec, dtype, device, allow_pickle: bool):
+def _load_transformers(path: Path, spec: ComponentSpec, dtype, device, allow_pickle: bool, variant=None):
     import transformers
 
     cls = getattr(transformers, spec.class_name, None)
@@ -72,13 +74,16 @@ def _load_transformers(path: Path, spec: ComponentSpec, dtype, device, allow_pic
             f"component {spec.name!r}: transformers {transformers.__version__} has no class {spec.class_name!r}; "
             "upgrade transformers, or pass a custom loader for this component"
         )
+    check_transformers_folder(path, cls, f"component {spec.name!r} (transformers.{spec.class_name})")
     try:
         if issubclass(cls, transformers.PreTrainedModel):
-            files = find_weight_files(path, allow_pickle=allow_pickle)  # same errors as diffcore models
+            files = find_weight_files(path, allow_pickle=allow_pickle, variant=variant)  # same errors as diffcore models
             model = load_fast(cls, path, files, dtype, device)
             if model is not None:
                 return model.eval().requires_grad_(False)
             kwargs = {"local_files_only": True, "use_safetensors": True if not allow_pickle else None}
+            if variant and any(f".{variant}." in f.name for f in files):
+                kwargs["variant"] = variant
             if dtype is not None:
                 kwargs[_dtype_kwarg()] = dtype
             model = cls.from_pretrained(path, **kwargs)
@@ -109,6 +114,7 @@ def load_component(
     allow_pickle: bool = False,
     custom_loaders: Mapping[str, CustomLoader] | None = None,
     weight_files: Sequence[Path] | None = None,
+    variant: str | None = None,
 ) -> Any:
     """Load component ``spec`` from ``<folder>/<spec.name>``.
 
@@ -116,7 +122,8 @@ def load_component(
     (:class:`~diffcore.models.base.ModelMixin` / scheduler subclasses). A custom loader is called as
     ``loader(component_folder, spec, dtype, device)``; it is looked up by component name first,
     then by class name. ``weight_files`` (diffcore models only) replace the folder's weights, e.g. a
-    ``.gguf`` transformer beside the folder's ``config.json``.
+    ``.gguf`` transformer beside the folder's ``config.json``. ``variant`` (e.g. ``"fp16"``) prefers
+    ``*.<variant>.safetensors`` weights, as in diffusers.
     """
     folder = Path(folder)
     path = folder / spec.name
@@ -133,11 +140,12 @@ def load_component(
         raise ConfigError(f"component {spec.name!r} ({spec.library}.{spec.class_name}) is not a diffcore model; "
                           "only transformers and VAEs can load their weights from a separate file")
     if spec.class_name in module_classes:
-        return _load_model(path, spec, module_classes[spec.class_name], dtype, device, allow_pickle, weight_files)
+        return _load_model(path, spec, module_classes[spec.class_name], dtype, device, allow_pickle, weight_files,
+                           variant)
     if spec.class_name in scheduler_classes:
         return _load_scheduler(path, spec, scheduler_classes[spec.class_name])
     if spec.library == "transformers":
-        return _load_transformers(path, spec, dtype, device, allow_pickle)
+        return _load_transformers(path, spec, dtype, device, allow_pickle, variant)
     known = sorted(module_classes) + sorted(scheduler_classes)
     raise RegistryError(
         f"component {spec.name!r}: no diffcore class is registered for {spec.library}.{spec.class_name} "

@@ -28,8 +28,13 @@ FOLDER_LAYOUT = (
 # weights only on opt-in; other formats (onnx, flax, images, custom code) never.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*.tiktoken", "*.jinja"]
 HUB_PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt"]
-# Precision variants (``*.fp16.safetensors``) duplicate the main weights; the loader never reads them.
-HUB_IGNORE_PATTERNS = [f"*{sep}{v}{end}" for v in ("fp16", "bf16") for sep, end in ((".", ".*"), (".", "-*"))]
+# Precision variants (``*.fp16.safetensors``) duplicate the main weights; fetched only when asked for.
+HUB_VARIANTS = ("fp16", "bf16", "fp8")
+HUB_IGNORE_PATTERNS = [f"*.{v}{end}" for v in HUB_VARIANTS for end in (".*", "-*")]
+
+
+def hub_ignore_patterns(variant: str | None = None) -> list[str]:
+    return [p for p in HUB_IGNORE_PATTERNS if variant is None or not p.startswith(f"*.{variant}")]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -132,9 +137,12 @@ def resolve_model_path(
     cache_dir: str | os.PathLike | None = None,
     *,
     allow_pickle: bool = False,
+    variant: str | None = None,
 ) -> Path:
     """Return the local Diffusers folder for ``model``: an existing folder, or a Hub repo id fetched
-    with ``snapshot_download`` (uses the HF cache; honours ``HF_HUB_OFFLINE``, ``revision``)."""
+    with ``snapshot_download`` (uses the HF cache; honours ``HF_HUB_OFFLINE``, ``revision``). Precision
+    variant files are fetched only for the ``variant`` asked for (with the plain files, which components
+    without that variant use)."""
     text = os.fspath(model)
     path = Path(text).expanduser()
     if path.exists():
@@ -158,7 +166,7 @@ def resolve_model_path(
             revision=revision,
             cache_dir=cache_dir,
             allow_patterns=allow,
-            ignore_patterns=HUB_IGNORE_PATTERNS,
+            ignore_patterns=hub_ignore_patterns(variant),
             local_files_only=offline,
         )
     except Exception as e:  # hub errors, network errors, invalid ids: all become one actionable message

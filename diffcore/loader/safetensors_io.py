@@ -10,9 +10,10 @@ import contextlib
 import json
 import logging
 import mmap
+import re
 import sys
 from pathlib import Path
-from typing import Callable, Collection, Iterator, Sequence
+from typing import Callable, Collection, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -72,16 +73,67 @@ def _sharded(index: Path, *, check_keys: bool) -> list[Path]:
     return shards
 
 
-def find_weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
+# diffusers / transformers weight names with a variant: model.fp16.safetensors, shards
+# model.fp16-00001-of-00002.safetensors (and the legacy model-00001-of-00002.fp16.safetensors).
+_VARIANT_FILE = re.compile(r"(?:diffusion_pytorch_model|model)(?:-\d+-of-\d+)?\.([A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.safetensors")
+
+
+def add_variant(name: str, variant: str | None) -> str:
+    """``model.safetensors`` -> ``model.fp16.safetensors`` (diffusers' and transformers' variant naming;
+    an index becomes ``model.safetensors.index.fp16.json``)."""
+    if not variant:
+        return name
+    stem, _, suffix = name.rpartition(".")
+    return f"{stem}.{variant}.{suffix}"
+
+
+def _variant_files(folder: Path, variant: str) -> list[Path] | None:
+    for name in SAFETENSORS_NAMES:
+        if (folder / add_variant(name, variant)).is_file():
+            return [folder / add_variant(name, variant)]
+    indexes = sorted(folder.glob(f"*.safetensors.index.{variant}.json"))
+    return _sharded(indexes[0], check_keys=True) if indexes else None
+
+
+def variants_in(folder: Path) -> list[str]:
+    """Precision variants a component folder holds (``fp16`` for ``model.fp16.safetensors``)."""
+    found = set()
+    for path in (Path(folder).glob("*.safetensors") if Path(folder).is_dir() else ()):
+        match = _VARIANT_FILE.fullmatch(path.name)
+        if match:
+            found.add(match.group(1))
+    return sorted(found)
+
+
+def check_variant(folder: Path, components: Iterable[str], variant: str) -> None:
+    """diffusers' rule: ``variant=`` needs the variant's weights in at least one component folder
+    (components without them use their plain weights)."""
+    found = {name: variants_in(Path(folder) / name) for name in components}
+    if not any(variant in v for v in found.values()):
+        others = sorted({v for vs in found.values() for v in vs})
+        offer = f"it holds {', '.join(others)}" if others else "it holds no precision variants"
+        raise MissingFileError(f"variant={variant!r}: no component of {folder} has *.{variant}.safetensors weights "
+                               f"({offer}); leave variant unset to load the plain weights")
+
+
+def find_weight_files(folder: Path, allow_pickle: bool = False, variant: str | None = None) -> list[Path]:
     """The weight files of one component folder, safetensors preferred.
 
-    Order of preference: ``diffusion_pytorch_model.safetensors`` / ``model.safetensors``; a sharded
+    Order of preference: with ``variant`` (as in diffusers), that variant's files
+    (``diffusion_pytorch_model.<variant>.safetensors``, ``model.<variant>.safetensors`` or a
+    ``*.safetensors.index.<variant>.json``), falling back to the plain files for a component that has
+    none; ``diffusion_pytorch_model.safetensors`` / ``model.safetensors``; a sharded
     ``*.safetensors.index.json``; pickle files, which raise :class:`PickleRefusedError` unless
     ``allow_pickle``.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise MissingFileError(f"component folder {folder} does not exist")
+    if variant:
+        files = _variant_files(folder, variant)
+        if files is not None:
+            return files
+        log.info("%s has no %s variant weights; using its plain weights (as diffusers does)", folder, variant)
     for name in SAFETENSORS_NAMES:
         if (folder / name).is_file():
             return [folder / name]
@@ -103,9 +155,14 @@ def find_weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
                 "(CLI: --allow-pickle), or convert the weights to safetensors."
             )
         return pickles if pickles else _sharded(pickle_indexes[0], check_keys=False)
+    hint = ""
+    others = [v for v in variants_in(folder) if v != variant]
+    if others:
+        hint = (f"; the folder holds precision-variant weights ({', '.join(others)}): load them with "
+                f"variant={others[0]!r} (CLI: --variant {others[0]})")
     raise MissingFileError(
         f"no weights in {folder}: expected {' or '.join(SAFETENSORS_NAMES)}, or a sharded "
-        f"*.safetensors.index.json with its shards (found: {_listing(folder)})"
+        f"*.safetensors.index.json with its shards (found: {_listing(folder)}){hint}"
     )
 
 

@@ -85,3 +85,14 @@ def psnr(a, b, data_range: float = 1.0) -> float:
     if mse == 0.0:
         return math.inf
     return 10.0 * math.log10(data_range**2 / mse)
+
+
+def assert_parity(got, want, max_diff: float = 2e-3, min_psnr: float = 45.0) -> tuple[float, float]:
+    """The acceptance bound of every parity test: same shape, finite, max |diff| <= 2e-3, PSNR >= 45 dB."""
+    got_np, want_np = _pair(got, want)
+    assert got_np.shape == want_np.shape, (got_np.shape, want_np.shape)
+    assert np.isfinite(got_np).all() and np.isfinite(want_np).all(), "non-finite values"
+    diff, quality = max_abs_diff(got_np, want_np), psnr(got_np, want_np)
+    print(f"parity: shape={got_np.shape} max|diff|={diff:.2e} psnr={quality:.1f} dB")  # shown with pytest -rP
+    assert diff <= max_diff and quality >= min_psnr, f"max|diff|={diff:.2e} psnr={quality:.1f}"
+    return diff, quality

@@ -56,7 +56,8 @@ class QwenVLProcessor:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "QwenVLProcessor":
-        """Read ``preprocessor_config.json`` and the tokenizer files of a Qwen2-VL processor folder.
+        """Read the image processor config (``preprocessor_config.json`` or ``processor_config.json``) and the
+        tokenizer files of a Qwen2-VL processor folder.
 
         ``AutoImageProcessor`` picks transformers' torchvision backend when it is installed (as diffusers
         would) and its PIL backend otherwise; no video processor is built.
@@ -69,15 +70,23 @@ class QwenVLProcessor:
 
 
 def load_processor(path: Path, spec, dtype, device) -> QwenVLProcessor:
-    """diffcore custom loader for the ``processor`` component (``Qwen2VLProcessor`` in model_index.json)."""
+    """diffcore custom loader for the ``processor`` component (``Qwen2VLProcessor`` in model_index.json).
+
+    The image processor settings may be in ``preprocessor_config.json`` (the hub layout) or under
+    ``image_processor`` in ``processor_config.json`` (what transformers 5 writes); the tokenizer is
+    ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``. A folder missing either is an error naming it."""
+    from transformers import Qwen2Tokenizer
+
     from diffcore.errors import LoaderError, MissingFileError
+    from diffcore.loader.required_files import check_image_processor_folder, check_tokenizer_folder
 
     path = Path(path)
-    if not (path / "preprocessor_config.json").is_file():
-        raise MissingFileError(f"component {spec.name!r} ({spec.class_name}): {path / 'preprocessor_config.json'} "
-                               "does not exist; the folder must hold the image processor config and tokenizer files")
+    what = f"component {spec.name!r} ({spec.class_name})"
+    if not path.is_dir():
+        raise MissingFileError(f"{what}: folder {path} does not exist")
+    check_image_processor_folder(path, what)
+    check_tokenizer_folder(path, Qwen2Tokenizer, what)
     try:
         return QwenVLProcessor.from_pretrained(path)
     except Exception as e:  # transformers raises many kinds; name the component and the folder
-        raise LoaderError(f"component {spec.name!r} ({spec.class_name}) cannot be loaded from {path}: "
-                          f"{type(e).__name__}: {e}") from e
+        raise LoaderError(f"{what} cannot be loaded from {path}: {type(e).__name__}: {e}") from e

@@ -88,17 +88,19 @@ def build_qwen_pipeline(variant: str = "t2i", seed: int = 0):
     return cls(processor=processor, **parts)
 
 
-def reference_pipeline(folder, variant: str):
-    """The diffusers pipeline reloaded from ``folder`` (fp32); the processor is rebuilt from its saved files."""
+def reference_pipeline(folder, variant: str, load: dict | None = None):
+    """The diffusers pipeline reloaded from ``folder`` (fp32; ``load``: more from_pretrained arguments, e.g. a
+    weights variant); the processor is rebuilt from its saved files."""
+    load = load or {}
     from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
     from transformers import AutoImageProcessor, AutoTokenizer
 
     if variant == "t2i":
-        return QwenImagePipeline.from_pretrained(folder, dtype=torch.float32)
+        return QwenImagePipeline.from_pretrained(folder, dtype=torch.float32, **load)
     proc_dir = str(Path(folder) / "processor")
     processor = tiny_vl_processor(AutoTokenizer.from_pretrained(proc_dir), AutoImageProcessor.from_pretrained(proc_dir))
     cls = QwenImageEditPipeline if variant == "edit" else QwenImageEditPlusPipeline
-    return cls.from_pretrained(folder, processor=processor, dtype=torch.float32)
+    return cls.from_pretrained(folder, processor=processor, dtype=torch.float32, **load)
 
 
 @pytest.fixture(scope="session")

@@ -98,7 +98,7 @@ def ours(folder) -> DiffGenerator:
 
 
 @functools.lru_cache(maxsize=None)
-def reference(folder, kind: str, with_image: bool = False, flow_shift: float | None = None):
+def reference(folder, kind: str, with_image: bool = False, flow_shift: float | None = None, variant: str | None = None):
     """The diffusers pipeline for a tiny folder, with its own scheduler_config.json (or ``flow_shift`` set
     the way diffusers' docs tell users to). TI2V + image runs diffusers' image-to-video pipeline with
     expand_timesteps on the same components, as diffusers documents for TI2V-5B."""
@@ -107,7 +107,7 @@ def reference(folder, kind: str, with_image: bool = False, flow_shift: float | N
     cls = WanImageToVideoPipeline if kind.startswith("i2v") else WanPipeline
     # Without accelerate diffusers refuses models with _keep_in_fp32_modules; in float32 it is a no-op.
     with mock.patch.object(WanTransformer3DModel, "_keep_in_fp32_modules", None):
-        pipe = cls.from_pretrained(folder)
+        pipe = cls.from_pretrained(folder, variant=variant)
     if kind == "ti2v" and with_image:
         parts = {k: getattr(pipe, k) for k in ("tokenizer", "text_encoder", "vae", "scheduler", "transformer")}
         pipe = WanImageToVideoPipeline(**parts, expand_timesteps=True)
