@@ -1,7 +1,7 @@
 """diffcore: a plugin-based inference SDK for diffusion models.
 
 Public API: ``DiffGenerator``, ``SamplingParams``, ``PipelineConfig``, ``EngineArgs``,
-``ComposedPipelineBase``, ``PipelineStage`` and the hook markers for plugins.
+``ComposedPipelineBase``, ``PipelineStage``, ``BatchScheduler`` and the hook markers for plugins.
 """
 __version__ = "0.1.0"
 
@@ -16,6 +16,7 @@ _LAZY = {
     "ComposedPipelineBase": "diffcore.pipeline:ComposedPipelineBase",
     "PipelineStage": "diffcore.stages.base:PipelineStage",
     "Request": "diffcore.request:Request",
+    "BatchScheduler": "diffcore.engine.batching:BatchScheduler",
 }
 
 

@@ -183,6 +183,31 @@ class DiffGenerator:
         """``{name: LoraInfo}``: source, format, ranks, target layers and fused weight of each adapter."""
         return self.pipeline.loras.infos
 
+    def params_from(self, kwargs: dict):
+        """The validated SamplingParams of generate() keywords (SamplingParamError names a bad one)."""
+        return self.sampling_params_cls.from_user(**kwargs)
+
+    def generate_batch(self, requests: list[dict]) -> list[GenerationResult]:
+        """Run several generate() calls (dicts of its keywords) together; results in the same order.
+
+        Compatible requests (same size, frames, steps and schedule, CFG on or off; see
+        ``diffcore.engine.rows.batch_key``) share every text-encoder, transformer and VAE call, even
+        with different prompts, seeds and guidance; each result equals that request's generate().
+        Every request is validated first; the first bad one raises before anything runs.
+        """
+        from .engine.batching import run_batch
+
+        reqs = []
+        for kwargs in requests:
+            kwargs = dict(kwargs)
+            callback = kwargs.pop("callback", None)
+            reqs.append(self.new_request(self.params_from(kwargs), callback=callback))
+        results = run_batch(self, reqs)
+        for outcome in results:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return results
+
     def run(self, params, callback=None, block_callback=None) -> GenerationResult:
         """Run one request from a ready SamplingParams. Safe to call from several threads at once."""
         start = time.perf_counter()

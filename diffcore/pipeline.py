@@ -1,7 +1,8 @@
 """ComposedPipelineBase: a named chain of stages whose dataflow is proven when it is built."""
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+import contextlib
+from typing import Any, ClassVar, Iterator, Optional
 
 import torch
 
@@ -96,10 +97,18 @@ class ComposedPipelineBase:
             available.difference_update(stage.consumes)
 
     # -- execution ---------------------------------------------------------------------------
-    def forward(self, req: Request) -> Request:
+    @contextlib.contextmanager
+    def running(self, req: Optional[Request] = None) -> Iterator[None]:
+        """The engine's choices for the enclosed stage calls: its context variables, its thread count and
+        ``req``'s LoRA selection (per row for a batch of requests with different adapters)."""
         if self.engine_args.num_threads:
             torch.set_num_threads(self.engine_args.num_threads)
-        with self.context.applied(), lora_scope(self.loras.request_selection(req)):  # this request's adapters, this thread only
+        selection = self.loras.request_selection(req) if req is not None else None
+        with self.context.applied(), lora_scope(selection):  # this request's (or batch rows') adapters, this thread only
+            yield
+
+    def forward(self, req: Request) -> Request:
+        with self.running(req):
             for stage in self.stages:
                 req = stage(req)
         return req

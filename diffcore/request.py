@@ -53,3 +53,11 @@ class Request:
     callback: Any = None  # per-step callback(step, timestep, latents) for this request
     block_callback: Any = None  # block-causal video: callback(block, latents, frames) per finished block
     extra: dict = attrs.field(factory=dict)  # scratch space for plugin-specific stages
+    # A batch of several users' requests (diffcore.engine.rows): the SamplingParams of every row. None for
+    # one request, whose rows all follow ``params``; read per-row values with ``per_row``.
+    row_params: Optional[list] = None
+
+    def per_row(self, name: str) -> list:
+        """``params.<name>`` for every row: ``batch_size`` values (rows of a batch may differ)."""
+        rows = self.row_params if self.row_params is not None else [self.params] * self.batch_size
+        return [getattr(p, name, None) for p in rows]

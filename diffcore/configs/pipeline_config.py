@@ -165,14 +165,20 @@ class PipelineConfig:
         """Which of the denoising stage's models serves timestep ``t`` (a multi-expert model overrides this)."""
         return 0
 
-    def guidance_scale_at(self, t: torch.Tensor, req: "Request", expert: int) -> float:
-        """The CFG scale for this step and denoiser."""
-        p = req.params
-        return p.true_cfg_scale if self.cfg == "true_cfg" else p.guidance_scale
+    def guidance_scale_at(self, t: torch.Tensor, req: "Request", expert: int):
+        """The CFG scale for this step and denoiser: a float, or one per row (``row_scale``) in a batch."""
+        return row_scale(req.per_row("true_cfg_scale" if self.cfg == "true_cfg" else "guidance_scale"))
 
     def combine_guidance(self, cond: torch.Tensor, uncond: torch.Tensor, scale, req: "Request") -> torch.Tensor:
-        """``uncond + scale * (cond - uncond)``; ``scale`` is a float or a per-row tensor (B, 1, ..., 1)."""
+        """``uncond + scale * (cond - uncond)``; ``scale`` is a float or a per-row tensor (B,)."""
+        scale = broadcast_rows(scale, cond)
         return uncond + scale * (cond - uncond)
+
+    # ---- batching --------------------------------------------------------------------------
+    def batch_key(self, req: "Request") -> tuple:
+        """What, beyond the engine's generic key (sizes, steps, CFG, ...), must be equal for two
+        requests to share transformer calls (e.g. the geometry of condition images). Hashable."""
+        return ()
 
     # ---- decoding --------------------------------------------------------------------------
     def decode(self, components: dict, latents: torch.Tensor, req: "Request") -> torch.Tensor:
@@ -206,3 +212,18 @@ class PipelineConfig:
             return self.to_pixels(stream.decode(z.to(vae.dtype), last=last))
 
         return decode
+
+
+def row_scale(values: list):
+    """One float when every row has the same value (a single request), else a float32 tensor (B,)."""
+    first = values[0]
+    if all(v == first for v in values):
+        return first
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def broadcast_rows(scale, like: torch.Tensor):
+    """A per-row tensor ``scale`` (B,) shaped (B, 1, ..., 1) to broadcast against ``like``; floats as they are."""
+    if isinstance(scale, torch.Tensor):
+        return scale.to(like.device, like.dtype).view(-1, *([1] * (like.ndim - 1)))
+    return scale

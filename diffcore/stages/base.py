@@ -35,6 +35,9 @@ class PipelineStage:
     inputs: tuple[StageField, ...] = ()
     outputs: tuple[StageField, ...] = ()
     consumes: tuple[str, ...] = ()  # fields the stage clears (later stages cannot read them)
+    # How the stage takes part in a batch of requests (diffcore.engine.rows): "rows" (once over the merged
+    # rows), "each" (per request; outputs merged) or None (unknown: the pipeline runs requests one by one).
+    batch: Optional[str] = None
 
     def __init__(self, name: Optional[str] = None):
         self.name = name or type(self).__name__

@@ -28,6 +28,7 @@ class DenoisingStage(PipelineStage):
               In("do_cfg", bool))
     outputs = (Out("latents", torch.Tensor),)
     consumes = ("condition",)  # freed after the loop: per-request tensors must not outlive it into decoding
+    batch = "rows"
 
     def __init__(self, config, transformers: list, engine_args: Optional[EngineArgs] = None, name: str = "denoising"):
         super().__init__(name)
@@ -86,6 +87,7 @@ class DecodingStage(PipelineStage):
 
     inputs = (In("latents", torch.Tensor), In("height", int), In("width", int))
     outputs = (Out("output", torch.Tensor),)
+    batch = "rows"
 
     def __init__(self, config, components: dict, name: str = "decoding"):
         super().__init__(name)

@@ -24,8 +24,9 @@ class TextEncodingStage(PipelineStage):
     def __init__(self, config, components: dict, name: str = "text_encoding", needs_images: bool = False):
         super().__init__(name)
         self.config, self.components = config, components
-        if needs_images:
+        if needs_images:  # each request with its own images; else all rows in one encoder call
             self.inputs = self.inputs + (In("images", list),)
+        self.batch = "each" if needs_images else "rows"
         self._lock = threading.Lock()
 
     def forward(self, req: Request) -> Request:
@@ -41,6 +42,7 @@ class ImageEncodingStage(PipelineStage):
 
     inputs = (In("images", list),)
     outputs = (Out("image_embeds"),)
+    batch = "each"
 
     def __init__(self, config, components: dict, name: str = "image_encoding"):
         super().__init__(name)
@@ -56,6 +58,7 @@ class ImageVAEEncodingStage(PipelineStage):
 
     inputs = (In("images", list), In("height", int), In("width", int))
     outputs = (Out("image_latents"),)
+    batch = "each"
 
     def __init__(self, config, components: dict, name: str = "image_vae_encoding", required: bool = True):
         super().__init__(name)

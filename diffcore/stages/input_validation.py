@@ -91,6 +91,7 @@ def _warn_ignored(cfg, p, do_cfg: bool) -> None:
 
 
 class InputValidationStage(PipelineStage):
+    batch = "each"
     inputs = (In("params"), In("prompts", list))
     outputs = (Out("height", int), Out("width", int), Out("num_frames", int, required=False),
                Out("negative_prompts", list, required=False), Out("do_cfg", bool), Out("images", list, required=False))

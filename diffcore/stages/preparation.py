@@ -19,6 +19,7 @@ class TimestepPreparationStage(PipelineStage):
 
     inputs = (In("params"), In("height", int), In("width", int))
     outputs = (Out("timesteps", torch.Tensor), Out("scheduler"))
+    batch = "each"  # equal for every request of a batch (the batch key); each gets its own copy
 
     def __init__(self, config, scheduler, name: str = "timestep_preparation"):
         super().__init__(name)
@@ -44,6 +45,7 @@ class LatentPreparationStage(PipelineStage):
 
     inputs = (In("height", int), In("width", int), In("generator", torch.Generator))
     outputs = (Out("latents", torch.Tensor),)
+    batch = "each"  # every request's noise from its own generator, exactly as alone
 
     def __init__(self, config, components: dict, name: str = "latent_preparation"):
         super().__init__(name)
@@ -63,6 +65,7 @@ class ConditioningStage(PipelineStage):
     inputs = (In("prompt_embeds"), In("latents", torch.Tensor), In("image_latents", required=False),
               In("image_embeds", required=False))
     outputs = (Out("condition", dict),)
+    batch = "rows"
 
     def __init__(self, config, components: dict, name: str = "conditioning"):
         super().__init__(name)

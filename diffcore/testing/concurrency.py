@@ -44,3 +44,46 @@ def assert_concurrent_equals_solo(gen, requests: list[dict], rounds: int = 1) ->
                 f"request {i} ({requests[i]}): concurrent output differs from solo")
             assert a.cache_stats == b.cache_stats, f"request {i}: step-cache counters {b.cache_stats} != {a.cache_stats}"
     return solo
+
+
+def psnr_db(got: np.ndarray, want: np.ndarray) -> float:
+    """PSNR over the reference's value range (inf when equal)."""
+    err = float(np.mean((got.astype(np.float64) - want.astype(np.float64)) ** 2))
+    span = float(want.max() - want.min()) or 1.0
+    return float("inf") if err == 0 else 10 * np.log10(span**2 / err)
+
+
+def count_denoiser_calls(gen):
+    """``(calls, remove)``: a list that grows by one per denoiser forward call, and a function removing the hooks."""
+    calls: list = []
+    handles = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in gen.pipeline.stage("denoising").transformers]
+    return calls, lambda: [h.remove() for h in handles]
+
+
+def assert_batch_equals_solo(gen, requests: list[dict], max_diff: float = 1e-4, min_psnr: float = 60.0) -> dict:
+    """generate_batch(requests) must give every request its solo generate() result (outputs and latents
+    within ``max_diff`` and ``min_psnr``). Returns the denoiser call counts ``{"solo": [...], "batch": n}``."""
+    calls, remove = count_denoiser_calls(gen)
+    try:
+        solo, solo_calls = [], []
+        for kwargs in requests:
+            before = len(calls)
+            solo.append(gen.generate(**kwargs))
+            solo_calls.append(len(calls) - before)
+        before = len(calls)
+        batch = gen.generate_batch(requests)
+        batch_calls = len(calls) - before
+    finally:
+        remove()
+    assert len(batch) == len(requests)
+    for i, (a, b) in enumerate(zip(solo, batch)):
+        pairs = [("latents", a.latents.float().numpy(), b.latents.float().numpy())]
+        if a.output is not None:
+            pairs.append(("output", np.asarray(a.output), np.asarray(b.output)))
+        for name, want, got in pairs:
+            assert got.shape == want.shape, f"request {i}: batched {name} shape {got.shape} != solo {want.shape}"
+            diff, quality = float(np.abs(got - want).max()), psnr_db(got, want)
+            assert diff <= max_diff and quality >= min_psnr, (
+                f"request {i} ({requests[i]}): batched {name} differs from solo: max |diff| {diff:.3g}, "
+                f"PSNR {quality:.1f} dB")
+    return {"solo": solo_calls, "batch": batch_calls}

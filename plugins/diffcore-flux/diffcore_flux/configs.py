@@ -80,8 +80,8 @@ class FluxDevConfig(PipelineConfig):
         txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=req.device)
         rope = model.rope(img_ids, txt_ids)
         guidance = None
-        if model.config.get("guidance_embeds"):
-            guidance = torch.full([1], req.params.guidance_scale, dtype=torch.float32, device=req.device).expand(req.batch_size)
+        if model.config.get("guidance_embeds"):  # one embedded guidance value per row
+            guidance = torch.tensor(req.per_row("guidance_scale"), dtype=torch.float32, device=req.device)
 
         def kwargs(p):
             return dict(encoder_hidden_states=p.embeds.to(dtype), pooled_projections=p.pooled.to(dtype),

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from diffcore import DiffGenerator
-from diffcore.testing.concurrency import assert_concurrent_equals_solo
+from diffcore.testing.concurrency import assert_batch_equals_solo, assert_concurrent_equals_solo
 
 
 def _image(seed: int) -> Image.Image:
@@ -39,3 +39,37 @@ def test_concurrent_generate_with_a_step_cache_equals_solo(flux_folders):
     requests = [{**r, "num_inference_steps": 5} for r in _requests("dev")]
     solo = assert_concurrent_equals_solo(gen, requests)
     assert sum(r.cache_stats["skipped"] for r in solo) > 0  # the cache really skipped calls
+
+
+def _batchable(variant: str) -> list[dict]:
+    """Compatible requests (one size, one step count) with different prompts, seeds and guidance."""
+    reqs = [dict(prompt="a red circle", seed=1, guidance_scale=2.0),
+            dict(prompt=["a blue square on a green background", "a cat"], seed=2, guidance_scale=4.5),
+            dict(prompt="a dog", seed=3, guidance_scale=3.5, max_sequence_length=32)]
+    for i, r in enumerate(reqs):
+        r.update(height=32, width=48, num_inference_steps=2, output_type="np")
+        if variant == "kontext":
+            r["image"] = _image(0)  # the same condition geometry (the batch key includes it)
+    reqs[2]["max_sequence_length"] = reqs[0].get("max_sequence_length", 512 if variant != "schnell" else 256)
+    return reqs
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell", "kontext"])
+def test_generate_batch_equals_solo(flux_folders, variant):
+    gen = DiffGenerator.from_pretrained(flux_folders[variant], dtype="float32", progress=False)
+    if variant == "kontext":
+        gen.config.auto_resize = False  # test speed: encode the input at its own size, not at ~1 MP
+    calls = assert_batch_equals_solo(gen, _batchable(variant))
+    assert calls["batch"] == calls["solo"][0] == 2  # all rows in one transformer call per step
+
+
+def test_generate_batch_groups_cfg_and_sizes(flux_folders):
+    """True-CFG rows (different negative prompts and scales) batch together; other sizes run as their own group."""
+    gen = DiffGenerator.from_pretrained(flux_folders["dev"], dtype="float32", progress=False)
+    common = dict(height=32, width=32, num_inference_steps=2, output_type="np")
+    requests = [dict(prompt="a red circle", negative_prompt="blurry", true_cfg_scale=2.0, seed=1, **common),
+                dict(prompt="a cat", negative_prompt="ugly", true_cfg_scale=4.0, seed=2, **common),
+                dict(prompt="a cat", seed=2, **common),
+                dict(prompt="a dog", seed=4, **{**common, "height": 48})]
+    calls = assert_batch_equals_solo(gen, requests)
+    assert calls["solo"] == [4, 4, 2, 2] and calls["batch"] == 4 + 2 + 2

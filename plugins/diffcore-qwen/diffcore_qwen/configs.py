@@ -94,7 +94,7 @@ class QwenImageConfig(PipelineConfig):
 
     def combine_guidance(self, cond, uncond, scale, req):
         """True CFG, then (``cfg_norm_rescale``) rescaled to keep the norm of ``cond`` along the channel axis."""
-        out = uncond + scale * (cond - uncond)
+        out = super().combine_guidance(cond, uncond, scale, req)
         if self.cfg_norm_rescale:
             import torch
 

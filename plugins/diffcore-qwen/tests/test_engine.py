@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from diffcore import DiffGenerator
-from diffcore.testing.concurrency import assert_concurrent_equals_solo
+from diffcore.testing.concurrency import assert_batch_equals_solo, assert_concurrent_equals_solo
 
 REQUESTS = [dict(prompt="a red circle", seed=1, height=32, width=32, num_inference_steps=2, output_type="np"),
             dict(prompt=["a blue square on a green background", "a cat"], seed=2, height=32, width=64,
@@ -31,3 +31,26 @@ def test_concurrent_edit_equals_solo(qwen_folders):
     gen.config.vae_area = 64 * 64  # test speed: encode the input at ~64x64, not at ~1 MP
     requests = [{**r, "image": _image(i)} for i, r in enumerate(REQUESTS)]
     assert_concurrent_equals_solo(gen, requests)
+
+
+def _batchable() -> list[dict]:
+    """Compatible requests: one size and step count; prompts of different lengths, seeds and CFG scales."""
+    common = dict(height=32, width=64, num_inference_steps=2, output_type="np")
+    return [dict(prompt="a red circle", seed=1, true_cfg_scale=4.0, **common),
+            dict(prompt=["a blue square on a green background with a tree", "a cat"], seed=2, true_cfg_scale=2.5,
+                 negative_prompt=["blurry", "dark and ugly"], **common),
+            dict(prompt="a dog", seed=3, true_cfg_scale=6.0, negative_prompt="low quality", **common)]
+
+
+def test_generate_batch_equals_solo(qwen_folders):
+    gen = DiffGenerator.from_pretrained(qwen_folders["t2i"], dtype="float32", progress=False)
+    calls = assert_batch_equals_solo(gen, _batchable())
+    assert calls["batch"] == calls["solo"][0] == 4  # 2 steps x (cond + uncond), every row in each call
+
+
+def test_generate_batch_edit_equals_solo(qwen_folders):
+    gen = DiffGenerator.from_pretrained(qwen_folders["edit"], dtype="float32", progress=False)
+    gen.config.vae_area = 64 * 64  # test speed: encode the input at ~64x64, not at ~1 MP
+    requests = [{**r, "image": _image(i)} for i, r in enumerate(_batchable())]  # same aspect: one geometry
+    calls = assert_batch_equals_solo(gen, requests)
+    assert calls["batch"] == 4

@@ -27,6 +27,7 @@ from typing import ClassVar, Optional
 import attrs
 
 from diffcore.configs import PipelineConfig, SamplingParams
+from diffcore.configs.pipeline_config import row_scale
 from diffcore.configs.sampling_params import non_negative_float
 from diffcore.errors import ConfigError, SamplingParamError
 from diffcore.request import PromptEmbeds
@@ -271,11 +272,12 @@ class WanConfig(PipelineConfig):
         boundary = self.boundary_ratio * scheduler_config.get("num_train_timesteps", 1000)
         return 0 if t >= boundary else 1
 
-    def guidance_scale_at(self, t, req, expert: int) -> float:
-        p = req.params
-        if expert == 1 and getattr(p, "guidance_scale_2", None) is not None:
-            return p.guidance_scale_2
-        return p.guidance_scale
+    def guidance_scale_at(self, t, req, expert: int):
+        """``guidance_scale``; the low-noise expert takes ``guidance_scale_2`` where a row sets it."""
+        scales = req.per_row("guidance_scale")
+        if expert == 1:
+            scales = [s if s2 is None else s2 for s, s2 in zip(scales, req.per_row("guidance_scale_2"))]
+        return row_scale(scales)
 
     def model_input(self, latents, req):
         import torch

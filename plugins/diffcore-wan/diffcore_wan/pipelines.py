@@ -16,6 +16,7 @@ class FirstFrameStage(PipelineStage):
 
     inputs = (In("latents", torch.Tensor), In("image_latents", required=False))
     outputs = (Out("latents", torch.Tensor),)
+    batch = "rows"
 
     def __init__(self, config, name: str = "first_frame"):
         super().__init__(name)

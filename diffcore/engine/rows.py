@@ -1,0 +1,131 @@
+"""A batch is a Request with rows: stack compatible Requests into one, run the stages, split the result.
+
+Each stage says how it takes part in a batch (``PipelineStage.batch``):
+
+* ``"rows"``: it runs once over the merged Request, whatever user each row came from (text
+  encoding, conditioning, denoising, decoding);
+* ``"each"``: it runs on every request alone and its outputs are merged into the batch (input
+  validation, image encoding, latent noise from each request's own generator, timesteps);
+* ``None`` (the default of a stage that does not say): the pipeline does not batch; its requests
+  run one at a time.
+
+How a field is merged follows ``MERGE``: ``"same"`` fields are equal in every request of a batch
+(the batch key guarantees it; the first request's value is kept), tensors are concatenated on
+the batch axis, prompt embeddings are right-padded to the longest sequence with a mask. Per-row
+sampling parameters stay reachable through ``Request.row_params`` / ``Request.per_row``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import attrs
+import torch
+
+from ..request import PromptEmbeds, Request
+
+# Fields every request of a batch shares (the batch key includes what decides them).
+SAME = ("params", "device", "generator", "height", "width", "num_frames", "do_cfg", "images", "timesteps",
+        "scheduler", "extra")
+CONCAT = ("prompts", "negative_prompts", "latents", "image_latents", "image_embeds")
+EMBEDS = ("prompt_embeds", "negative_prompt_embeds")
+# Fields a batch sets for itself when it is formed (or that never carry over from its parts).
+_OWN = ("params", "prompts", "batch_size", "device", "generator", "row_params", "callback", "block_callback",
+        "timings", "step_cache", "condition", "output", "extra")
+
+
+def batch_key(pipeline, req: Request) -> tuple:
+    """Requests with equal keys can share transformer calls. Built after input validation; extend it here
+    (engine-wide per-request choices, like the LoRA selection) or per family with ``PipelineConfig.batch_key``."""
+    if req.step_cache is not None or pipeline.engine_args.step_cache_factory() is not None:
+        return ("alone", id(req))  # a step cache decides per call whether to skip: its rows cannot be shared
+    p = req.params
+    return (req.height, req.width, req.num_frames, req.do_cfg, p.num_inference_steps, p.max_sequence_length,
+            p.output_type == "latent", _hashable(getattr(p, "timesteps", None)), getattr(p, "flow_shift", None),
+            len(req.images or ()), _hashable(sorted((getattr(p, "loras", None) or {}).items())),
+            pipeline.config.batch_key(req))
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def pad_embeds(parts: list[Optional[PromptEmbeds]]) -> Optional[PromptEmbeds]:
+    """Concatenate prompt embeddings on the batch axis, right-padding shorter sequences with zeros and a mask."""
+    if all(p is None for p in parts):
+        return None
+    n = max(p.embeds.shape[1] for p in parts)
+    padded = any(p.embeds.shape[1] != n for p in parts)
+    embeds, masks = [], []
+    for p in parts:
+        pad = n - p.embeds.shape[1]
+        embeds.append(torch.nn.functional.pad(p.embeds, (0, 0, 0, pad)) if pad else p.embeds)
+        if padded or p.mask is not None:
+            mask = p.mask if p.mask is not None else torch.ones(p.embeds.shape[:2], dtype=torch.long,
+                                                                 device=p.embeds.device)
+            masks.append(torch.nn.functional.pad(mask, (0, pad)) if pad else mask)
+    pooled = [p.pooled for p in parts]
+    return PromptEmbeds(embeds=torch.cat(embeds), mask=torch.cat(masks) if masks else None,
+                        pooled=torch.cat(pooled) if all(x is not None for x in pooled) else None)
+
+
+def merge_field(name: str, values: list):
+    if name in EMBEDS:
+        return pad_embeds(values)
+    if name in SAME:
+        return values[0]
+    if all(v is None for v in values):
+        return None
+    if name in CONCAT or all(isinstance(v, torch.Tensor) for v in values):
+        if isinstance(values[0], list):
+            return [x for v in values for x in v]
+        return torch.cat(values)
+    return values[0]
+
+
+def merge(parts: list[Request]) -> Request:
+    """One Request whose rows are the rows of ``parts`` (validated requests with equal batch keys)."""
+    first = parts[0]
+    batch = Request(params=first.params, prompts=[p for r in parts for p in r.prompts],
+                    batch_size=sum(r.batch_size for r in parts), device=first.device, generator=first.generator,
+                    row_params=[p for r in parts for p in (r.row_params or [r.params] * r.batch_size)])
+    for field in attrs.fields(Request):  # what the per-request stages before the merge produced
+        if field.name not in _OWN:
+            setattr(batch, field.name, merge_field(field.name, [getattr(r, field.name) for r in parts]))
+    batch.callback = _fan_out(parts)
+    return batch
+
+
+def merge_outputs(batch: Request, parts: list[Request], names) -> None:
+    """After an ``"each"`` stage ran on every part: its outputs, merged into ``batch``."""
+    for name in names:
+        setattr(batch, name, merge_field(name, [getattr(r, name) for r in parts]))
+
+
+def _fan_out(parts: list[Request]) -> Optional[Callable]:
+    """The batch's step callback: each request's own callback, with its own rows of the latents."""
+    if all(r.callback is None for r in parts):
+        return None
+    spans = row_spans(parts)
+
+    def callback(step, t, latents):
+        for r, (a, b) in zip(parts, spans):
+            if r.callback is not None:
+                r.callback(step, t, latents[a:b])
+
+    return callback
+
+
+def row_spans(parts: list[Request]) -> list[tuple[int, int]]:
+    spans, start = [], 0
+    for r in parts:
+        spans.append((start, start + r.batch_size))
+        start += r.batch_size
+    return spans
+
+
+def split(batch: Request, parts: list[Request]) -> None:
+    """Hand every part its own rows of the batch's latents and output, and the batch's timings."""
+    for r, (a, b) in zip(parts, row_spans(parts)):
+        r.latents = batch.latents[a:b] if batch.latents is not None else None
+        r.output = batch.output[a:b] if batch.output is not None else None
+        r.timings.update(batch.timings)
