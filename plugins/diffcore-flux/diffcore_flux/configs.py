@@ -114,6 +114,10 @@ class FluxKontextConfig(FluxDevConfig):
             req.height, req.width = p.height, p.width
         req.height, req.width = self.round_size("height", req.height), self.round_size("width", req.width)
 
+    def batch_key(self, req) -> tuple:
+        """Rows share transformer calls only with the same condition-image token grid (its RoPE ids)."""
+        return (self.condition_size(req.images[0]),) if req.images else ()
+
     def condition_size(self, image) -> tuple[int, int]:
         """(height, width) the VAE sees the input at: the closest trained resolution, multiples of 16."""
         w, h = image.size

@@ -25,12 +25,16 @@ def _requests(variant: str) -> list[dict]:
     return reqs
 
 
-@pytest.mark.parametrize("variant", ["dev", "schnell", "kontext"])
-def test_concurrent_generate_equals_solo(flux_folders, variant):
+def _generator(flux_folders, variant: str) -> DiffGenerator:
     gen = DiffGenerator.from_pretrained(flux_folders[variant], dtype="float32", progress=False)
     if variant == "kontext":
         gen.config.auto_resize = False  # test speed: encode the input at its own size, not at ~1 MP
-    assert_concurrent_equals_solo(gen, _requests(variant))
+    return gen
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell", "kontext"])
+def test_concurrent_generate_equals_solo(flux_folders, variant):
+    assert_concurrent_equals_solo(_generator(flux_folders, variant), _requests(variant))
 
 
 def test_concurrent_generate_with_a_step_cache_equals_solo(flux_folders):
@@ -56,11 +60,13 @@ def _batchable(variant: str) -> list[dict]:
 
 @pytest.mark.parametrize("variant", ["dev", "schnell", "kontext"])
 def test_generate_batch_equals_solo(flux_folders, variant):
-    gen = DiffGenerator.from_pretrained(flux_folders[variant], dtype="float32", progress=False)
-    if variant == "kontext":
-        gen.config.auto_resize = False  # test speed: encode the input at its own size, not at ~1 MP
-    calls = assert_batch_equals_solo(gen, _batchable(variant))
-    assert calls["batch"] == calls["solo"][0] == 2  # all rows in one transformer call per step
+    gen = _generator(flux_folders, variant)
+    requests = _batchable(variant)
+    if variant == "kontext":  # an input of another aspect: its own condition geometry, its own group
+        requests.append({**requests[0], "image": _image(1).resize((40, 40)), "seed": 8})
+    calls = assert_batch_equals_solo(gen, requests)
+    assert calls["solo"][0] == 2  # every row of a group in one transformer call per step
+    assert calls["batch"] == (4 if variant == "kontext" else 2)
 
 
 def test_generate_batch_groups_cfg_and_sizes(flux_folders):

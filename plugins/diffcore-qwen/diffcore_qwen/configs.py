@@ -182,6 +182,10 @@ class QwenImageEditConfig(QwenImageConfig):
     def _inputs(self, req) -> list:
         return req.images[:1]
 
+    def batch_key(self, req) -> tuple:
+        """Rows share transformer calls only with the same input-image token grids (``img_shapes``)."""
+        return tuple(self.vae_size(im) for im in self._inputs(req))
+
     def resolve_size(self, req, components) -> None:
         """Without an explicit size: the reference input's aspect at ~1 MP (its VAE size), floored to the model's multiple."""
         p = req.params

@@ -52,5 +52,6 @@ def test_generate_batch_edit_equals_solo(qwen_folders):
     gen = DiffGenerator.from_pretrained(qwen_folders["edit"], dtype="float32", progress=False)
     gen.config.vae_area = 64 * 64  # test speed: encode the input at ~64x64, not at ~1 MP
     requests = [{**r, "image": _image(i)} for i, r in enumerate(_batchable())]  # same aspect: one geometry
+    requests.append({**requests[0], "image": _image(7).resize((30, 60)), "seed": 11})  # another grid: alone
     calls = assert_batch_equals_solo(gen, requests)
-    assert calls["batch"] == 4
+    assert calls["batch"] == 4 + 4
