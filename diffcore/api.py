@@ -19,7 +19,6 @@ from .request import Request
 
 log = logging.getLogger(__name__)
 
-DENOISERS = ("transformer", "transformer_2")  # the components quantization and layer offload apply to
 
 
 def _resolve_source(rec) -> Optional[str]:
@@ -121,11 +120,11 @@ class DiffGenerator:
             )
         precision.explain({n: c for n, c in components.items() if dtypes.get(n) != config.dtype_for(n)}, slow_bf16)
         if engine.quantization:  # after loading: each layer's full-precision weight is freed as it is quantized
-            for name in DENOISERS:
+            for name in config.denoiser_components:
                 if isinstance(components.get(name), torch.nn.Module):
                     quantize_model(components[name], engine.quantization)
-        hooks = offload.apply(components, engine.offload, engine.device, DENOISERS) if engine.offload else None
-        pipeline = pipeline_cls(components, config, engine)
+        hooks = offload.apply(components, engine.offload, engine.device, config.denoiser_components) if engine.offload else None
+        pipeline = pipeline_cls(components, config, engine, components_checked=True)
         pipeline.offload_hooks = hooks
         log.info("loaded %s (%s via %s) in %.2fs", model, index.class_name, rec.name, time.perf_counter() - start)
         return cls(pipeline, sampling_cls, model, folder, time.perf_counter() - start, registry=registry)

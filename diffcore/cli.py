@@ -15,20 +15,29 @@ def _plugins(args) -> int:
     manager = get_plugin_manager()
     registry = manager.registry
     plugins = []
+
+    def own(kind: str, name: str) -> dict:
+        return {n: e.record for n, e in sorted(registry.tables[kind].items()) if e.plugin == name}
+
     for name, info in manager.plugins.items():
-        pipelines = sorted(n for n, e in registry.tables["pipelines"].items() if e.plugin == name)
-        plugins.append({"name": name, "distribution": info.distribution, "version": info.version, "pipelines": pipelines})
+        pipelines = own("pipelines", name)
+        plugins.append({"name": name, "distribution": info.distribution, "version": info.version,
+                        "pipelines": list(pipelines), "models": list(own("configs", name)),
+                        "stages": list(own("stages", name)),
+                        "descriptions": {n: r.description for n, r in pipelines.items() if r.description}})
     errors = [{"plugin": e.plugin, "error": e.error} for e in manager.errors]
     if args.json:
         print(json.dumps({"plugins": plugins, "errors": errors}, indent=2))
         return 0
     for p in plugins:
-        models = sorted(n for n, e in registry.tables["configs"].items() if e.plugin == p["name"])
         state = "  DISABLED (conflict, see below)" if p["name"] in manager.disabled else ""
-        print(f"{p['name']:<10} {p['distribution'] or '-'} {p['version'] or ''}{state}")
-        print(f"{'':<10} pipelines: {', '.join(p['pipelines']) or '-'}")
-        if models:
-            print(f"{'':<10} models:    {', '.join(models)}")
+        print(f"{p['name']:<10} {p['distribution'] or '-'} {p['version'] or ''}".rstrip() + state)
+        for pipeline in p["pipelines"]:
+            described = p["descriptions"].get(pipeline)
+            print(f"{'':<10} pipeline  {pipeline}" + (f": {described}" if described else ""))
+        for label in ("models", "stages"):
+            if p[label]:
+                print(f"{'':<10} {label:<9} {', '.join(p[label])}")
     for e in errors:
         print(f"ERROR {e['plugin']}: {e['error']}")
     return 0

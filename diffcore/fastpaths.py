@@ -37,7 +37,7 @@ PATHS = {
     "onednn_linear": "diffcore.models.linear: oneDNN GEMM (GELU fused into it) instead of F.linear",
     "prepack": "diffcore.models.linear: weights re-laid out once in oneDNN's blocked format",
     "bf16_attention": "diffcore.models.attention: bf16 attention as per-head GEMMs instead of flash SDPA",
-    "channels_last_conv": "Wan VAE decoder: channels-last layout, convolutions sent straight to oneDNN",
+    "channels_last_conv": "3-D causal VAE decoder: channels-last layout, convolutions sent straight to oneDNN",
 }
 _DTYPES = (torch.float32, torch.bfloat16)
 

@@ -1,7 +1,6 @@
 """Image pre-processing shared by pipelines, numerically equal to diffusers' VaeImageProcessor for PIL input."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -21,11 +20,3 @@ def to_tensor(images: list, normalize: bool = True) -> torch.Tensor:
     arr = np.stack([np.array(im).astype(np.float32) / 255.0 for im in images])
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
     return 2.0 * x - 1.0 if normalize else x
-
-
-def size_for_area(target_area: float, aspect_ratio: float, multiple: int = 32) -> tuple[int, int]:
-    """(width, height) with about ``target_area`` pixels at ``aspect_ratio`` (w/h), rounded to ``multiple``
-    (Qwen-Image's calculate_dimensions)."""
-    width = math.sqrt(target_area * aspect_ratio)
-    height = width / aspect_ratio
-    return round(width / multiple) * multiple, round(height / multiple) * multiple

@@ -31,8 +31,10 @@ class ComposedPipelineBase:
     pipeline_name: ClassVar[str] = ""
     _required_config_modules: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, components: dict[str, Any], config: PipelineConfig, engine_args: Optional[EngineArgs] = None):
-        self.check_components(components, config)
+    def __init__(self, components: dict[str, Any], config: PipelineConfig, engine_args: Optional[EngineArgs] = None,
+                 components_checked: bool = False):
+        if not components_checked:  # from_pretrained checks model_index.json before loading any weights
+            self.check_components(components, config)
         self.components, self.config = components, config
         config.configure_from_components(components)
         self.engine_args = engine_args or EngineArgs()
@@ -78,6 +80,9 @@ class ComposedPipelineBase:
         if any(s.name == name for s in self.stages):
             raise ValueError(f"{self.pipeline_name}: duplicate stage name {name!r}")
         stage.name = name
+        reads = tuple(f for f in self.config.hook_inputs(name) if f.name not in {i.name for i in stage.inputs})
+        if reads:  # what the config's hooks read in this stage joins the stage's contract
+            stage.inputs = tuple(stage.inputs) + reads
         self.stages.append(stage)
 
     def stage(self, name: str) -> PipelineStage:

@@ -1,7 +1,7 @@
 """The registry: everything the plugins registered, flattened, validated and stamped with its origin."""
 from __future__ import annotations
 
-import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -11,13 +11,14 @@ import attrs
 from . import records as R
 from .errors import PluginError, RegistryError
 
-# Hints for models whose plugin is not installed (only used to write a helpful error).
-PLUGIN_HINTS = {
-    "FluxPipeline": "diffcore-flux", "FluxKontextPipeline": "diffcore-flux",
-    "QwenImagePipeline": "diffcore-qwen", "QwenImageEditPipeline": "diffcore-qwen",
-    "QwenImageEditPlusPipeline": "diffcore-qwen", "WanPipeline": "diffcore-wan",
-    "WanImageToVideoPipeline": "diffcore-wan",
-}
+
+
+def plugin_hint(pipeline_name: str) -> Optional[str]:
+    """The distribution a plugin for a Diffusers pipeline class is conventionally named after: the class
+    name's first word (``<Family>ImageEditPipeline`` -> ``diffcore-<family>``). Only for error messages."""
+    match = re.match(r"[A-Z][a-z0-9]+", pipeline_name)
+    return f"diffcore-{match.group(0).lower()}" if match and pipeline_name.endswith("Pipeline") else None
+
 
 _HOOKS = {
     "pipelines": ("register_pipelines", R.PipelineRegistration),
@@ -117,8 +118,9 @@ class Registry:
         if name not in table:
             known = ", ".join(sorted(table)) or "none"
             hint = ""
-            if kind == "pipelines" and name in PLUGIN_HINTS:
-                hint = f"; install it with: pip install {PLUGIN_HINTS[name]}"
+            if kind == "pipelines" and plugin_hint(name):
+                hint = (f"; install the plugin that serves it, by convention: pip install {plugin_hint(name)} "
+                        "(`diffcore plugins` lists what is installed)")
             raise RegistryError(f"no {kind[:-1].replace('_', ' ')} named {name!r} is installed (installed: {known}){hint}")
         key = (kind, name)
         if key not in self._resolved:
@@ -170,7 +172,7 @@ class Registry:
         for rec in candidates:
             if model in rec.hf_ids or model in rec.aliases:
                 return rec
-        name_or_path = _name_or_path(folder)
+        name_or_path = getattr(model_index, "name_or_path", None)
         for rec in candidates:
             if name_or_path and name_or_path in rec.hf_ids:
                 return rec
@@ -189,13 +191,6 @@ class Registry:
 
 def _warn(plugin: str, message: str, exc: Optional[BaseException] = None) -> None:
     warnings.warn(f"diffcore plugin {plugin!r}: {message}", RuntimeWarning, stacklevel=3)
-
-
-def _name_or_path(folder: Path) -> Optional[str]:
-    try:
-        return json.loads((Path(folder) / "model_index.json").read_text()).get("_name_or_path")
-    except (OSError, ValueError):
-        return None
 
 
 class _LazyTable:

@@ -49,8 +49,9 @@ def _run(args, env_path: list[Path]) -> subprocess.CompletedProcess:
 def _check_plugins_json(data: dict) -> None:
     assert set(data) == {"plugins", "errors"}
     for p in data["plugins"]:
-        assert set(p) == {"name", "distribution", "version", "pipelines"}
-        assert isinstance(p["name"], str) and isinstance(p["pipelines"], list)
+        assert set(p) == {"name", "distribution", "version", "pipelines", "models", "stages", "descriptions"}
+        assert isinstance(p["name"], str) and all(isinstance(p[k], list) for k in ("pipelines", "models", "stages"))
+        assert set(p["descriptions"]) <= set(p["pipelines"])
     for e in data["errors"]:
         assert set(e) == {"plugin", "error"} and isinstance(e["error"], str)
 
@@ -164,12 +165,17 @@ def test_cli_plugins_json_in_process(global_manager, toy_module, make_plugin, ca
     _check_plugins_json(data)
     by_name = {p["name"]: p for p in data["plugins"]}
     assert by_name["toy"]["pipelines"] == ["ToyPipeline"]
-    assert by_name["diffcore"] == {"name": "diffcore", "distribution": "diffcore", "version": "0.1.0", "pipelines": []}
+    assert by_name["toy"]["descriptions"] == {"ToyPipeline": "toy text-to-image"}
+    assert "ToyNoopStage" in by_name["toy"]["stages"] and "toy-base" in by_name["toy"]["models"]
+    core = by_name["diffcore"]
+    assert (core["distribution"], core["version"], core["pipelines"]) == ("diffcore", "0.1.0", [])
+    assert "DenoisingStage" in core["stages"]
     assert data["errors"] == [{"plugin": "exploding",
                                "error": "hook register_pipelines raised ValueError: hook exploded"}]
     assert main(["plugins"]) == 0
     text = capsys.readouterr().out
-    assert "ToyPipeline" in text and "ERROR exploding: hook register_pipelines raised ValueError" in text
+    assert "pipeline  ToyPipeline: toy text-to-image" in text
+    assert "ERROR exploding: hook register_pipelines raised ValueError" in text
 
 
 def test_cli_plugins_json_console_script(make_dist):
@@ -180,7 +186,8 @@ def test_cli_plugins_json_console_script(make_dist):
     data = json.loads(proc.stdout)
     _check_plugins_json(data)
     by_name = {p["name"]: p for p in data["plugins"]}
-    assert by_name["toy"] == {"name": "toy", "distribution": "diffcore-toy", "version": "0.1", "pipelines": ["ToyPipeline"]}
+    toy = by_name["toy"]
+    assert (toy["distribution"], toy["version"], toy["pipelines"]) == ("diffcore-toy", "0.1", ["ToyPipeline"])
     assert {"plugin": "hookfail", "error": "hook register_pipelines raised ValueError: hook exploded"} in data["errors"]
 
 

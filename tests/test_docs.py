@@ -253,9 +253,10 @@ def test_console_examples_run(doc, in_workdir):
                 actual = {p["name"]: p for p in json.loads(out.getvalue())["plugins"]}
                 for p in json.loads(expected)["plugins"]:
                     assert actual.get(p["name"]) == p, f"{where}: shows {p}, got {actual.get(p['name'])}"
-            else:
+            else:  # every shown line is a whole line of the output
+                lines = [ln.rstrip() for ln in out.getvalue().splitlines()]
                 for ln in shown:
-                    assert ln.split()[0] in out.getvalue(), f"{where}: {ln!r} not in {out.getvalue()!r}"
+                    assert ln.rstrip() in lines, f"{where}: {ln!r} is not a line of {out.getvalue()!r}"
 
 
 # ---- the docs cover the code ------------------------------------------------------------------

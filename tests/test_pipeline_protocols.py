@@ -195,3 +195,30 @@ def test_checkpoint_missing_a_component_fails_before_loading(tmp_path, toy_folde
     with pytest.raises(RegistryError, match=r"ToyPipeline: model_index.json lacks required component\(s\) vae"):
         DiffGenerator.from_pretrained(folder, plugin_manager=toy_manager)
     assert loaded == []  # refused before any weights were read
+
+
+def test_dataflow_covers_what_config_hooks_read_and_what_stages_consume(toy_gen):
+    """Reads declared by the config's ``hook_inputs`` join the stage's contract; a consumed field is gone after."""
+    import attrs
+
+    from toy_plugin.pipelines import ToyPipeline
+
+    components = toy_gen.components
+
+    @attrs.define(kw_only=True)
+    class ReadsImageLatents(type(toy_gen.config)):
+        def hook_inputs(self, stage):
+            return (In("image_latents", torch.Tensor),) if stage == "denoising" else ()
+
+    with pytest.raises(PipelineDataflowError) as exc_info:
+        ToyPipeline(components, ReadsImageLatents())
+    assert (exc_info.value.stage, exc_info.value.field) == ("denoising", "image_latents")
+
+    @attrs.define(kw_only=True)
+    class ReadsConditionWhenDecoding(type(toy_gen.config)):
+        def hook_inputs(self, stage):
+            return (In("condition", dict),) if stage == "decoding" else ()
+
+    with pytest.raises(PipelineDataflowError) as exc_info:  # the denoising stage consumed it
+        ToyPipeline(components, ReadsConditionWhenDecoding())
+    assert (exc_info.value.stage, exc_info.value.field) == ("decoding", "condition")

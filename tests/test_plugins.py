@@ -270,7 +270,7 @@ def test_unknown_pipeline_lists_installed_and_hints_plugin(tmp_path, toy_manager
     folder = _index_folder(tmp_path, "MysteryPipeline")
     with pytest.raises(RegistryError, match="installed: ToyPipeline") as exc_info:
         DiffGenerator.from_pretrained(folder, plugin_manager=toy_manager)
-    assert "pip install" not in str(exc_info.value)
+    assert "by convention: pip install diffcore-mystery" in str(exc_info.value)  # named after the class, not a table
     with pytest.raises(RegistryError, match=r"no module named 'Nope'.*AutoencoderKL.*ToyTransformer2DModel"):
         toy_manager.registry.get("modules", "Nope")
 

@@ -45,6 +45,8 @@ class PipelineConfig:
     # The model's transformer(s) shard their token sequence under sequence parallelism (sp_degree > 1):
     # they call diffcore.parallel.sequence_shard and pass the shard to the attention dispatch.
     sequence_parallel: ClassVar[bool] = False
+    # The denoiser components (what quantization and layer offload apply to).
+    denoiser_components: ClassVar[tuple[str, ...]] = ("transformer",)
 
     default_fps: Optional[int] = None
     # Few-step distilled checkpoints (DmdDenoisingStage) and block-causal ones (CausalDMDDenoisingStage).
@@ -173,6 +175,12 @@ class PipelineConfig:
         """``uncond + scale * (cond - uncond)``; ``scale`` is a float or a per-row tensor (B,)."""
         scale = broadcast_rows(scale, cond)
         return uncond + scale * (cond - uncond)
+
+    def hook_inputs(self, stage: str) -> tuple:
+        """Request fields this config's hooks read inside stage ``stage`` beyond the stage's own inputs
+        (``In(...)`` fields): the pipeline adds them to the stage's contract, so the dataflow proof and
+        the run-time checks cover them."""
+        return ()
 
     # ---- batching --------------------------------------------------------------------------
     def batch_key(self, req: "Request") -> tuple:

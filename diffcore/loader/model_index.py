@@ -57,6 +57,7 @@ class ModelIndex:
     components: dict[str, ComponentSpec]
     extra: dict[str, Any]  # pipeline-level settings, e.g. boundary_ratio, expand_timesteps, is_distilled
     folder: Path
+    name_or_path: str | None = None  # ``_name_or_path``: the Hub id it was saved from, if recorded
 
 
 def read_json(path: Path, what: str = "config file") -> dict:
@@ -91,7 +92,7 @@ def read_model_index(folder: str | os.PathLike) -> ModelIndex:
     data = read_json(path, "model index")
     class_name = data.get("_class_name")
     if not isinstance(class_name, str) or not class_name:
-        raise ConfigFileError(f"{path} has no '_class_name' (the pipeline class, e.g. \"FluxPipeline\")")
+        raise ConfigFileError(f"{path} has no '_class_name' (the Diffusers pipeline class, e.g. \"<Name>Pipeline\")")
     components: dict[str, ComponentSpec] = {}
     extra: dict[str, Any] = {}
     for key, value in data.items():
@@ -110,6 +111,7 @@ def read_model_index(folder: str | os.PathLike) -> ModelIndex:
         components=components,
         extra=extra,
         folder=folder,
+        name_or_path=data.get("_name_or_path"),
     )
 
 

@@ -67,11 +67,3 @@ def rope_frequencies(dim: int, positions: torch.Tensor, theta: float = 10000.0) 
     cos = angles.cos().repeat_interleave(2, dim=1).float()
     sin = angles.sin().repeat_interleave(2, dim=1).float()
     return cos, sin
-
-
-def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape ``(B, S, H, D)`` by interleaved-pair tables ``(S, D)``."""
-    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)

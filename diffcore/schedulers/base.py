@@ -78,10 +78,6 @@ class SchedulerBase:
         (schedulers override it)."""
         return None
 
-    def clone(self):
-        """A fresh instance with the same config and no per-request state."""
-        return type(self)(**self.config)
-
     def __len__(self) -> int:
         return self.config["num_train_timesteps"]
 

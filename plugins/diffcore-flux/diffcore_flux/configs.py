@@ -114,6 +114,15 @@ class FluxKontextConfig(FluxDevConfig):
             req.height, req.width = p.height, p.width
         req.height, req.width = self.round_size("height", req.height), self.round_size("width", req.width)
 
+    def hook_inputs(self, stage: str) -> tuple:
+        """``prepare_condition`` sizes the condition tokens from ``images``; ``model_input`` appends ``image_latents``."""
+        import torch
+
+        from diffcore.stages import In
+
+        return {"conditioning": (In("images", list),),
+                "denoising": (In("image_latents", torch.Tensor),)}.get(stage, ())
+
     def batch_key(self, req) -> tuple:
         """Rows share transformer calls only with the same condition-image token grid (its RoPE ids)."""
         return (self.condition_size(req.images[0]),) if req.images else ()

@@ -182,6 +182,15 @@ class QwenImageEditConfig(QwenImageConfig):
     def _inputs(self, req) -> list:
         return req.images[:1]
 
+    def hook_inputs(self, stage: str) -> tuple:
+        """``prepare_condition`` sizes the input-image tokens from ``images``; ``model_input`` appends ``image_latents``."""
+        import torch
+
+        from diffcore.stages import In
+
+        return {"conditioning": (In("images", list),),
+                "denoising": (In("image_latents", torch.Tensor),)}.get(stage, ())
+
     def batch_key(self, req) -> tuple:
         """Rows share transformer calls only with the same input-image token grids (``img_shapes``)."""
         return tuple(self.vae_size(im) for im in self._inputs(req))

@@ -10,10 +10,16 @@ One ``WanConfig`` serves every variant; the switches come from the checkpoint:
   DenoisingStage to switch to ``transformer_2`` below ``boundary_ratio * num_train_timesteps``, and
   ``guidance_scale_at`` gives that expert ``guidance_scale_2``.
 
+<<<<<<< HEAD
 Defaults follow the official Wan recipes (shared/reference/models.md section 4). The schedule is the
 checkpoint's own scheduler_config.json, as in diffusers; the official recipes' flow shift is only a
 recommendation (``recommended_flow_shift``, logged at load when the folder differs), applied per request
 with ``generate(flow_shift=...)``.
+=======
+Defaults follow the official Wan recipes (the ``shared_config.py`` / ``wan_*.py`` configs of the Wan2.1
+and Wan2.2 repositories, and their model cards); ``flow_shift``
+replaces the checkpoint scheduler's shift, as diffusers' docs tell users to do by hand.
+>>>>>>> 30e4362 (The core names no family; dataflow proof covers hook reads; dead code out; docs agree with the code)
 """
 from __future__ import annotations
 
@@ -112,6 +118,7 @@ class WanConfig(PipelineConfig):
 
     # Absent in Wan 2.1 / TI2V-5B (transformer_2) and in Wan 2.2 I2V (no CLIP).
     optional_components: ClassVar[tuple[str, ...]] = ("transformer_2", "image_encoder", "image_processor")
+    denoiser_components: ClassVar[tuple[str, ...]] = ("transformer", "transformer_2")  # two experts (A14B)
 
     # -- checkpoint switches ---------------------------------------------------------------------
     def configure_from_index(self, model_index) -> None:
@@ -239,30 +246,40 @@ class WanConfig(PipelineConfig):
 
     # -- denoising -------------------------------------------------------------------------------
     def prepare_condition(self, components, req) -> dict:
+        """Per-branch transformer kwargs, plus what ``model_input`` / ``model_timestep`` read each step:
+        ``dtype`` (the model's), ``condition_latents`` (I2V, cast once) and ``token_timestep_mask`` (TI2V)."""
         import torch
 
         from .transformer import ContextCache
 
         model = components.get("transformer") or components["transformer_2"]
-        dtype = req.extra["model_dtype"] = model.dtype
+        dtype = model.dtype
         f, h, w = req.latents.shape[2:]
         rope = model.rope(f, h, w, device=req.device)
         image = req.image_embeds.to(dtype) if req.image_embeds is not None else None
-        if self.concat_condition:  # cast once, not per step
-            req.extra["condition_latents"] = req.image_latents.to(dtype)
-        if self.first_frame(req):  # tokens of the clean first frame get timestep 0
-            pt, ph, pw = model.patch_size
-            per_frame = (h // ph) * (w // pw)
-            token_t = torch.ones(f // pt * per_frame, device=req.device)
-            token_t[:per_frame] = 0
-            req.extra["token_timestep_mask"] = token_t
 
         def kwargs(p):  # a ContextCache per branch: the context's K/V are projected on the first step only
             return dict(encoder_hidden_states=p.embeds.to(dtype), encoder_hidden_states_image=image, rotary_emb=rope,
                         context_cache=ContextCache())
 
         neg = req.negative_prompt_embeds
-        return {"cond": kwargs(req.prompt_embeds), "uncond": kwargs(neg) if neg is not None else None}
+        condition = {"cond": kwargs(req.prompt_embeds), "uncond": kwargs(neg) if neg is not None else None,
+                     "dtype": dtype}
+        if self.concat_condition:  # cast once, not per step
+            condition["condition_latents"] = req.image_latents.to(dtype)
+        if self.first_frame(req):  # tokens of the clean first frame get timestep 0
+            pt, ph, pw = model.patch_size
+            per_frame = (h // ph) * (w // pw)
+            token_t = torch.ones(f // pt * per_frame, device=req.device)
+            token_t[:per_frame] = 0
+            condition["token_timestep_mask"] = token_t
+        return condition
+
+    def hook_inputs(self, stage: str) -> tuple:
+        """TI2V's ``model_input`` replaces the first latent frame with ``image_latents`` (when an image is given)."""
+        from diffcore.stages import In
+
+        return (In("image_latents", required=False),) if stage == "denoising" else ()
 
     def select_denoiser(self, t, req, num_denoisers: int) -> int:
         """Two experts: ``transformer`` for high noise, ``transformer_2`` below the boundary timestep."""
@@ -282,9 +299,9 @@ class WanConfig(PipelineConfig):
     def model_input(self, latents, req):
         import torch
 
-        dtype = req.extra["model_dtype"]
+        dtype = req.condition["dtype"]
         if self.concat_condition:
-            return torch.cat([latents.to(dtype), req.extra["condition_latents"]], dim=1)
+            return torch.cat([latents.to(dtype), req.condition["condition_latents"]], dim=1)
         if self.first_frame(req):
             latents = self.apply_first_frame(latents, req)
         return latents.to(dtype)
@@ -296,7 +313,7 @@ class WanConfig(PipelineConfig):
 
     def model_timestep(self, t, latents, req):
         """Wan takes t itself (not t/1000); per token (B, S) when the first frame is a clean image."""
-        mask = req.extra.get("token_timestep_mask") if self.first_frame(req) else None
+        mask = req.condition.get("token_timestep_mask") if self.first_frame(req) else None
         if mask is not None:
             return (mask * t).unsqueeze(0).expand(latents.shape[0], -1)
         return t.expand(latents.shape[0])

@@ -1,7 +1,7 @@
 """Few-step distilled Wan checkpoints (FastWan, TurboWan: ``WanDMDPipeline``) and self-forcing causal Wan
 (``WanCausalDMDPipeline``): the same Wan configs with a DMD recipe (``dmd``) and, for the causal
 model, a block-causal one (``causal``). Numbers from SGLang diffusion's Wan pipeline and sampling
-configs (shared/reference/fewstep.md): every DMD stage there looks sigmas up on a shift-8 grid,
+configs (its `configs/pipeline_configs/wan.py` and sample configs): every DMD stage there looks sigmas up on a shift-8 grid,
 whatever the pipeline's own flow shift; self-forcing warps its timesteps on the shift-5 grid.
 """
 from __future__ import annotations

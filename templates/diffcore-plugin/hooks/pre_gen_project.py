@@ -42,13 +42,17 @@ def problems():
 
 def warnings():
     try:  # cheap (no torch); absent when cookiecutter runs outside diffcore's environment
-        from diffcore.registry import PLUGIN_HINTS
+        from diffcore.plugins import get_plugin_manager
+
+        registry = get_plugin_manager().registry
     except ImportError:
         return
+    served = set(registry.names("pipelines"))
     for name in (n.strip() for n in PIPELINES.split(",")):
-        if name in PLUGIN_HINTS:
-            yield (f"{name} is served by {PLUGIN_HINTS[name]}; diffcore refuses two plugins registering the same "
-                   "pipeline, so do not install both")
+        if name in served:
+            origin = registry.origin("pipelines", name)
+            yield (f"{name} is served by the installed {origin.distribution or origin.plugin}; diffcore refuses two "
+                   "plugins registering the same pipeline, so do not install both")
 
 
 errors = list(problems())
