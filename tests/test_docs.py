@@ -67,34 +67,15 @@ def _section(text: str, heading: str) -> str:
 # ---- the tiny models the examples use ---------------------------------------------------------
 
 
-def _write_flux(folder: Path, pipeline: str, vae_blocks: tuple[int, ...]) -> Path:
-    """A tiny, perturbed FLUX.1-dev checkpoint written with diffcore's own modules (no diffusers)."""
-    from diffcore.testing.checkpoints import flow_match_scheduler, tiny_autoencoder_kl, tiny_clip, write_checkpoint
-    from diffcore.testing.text_encoders import tiny_t5_encoder
-    from diffcore.testing.tokenizers import tiny_t5_tokenizer
-    from diffcore.testing.weights import perturb_
-
-    flux = pytest.importorskip("diffcore_flux.transformer", reason="the docs' examples run the FLUX plugin")
-    clip_tok, clip = tiny_clip()
-    t5_tok = tiny_t5_tokenizer()
-    transformer = flux.FluxTransformer2DModel.from_config(dict(
-        in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 6, 6]))
-    return write_checkpoint(folder, pipeline, {
-        "scheduler": flow_match_scheduler(shift=3.0, use_dynamic_shifting=True), "text_encoder": clip,
-        "tokenizer": clip_tok, "text_encoder_2": tiny_t5_encoder(t5_tok), "tokenizer_2": t5_tok,
-        "transformer": perturb_(transformer, seed=1), "vae": tiny_autoencoder_kl(block_out_channels=vae_blocks, seed=2)})
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     import numpy as np
     from PIL import Image
 
-    from diffcore.testing.checkpoints import save_component, tiny_autoencoder_kl
+    from diffcore.testing.checkpoints import save_component, tiny_autoencoder_kl, write_tiny_flux
 
     root = tmp_path_factory.mktemp("docs")
-    _write_flux(root / "model", "FluxPipeline", (8, 16))
+    write_tiny_flux(root / "model")
     # Kontext: the same components, but an 8x VAE, as it encodes its input at ~1 MP (64x64 latent patches)
     shutil.copytree(root / "model", root / "edit-model")
     shutil.rmtree(root / "edit-model" / "vae")

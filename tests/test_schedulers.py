@@ -2,6 +2,7 @@
 denoising loops driven by a deterministic smooth fake model, compared step by step in float32."""
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -193,7 +194,7 @@ def test_flow_match_state_and_errors():
     assert ours.step_index == 4
     ours.set_timesteps(sigmas=np.linspace(1.0, 0.25, 4), mu=1.0)
     assert ours.step_index is None and ours.begin_index is None
-    fresh = ours.clone()
+    fresh = copy.deepcopy(ours)  # what TimestepPreparationStage gives each request
     fresh.set_timesteps(sigmas=np.linspace(1.0, 0.25, 4), mu=1.0)
     assert_same_loop(run_loop(fresh, x, False), first, tol=0.0)
     assert_same_loop(run_loop(ours, x, False), first, tol=0.0)
@@ -294,7 +295,7 @@ def test_unipc_custom_sigmas_and_dynamic_mu():
     assert_same_loop(run_loop(ours, x, False), run_loop(ref, x, True))
 
 
-def test_unipc_reuse_clone_and_state_reset():
+def test_unipc_reuse_copy_and_state_reset():
     """set_timesteps resets the multistep history, so one instance serves consecutive requests."""
     ours = UniPCMultistepScheduler.from_config(WAN)
     x = video_init()
@@ -306,7 +307,7 @@ def test_unipc_reuse_clone_and_state_reset():
     assert ours.step_index is None and ours.last_sample is None and ours.lower_order_nums == 0
     assert all(m is None for m in ours.model_outputs)
     assert_same_loop(run_loop(ours, x, False), first, tol=0.0)
-    fresh = ours.clone()
+    fresh = copy.deepcopy(ours)  # what TimestepPreparationStage gives each request
     assert fresh is not ours and dict(fresh.config) == dict(ours.config)
     fresh.set_timesteps(10)
     assert_same_loop(run_loop(fresh, x, False), first, tol=0.0)

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("diffcore_flux")
 
-from diffcore import DiffGenerator  # noqa: E402
-from diffcore.cache import FirstBlockCache, TeaCache, supports_step_cache  # noqa: E402
-from diffcore.testing.weights import psnr  # noqa: E402
+from diffcore import DiffGenerator
+from diffcore.cache import FirstBlockCache, TeaCache, supports_step_cache
+from diffcore.testing.weights import psnr
 
 STEPS = 12
 PARAMS = dict(prompt="a red circle on a blue background", height=32, width=32, num_inference_steps=STEPS,
@@ -22,26 +21,9 @@ PARAMS = dict(prompt="a red circle on a blue background", height=32, width=32, n
 
 @pytest.fixture(scope="module")
 def flux_folder(tmp_path_factory):
-    from diffcore_flux.transformer import FluxTransformer2DModel
+    from diffcore.testing.checkpoints import write_tiny_flux
 
-    from diffcore.testing.checkpoints import flow_match_scheduler, tiny_autoencoder_kl, tiny_clip, write_checkpoint
-    from diffcore.testing.text_encoders import tiny_t5_encoder
-    from diffcore.testing.tokenizers import tiny_t5_tokenizer
-    from diffcore.testing.weights import perturb_
-
-    clip_tok, clip = tiny_clip()
-    t5_tok = tiny_t5_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        transformer = FluxTransformer2DModel.from_config(dict(
-            in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6)))
-    perturb_(transformer, seed=1)
-    return write_checkpoint(tmp_path_factory.mktemp("cache") / "flux", "FluxPipeline", {
-        "scheduler": flow_match_scheduler(shift=3.0), "text_encoder": clip, "tokenizer": clip_tok,
-        "text_encoder_2": tiny_t5_encoder(t5_tok), "tokenizer_2": t5_tok, "transformer": transformer,
-        "vae": tiny_autoencoder_kl(),
-    })
+    return write_tiny_flux(tmp_path_factory.mktemp("cache") / "flux", layers=(2, 2), dynamic_shift=False, vae_seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -62,24 +62,6 @@ def _write_incompatible_plugin(folder: Path) -> Path:
     return folder
 
 
-def _write_tiny_flux(folder: Path) -> Path:
-    from diffcore.testing.checkpoints import flow_match_scheduler, tiny_autoencoder_kl, tiny_clip, write_checkpoint
-    from diffcore.testing.text_encoders import tiny_t5_encoder
-    from diffcore.testing.tokenizers import tiny_t5_tokenizer
-    from diffcore.testing.weights import perturb_
-
-    flux = pytest.importorskip("diffcore_flux.transformer")
-    clip_tok, clip = tiny_clip()
-    t5_tok = tiny_t5_tokenizer()
-    transformer = flux.FluxTransformer2DModel.from_config(dict(
-        in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=[4, 6, 6]))
-    return write_checkpoint(folder, "FluxPipeline", {
-        "scheduler": flow_match_scheduler(shift=3.0, use_dynamic_shifting=True), "text_encoder": clip,
-        "tokenizer": clip_tok, "text_encoder_2": tiny_t5_encoder(t5_tok), "tokenizer_2": t5_tok,
-        "transformer": perturb_(transformer, seed=1), "vae": tiny_autoencoder_kl(seed=2)})
-
-
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     venvs = _venvs()
@@ -154,7 +136,9 @@ def test_plugin_for_an_incompatible_core_is_refused_clearly(installed):
 
 def test_generate_runs_a_tiny_model_in_the_venv(installed, tmp_path):
     env, _, _ = installed
-    model = _write_tiny_flux(tmp_path / "tiny-flux")
+    from diffcore.testing.checkpoints import write_tiny_flux
+
+    model = write_tiny_flux(tmp_path / "tiny-flux")
     out = tmp_path / "out.png"
     proc = env.run(env.bin("diffcore"), "generate", "--model", model, "--prompt", "a red circle", "--height", "32",
                    "--width", "48", "--steps", "2", "--dtype", "float32", "--quiet", "--output", out, cwd=tmp_path)
