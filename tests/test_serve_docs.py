@@ -15,7 +15,7 @@ pytest.importorskip("openai")
 pytest.importorskip("diffcore_demo", reason="the examples serve the bundled demo model")
 pytest.importorskip("diffcore_flux", reason="the edit examples serve a tiny FLUX.1-Kontext")
 
-from test_docs import DOCS, _write_flux, blocks, is_serve_example  # noqa: E402
+from test_docs import DOCS, blocks, is_serve_example  # noqa: E402
 
 from diffcore.serve.settings import ServeSettings  # noqa: E402
 from diffcore.testing.serving import decode_image, running_server  # noqa: E402
@@ -24,9 +24,9 @@ SHOWN = "http://127.0.0.1:30010"
 
 
 def _edit_model(root):
-    from diffcore.testing.checkpoints import save_component, tiny_autoencoder_kl
+    from diffcore.testing.checkpoints import save_component, tiny_autoencoder_kl, write_tiny_flux
 
-    folder = _write_flux(root / "edit-model", "FluxPipeline", (4, 4, 4, 4))  # 4-channel VAE: Kontext encodes ~1 MP
+    folder = write_tiny_flux(root / "edit-model", vae_blocks=(4, 4, 4, 4))  # 4-channel VAE: Kontext encodes ~1 MP
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxKontextPipeline"}))
     shutil.rmtree(folder / "vae")
