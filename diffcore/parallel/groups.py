@@ -42,7 +42,7 @@ def launched_world_size() -> Optional[int]:
     return int(value) if value else None
 
 
-def _denoiser_heads(folder: Path, names=("transformer", "transformer_2")) -> dict[str, int]:
+def _denoiser_heads(folder: Path, names) -> dict[str, int]:
     heads = {}
     for name in names:
         path = Path(folder) / name / "config.json"
@@ -68,7 +68,7 @@ def check_parallel(sp_degree: int, cfg_parallel: bool, config, folder: Path, pip
             f"{pipeline_name} ({type(config).__name__}) runs without classifier-free guidance, so cfg_parallel "
             "would leave half the ranks idle; drop cfg_parallel")
     if sp_degree > 1:
-        for name, heads in _denoiser_heads(folder).items():
+        for name, heads in _denoiser_heads(folder, getattr(config, "denoiser_components", ("transformer",))).items():
             if heads % sp_degree:
                 divisors = [d for d in range(1, heads + 1) if heads % d == 0]
                 raise ParallelConfigError(
