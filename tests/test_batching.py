@@ -82,7 +82,7 @@ def test_bad_request_fails_alone_and_progress_is_reported(toy_gen):
     bad = scheduler.submit(dict(prompt="a cat", num_inference_steps=0))
     unknown = scheduler.submit(dict(prompt="a cat", no_such_parameter=1))
     also_good = scheduler.submit(dict(prompt="a dog", seed=4))
-    assert scheduler.queue_depth == 4
+    assert scheduler.queue_depth == 5  # 4 waiting + the running one
     release.set()
     assert good.result(timeout=60).output.shape == (1, 32, 32, 3)
     assert also_good.result(timeout=60).output is not None and first.result(timeout=60) is not None
@@ -102,7 +102,7 @@ def test_queue_limit_cancel_and_shutdown(toy_gen):
         scheduler.submit(dict(prompt="one too many"))
     assert scheduler.cancel(waiting[0]) and waiting[0].cancelled()
     assert not scheduler.cancel(running)  # already started
-    assert scheduler.queue_depth == 1
+    assert scheduler.queue_depth == 2  # 1 waiting + the running one
     scheduler.submit(dict(prompt="room again", seed=7))  # the cancelled one freed its place
     release.set()
     scheduler.shutdown(wait=True)  # finishes what was queued

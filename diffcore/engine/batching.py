@@ -133,6 +133,7 @@ class BatchScheduler:
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._running = 0
         self._worker = threading.Thread(target=self._loop, name="diffcore-batch-scheduler", daemon=True)
         self._worker.start()
 
@@ -160,9 +161,9 @@ class BatchScheduler:
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting to start."""
+        """Requests in the engine: waiting to start or running (``max_queue`` limits the waiting ones)."""
         with self._cond:
-            return self._depth()
+            return self._depth() + self._running
 
     def shutdown(self, wait: bool = True) -> None:
         """Accept nothing new; what is queued or running still completes. ``wait``: until it has."""
@@ -199,6 +200,7 @@ class BatchScheduler:
                 item = self._queue.popleft()
                 if item.future.set_running_or_notify_cancel():  # False: cancelled while waiting
                     batch.append(item)
+            self._running = len(batch)
             return batch
 
     def _loop(self) -> None:
@@ -207,7 +209,11 @@ class BatchScheduler:
             if batch is None:
                 return
             if batch:
-                self._execute(batch)
+                try:
+                    self._execute(batch)
+                finally:
+                    with self._cond:
+                        self._running = 0
 
     def _execute(self, batch: list[_Item]) -> None:
         gen = self.generator
