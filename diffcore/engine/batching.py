@@ -41,14 +41,19 @@ def batch_plan(pipeline) -> Optional[int]:
     return first
 
 
-def run_batch(gen, requests: list[Request]) -> list:
+def run_batch(gen, requests: list[Request], starting=None) -> list:
     """Run Requests together where they are compatible; returns, in order, a GenerationResult or the
-    exception that request failed with."""
+    exception that request failed with (None for one that ``starting`` dropped). ``starting(indices)``
+    (optional) is asked just before each group runs which of its requests still want to: a request
+    cancelled while an earlier group ran is left out."""
     pipeline = gen.pipeline
     start = time.perf_counter()
     first = batch_plan(pipeline)
     if first is None or len(requests) == 1:
-        return [_solo(gen, r) for r in requests]
+        out = []
+        for i, r in enumerate(requests):
+            out.append(_solo(gen, r) if starting is None or starting([i])[0] else None)
+        return out
     errors: dict[int, BaseException] = {}
     live = {}
     for i, req in enumerate(requests):  # alone, up to where rows merge (sizes and CFG are known then)
@@ -63,6 +68,14 @@ def run_batch(gen, requests: list[Request]) -> list:
     for i, req in live.items():
         groups.setdefault(rows.batch_key(pipeline, req), []).append(i)
     for indices in groups.values():
+        if starting is not None:
+            keep = starting(indices)
+            dropped = [i for i, k in zip(indices, keep) if not k]
+            for i in dropped:
+                errors[i] = None
+            indices = [i for i, k in zip(indices, keep) if k]
+            if not indices:
+                continue
         parts = [live[i] for i in indices]
         try:
             _run_group(pipeline, pipeline.stages[first:], parts)
@@ -144,9 +157,9 @@ class BatchScheduler:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             if self._closed:
-                raise EngineShutdownError("the batch scheduler has been shut down and accepts no new requests")
+                raise EngineShutdownError()
             if self._depth() >= self.max_queue:
-                raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
+                raise QueueFullError(self.max_queue)
             self._queue.append(_Item(dict(kwargs), future, on_step))
             self._cond.notify_all()
         return future
@@ -198,7 +211,7 @@ class BatchScheduler:
             batch = []
             while self._queue and len(batch) < self.max_batch_size:
                 item = self._queue.popleft()
-                if item.future.set_running_or_notify_cancel():  # False: cancelled while waiting
+                if not item.future.cancelled():  # marked running only when its group starts (run_batch)
                     batch.append(item)
             self._running = len(batch)
             return batch
@@ -235,11 +248,16 @@ class BatchScheduler:
                 self.on_batch(len(reqs))
             except Exception:  # metrics must not break serving
                 log.exception("on_batch callback failed")
+        def starting(indices):  # False: cancelled while an earlier group of the batch ran
+            return [items[i].future.set_running_or_notify_cancel() for i in indices]
+
         try:
-            outcomes = run_batch(gen, reqs)
+            outcomes = run_batch(gen, reqs, starting)
         except BaseException as exc:  # nothing of the batch can complete
-            outcomes = [exc] * len(reqs)
+            outcomes = [exc if items[i].future.running() else None for i in range(len(reqs))]
         for item, outcome in zip(items, outcomes):
+            if outcome is None or item.future.cancelled():
+                continue
             if isinstance(outcome, BaseException):
                 item.future.set_exception(outcome)
             else:
