@@ -111,19 +111,18 @@ def write_gguf(state: Mapping[str, torch.Tensor], path: Path | str, qtype: str, 
     return written
 
 
-def diffusers_reference(model_cls, config: Mapping, path: Path | str, dequantizer: str = "ggml"):
+def diffusers_reference(model_cls, config: Mapping, path: Path | str, oracle_gguf=None):
     """The diffusers model (the oracle) holding the dequantized weights of a GGUF file.
 
-    ``dequantizer="ggml"``: ``gguf.quants.dequantize`` (llama.cpp's reference, fp32 arithmetic);
-    ``"diffusers"``: diffusers' own GGUF reader and dequantizer (what ``GGUFLinear`` computes on the
-    CPU; it multiplies in fp16, so it differs from ggml's reference by fp16 rounding).
+    Without ``oracle_gguf``: ``gguf.quants.dequantize`` (llama.cpp's reference, fp32 arithmetic). With
+    ``oracle_gguf=(load_gguf_checkpoint, dequantize_gguf_tensor)``, diffusers' own GGUF reader and
+    dequantizer, passed in by the test (diffcore never imports diffusers, not even here); it multiplies in
+    fp16, so it differs from ggml's reference by fp16 rounding.
     """
     import gguf
 
-    if dequantizer == "diffusers":
-        from diffusers.models.model_loading_utils import load_gguf_checkpoint
-        from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
-
+    if oracle_gguf is not None:
+        load_gguf_checkpoint, dequantize_gguf_tensor = oracle_gguf
         state = {k: dequantize_gguf_tensor(v).float() for k, v in load_gguf_checkpoint(str(path)).items()}
     else:
         reader = gguf.GGUFReader(str(path))
@@ -138,11 +137,12 @@ def diffusers_reference(model_cls, config: Mapping, path: Path | str, dequantize
 
 
 def check_gguf_parity(ours_cls, diffusers_cls, config: Mapping, inputs: Mapping, tmp_path: Path, qtype: str,
-                      call=None) -> dict:
+                      oracle_gguf, call=None) -> dict:
     """Write a perturbed diffusers model to a ``qtype`` GGUF file, load it into ``ours_cls`` through the
     loader, and compare with diffusers holding the same dequantized weights.
 
-    ``call(model, inputs)`` runs a model (default ``model(**inputs)``; diffusers models are called
+    ``oracle_gguf`` is diffusers' ``(load_gguf_checkpoint, dequantize_gguf_tensor)`` (see
+    ``diffusers_reference``). ``call(model, inputs)`` runs a model (default ``model(**inputs)``; diffusers models are called
     with ``return_dict=False``). Returns the errors so the caller asserts and prints them.
     """
     from diffcore.loader.safetensors_io import load_into_module, skip_init
@@ -160,8 +160,8 @@ def check_gguf_parity(ours_cls, diffusers_cls, config: Mapping, inputs: Mapping,
     call = call or (lambda m, kw: m(**kw))
     with torch.no_grad():
         got = call(ours, dict(inputs))
-        exact = diffusers_reference(diffusers_cls, config, path, "ggml")(**inputs, return_dict=False)[0]
-        df = diffusers_reference(diffusers_cls, config, path, "diffusers")(**inputs, return_dict=False)[0]
+        exact = diffusers_reference(diffusers_cls, config, path)(**inputs, return_dict=False)[0]
+        df = diffusers_reference(diffusers_cls, config, path, oracle_gguf)(**inputs, return_dict=False)[0]
         full = ref(**inputs, return_dict=False)[0]
 
     def err(a, b):

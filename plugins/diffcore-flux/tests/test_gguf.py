@@ -7,9 +7,13 @@ import torch
 pytest.importorskip("gguf")
 
 import diffusers  # noqa: E402  (the test oracle)
+from diffusers.models.model_loading_utils import load_gguf_checkpoint  # noqa: E402
+from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor  # noqa: E402
 
 from diffcore.testing.gguf import assert_gguf_parity, check_gguf_parity, write_gguf  # noqa: E402
 from diffcore_flux.transformer import FluxTransformer2DModel  # noqa: E402
+
+ORACLE_GGUF = (load_gguf_checkpoint, dequantize_gguf_tensor)  # diffusers' own GGUF reader and dequantizer
 
 # widths that are multiples of 256, so K-quant blocks fit most weights
 CFG = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=2,
@@ -26,7 +30,7 @@ def _inputs():
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q5_K", "Q4_K"])
 def test_gguf_transformer_matches_diffusers_on_the_same_file(qtype, tmp_path):
-    r = check_gguf_parity(FluxTransformer2DModel, diffusers.FluxTransformer2DModel, CFG, _inputs(), tmp_path, qtype)
+    r = check_gguf_parity(FluxTransformer2DModel, diffusers.FluxTransformer2DModel, CFG, _inputs(), tmp_path, qtype, ORACLE_GGUF)
     print(f"flux {qtype}: {r}")
     assert_gguf_parity(r, min_quantized=20)
 

@@ -7,9 +7,13 @@ import torch
 pytest.importorskip("gguf")
 
 import diffusers  # noqa: E402  (the test oracle)
+from diffusers.models.model_loading_utils import load_gguf_checkpoint  # noqa: E402
+from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor  # noqa: E402
 
 from diffcore.testing.gguf import assert_gguf_parity, check_gguf_parity  # noqa: E402
 from diffcore_qwen.transformer import QwenImageTransformer2DModel  # noqa: E402
+
+ORACLE_GGUF = (load_gguf_checkpoint, dequantize_gguf_tensor)  # diffusers' own GGUF reader and dequantizer
 
 CFG = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=128, num_attention_heads=2,
            joint_attention_dim=256, axes_dims_rope=(16, 56, 56))
@@ -24,6 +28,6 @@ def _inputs():
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q5_K", "Q4_K"])
 def test_gguf_transformer_matches_diffusers_on_the_same_file(qtype, tmp_path):
-    r = check_gguf_parity(QwenImageTransformer2DModel, diffusers.QwenImageTransformer2DModel, CFG, _inputs(), tmp_path, qtype)
+    r = check_gguf_parity(QwenImageTransformer2DModel, diffusers.QwenImageTransformer2DModel, CFG, _inputs(), tmp_path, qtype, ORACLE_GGUF)
     print(f"qwen {qtype}: {r}")
     assert_gguf_parity(r, min_quantized=15)
