@@ -241,7 +241,7 @@ def test_per_row_weights_give_each_row_its_own_adapters(gen, files):
         weights = {n: torch.tensor([r.get(n, 0.0) for r in rows]) for n in ("style", "detail")}
         with lora_scope(weights):
             batched = model(x, t, ctx, pooled)
-    torch.testing.assert_close(batched, torch.cat(solo), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batched, torch.cat(solo), rtol=1e-5, atol=1e-5)  # portable F.linear rounds by batch shape
 
 
 def test_hub_repo_ids_load_from_the_cache_offline(gen, files, tmp_path, monkeypatch):
