@@ -26,6 +26,21 @@ def _plugin_env(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture
+def machine_fastpaths(monkeypatch):
+    """The fast paths this machine allows, whatever an outer ``DIFFCORE_PORTABLE`` says: for the tests
+    that check which path is chosen (they would assert the opposite of a forced portable run)."""
+    from diffcore import fastpaths
+
+    monkeypatch.delenv(fastpaths.ENV, raising=False)
+    fastpaths.reload_environment()
+    fastpaths.reset()
+    yield
+    monkeypatch.undo()
+    fastpaths.reload_environment()
+    fastpaths.reset()
+
+
 @pytest.fixture(scope="session")
 def make_plugin():
     """``make_plugin(name, register_pipelines=fn, ...)``: an in-memory plugin module whose functions are

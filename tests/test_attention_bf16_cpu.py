@@ -38,7 +38,7 @@ def test_bf16_cpu_path_matches_float64_like_flash(qkv, masked):
     assert err.mean() <= 4 * flash_err.mean() and err.max() <= 0.05  # bf16 scores: ~3x flash here
 
 
-def test_default_backend_routes_single_threaded_cpu_bf16_only(qkv, monkeypatch):
+def test_default_backend_routes_single_threaded_cpu_bf16_only(qkv, monkeypatch, machine_fastpaths):
     q, k, v = qkv
     flash = lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in qkv)).transpose(1, 2)  # noqa: E731
     assert attn.get_backend() == "sdpa"

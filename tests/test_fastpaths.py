@@ -20,6 +20,10 @@ from diffcore import fastpaths
 from diffcore.errors import ConfigError
 from diffcore.models import linear as L
 
+# Every test here checks which path is chosen, so each sees this machine's choices even when the
+# whole suite runs with the portable paths forced (DIFFCORE_PORTABLE=1).
+pytestmark = pytest.mark.usefixtures("machine_fastpaths")
+
 AVX2_LINEAR = "could not create a primitive descriptor for the inner product forward propagation primitive"
 AVX2_REORDER = ("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw, "
                 "avx512vl and avx512dq")
