@@ -2,12 +2,12 @@
 
 JSON bodies keep their types (a string where a number belongs is the engine's SamplingParamError);
 multipart form fields are all strings, so they are converted here, naming the field when that fails.
+The diffusion extras are the served model's SamplingParams fields (extras.py).
 """
 from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 import re
 from typing import Any, Optional
@@ -15,18 +15,13 @@ from typing import Any, Optional
 import attrs
 
 from .errors import APIError, bad_param
+from .extras import convert, diffusion_extras, extra_kinds
 
 IMAGE_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 RESPONSE_FORMATS = ("b64_json", "url")
 MAX_N = 10
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 
-# Diffusion parameters accepted at the top level (what the openai client sends through extra_body).
-INT_EXTRAS = ("seed", "num_inference_steps", "max_sequence_length")
-FLOAT_EXTRAS = ("guidance_scale", "true_cfg_scale", "guidance_scale_2")
-STR_EXTRAS = ("negative_prompt",)
-LORAS = "loras"  # {adapter name: weight} of adapters loaded on the server (a JSON string in a form)
-VIDEO_EXTRAS = ("num_frames", "fps")
 # OpenAI fields that mean nothing for a diffusion model: accepted and ignored, so clients work unchanged.
 IGNORED = ("user", "quality", "style", "background", "moderation", "partial_images", "input_fidelity", "mask")
 
@@ -58,22 +53,11 @@ def parse_size(value: Any) -> tuple[Optional[int], Optional[int]]:
     return int(m.group(2)), int(m.group(1))
 
 
-def _number(field: str, value: Any, kind: type, form: bool) -> Any:
-    if form and isinstance(value, str):
-        try:
-            value = kind(value.strip())
-        except ValueError:
-            raise bad_param(field, f"{field} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise bad_param(field, f"{field} must be a finite number, got {value!r}")
-    return value
-
-
 def _int_field(body: dict, field: str, form: bool, default=None, lo=None, hi=None) -> Optional[int]:
     value = body.get(field, default)
     if value is None:
         return None
-    value = _number(field, value, int, form)
+    value = convert(field, value, int, form)
     if isinstance(value, bool) or not isinstance(value, int):
         raise bad_param(field, f"{field} must be an integer, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -81,36 +65,13 @@ def _int_field(body: dict, field: str, form: bool, default=None, lo=None, hi=Non
     return value
 
 
-def check_fields(body: dict, allowed: tuple[str, ...]) -> None:
-    unknown = sorted(set(body) - set(allowed) - set(IGNORED))
+def check_fields(body: dict, route_fields: tuple[str, ...], params_cls) -> None:
+    """Every field is the route's own, one of the model's parameters, or an OpenAI field ignored here."""
+    allowed = set(route_fields) | set(extra_kinds(params_cls))
+    unknown = sorted(set(body) - allowed - set(IGNORED))
     if unknown:
-        raise bad_param(unknown[0], f"unknown parameter {unknown[0]!r}; accepted: {', '.join(sorted(allowed))}")
-
-
-def diffusion_extras(body: dict, form: bool, names=INT_EXTRAS + FLOAT_EXTRAS) -> dict:
-    """The diffusion parameters present in ``body``, converted where the body is a form."""
-    out = {}
-    for name in names:
-        value = body.get(name)
-        if value is None:
-            continue
-        out[name] = _number(name, value, float if name in FLOAT_EXTRAS else int, form)
-    for name in STR_EXTRAS:
-        if body.get(name) is not None:
-            out[name] = body[name]
-    loras = body.get(LORAS)
-    if isinstance(loras, str) and form:
-        try:
-            loras = json.loads(loras)
-        except ValueError:
-            raise bad_param(LORAS, 'loras must be a JSON object {"adapter name": weight}') from None
-    if loras is not None:
-        if not isinstance(loras, dict):
-            raise bad_param(LORAS, f'loras must be an object {{"adapter name": weight}}, got {loras!r}')
-        for weight in loras.values():
-            _number(LORAS, weight, float, False)  # NaN / infinity named here; types by the engine
-        out[LORAS] = loras
-    return out
+        raise bad_param(unknown[0], f"unknown parameter {unknown[0]!r} (not one of this model's parameters); "
+                                    f"accepted: {', '.join(sorted(allowed))}")
 
 
 def _prompt(body: dict) -> str:
@@ -128,12 +89,13 @@ def check_model(body: dict, served: str) -> None:
 
 
 IMAGE_FIELDS = ("prompt", "n", "size", "response_format", "output_format", "output_compression", "model", "image",
-                "image[]", LORAS, *INT_EXTRAS, *FLOAT_EXTRAS, *STR_EXTRAS)
+                "image[]", "stream")
 
 
-def image_job(body: dict, served: str, form: bool = False, images: Optional[list] = None) -> ImageJob:
-    """Validate an images/generations (JSON) or images/edits (form) body."""
-    check_fields(body, IMAGE_FIELDS)
+def image_job(body: dict, served: str, params_cls, form: bool = False, images: Optional[list] = None) -> ImageJob:
+    """Validate an images/generations (JSON) or images/edits (form) body for a model whose parameters are
+    ``params_cls`` (its SamplingParams class)."""
+    check_fields(body, IMAGE_FIELDS, params_cls)
     check_model(body, served)
     prompt = _prompt(body)
     n = _int_field(body, "n", form, default=1, lo=1, hi=MAX_N)
@@ -145,7 +107,7 @@ def image_job(body: dict, served: str, form: bool = False, images: Optional[list
     if output_format not in IMAGE_FORMATS:
         raise bad_param("output_format", f"output_format must be one of {', '.join(IMAGE_FORMATS)}, got {output_format!r}")
     compression = _int_field(body, "output_compression", form, lo=0, hi=100)
-    extras = diffusion_extras(body, form)
+    extras = diffusion_extras(body, params_cls, form)
     stream = body.get("stream")
     if stream not in (None, False, "false"):
         raise bad_param("stream", "streaming partial images is not supported")
@@ -165,19 +127,17 @@ def image_job(body: dict, served: str, form: bool = False, images: Optional[list
     return ImageJob(kwargs, response_format, output_format, compression)
 
 
-VIDEO_FIELDS = ("prompt", "model", "seconds", "size", "input_reference", LORAS, *VIDEO_EXTRAS, *INT_EXTRAS, *FLOAT_EXTRAS,
-                *STR_EXTRAS)
+VIDEO_FIELDS = ("prompt", "model", "seconds", "size", "input_reference")
 
 
-def video_spec(body: dict, served: str, fps: int, form: bool = False, image=None) -> VideoSpec:
+def video_spec(body: dict, served: str, params_cls, fps: int, form: bool = False, image=None) -> VideoSpec:
     """Validate a POST /v1/videos body. ``seconds`` becomes round(seconds * fps) + 1 frames (the model may
     round it further, as Wan does to 4k+1); ``num_frames`` sets the count directly."""
-    check_fields(body, VIDEO_FIELDS)
+    check_fields(body, VIDEO_FIELDS, params_cls)
     check_model(body, served)
     prompt = _prompt(body)
     height, width = parse_size(body.get("size"))
-    kwargs = dict(prompt=prompt, height=height, width=width,
-                  **diffusion_extras(body, form, INT_EXTRAS + FLOAT_EXTRAS + VIDEO_EXTRAS))
+    kwargs = dict(prompt=prompt, height=height, width=width, **diffusion_extras(body, params_cls, form))
     seconds = body.get("seconds")
     if seconds is not None:
         try:

@@ -39,7 +39,7 @@ async def create_video(request: Request):
             raise bad_param("input_reference", f"model {state.model_name!r} is text-to-video; it takes no input image")
         image = (await run_in_threadpool(upload_images, state, raw, "input_reference"))[0]
     fps = getattr(gen.config, "default_fps", None) or 16
-    spec = schemas.video_spec(body, state.model_name, fps, form=form, image=image)
+    spec = schemas.video_spec(body, state.model_name, gen.sampling_params_cls, fps, form=form, image=image)
     prevalidate(state, spec.kwargs)
     try:
         job = state.jobs.create(spec.kwargs, spec.size, spec.seconds)

@@ -1,5 +1,5 @@
 """POST /v1/images/edits with the official openai client on a tiny FLUX.1-Kontext: the edit equals
-generate(image=...), and the upload limits answer 413 / 400."""
+generate(image=...), the upload limits answer 413 / 400, and the extras are the model's parameters."""
 from __future__ import annotations
 
 import numpy as np
@@ -54,6 +54,16 @@ def test_edit_equals_generate_and_uploads_are_capped(kontext):
         with pytest.raises(openai.BadRequestError) as info:
             client.images.edit(image=("bad.png", b"not an image", "image/png"), prompt="x")
         assert "not a readable image" in info.value.body["message"]
+        for extra, param in (({"guidance_scale_2": 2.0}, "guidance_scale_2"),  # not a FLUX parameter
+                             ({"guidance_scale": "nan"}, "guidance_scale"),  # form fields are strings
+                             ({"num_inference_steps": "two"}, "num_inference_steps"),
+                             ({"num_inference_steps": "2.5"}, "num_inference_steps")):
+            with pytest.raises(openai.BadRequestError) as info:
+                client.images.edit(image=("in.png", png_bytes(source), "image/png"), prompt="x", extra_body=extra)
+            assert info.value.body["param"] == param, info.value.body
+        with pytest.raises(openai.BadRequestError) as info:  # JSON too
+            client.images.generate(prompt="x", extra_body={"guidance_scale_2": 2.0})
+        assert info.value.body["param"] == "guidance_scale_2" and "guidance_scale" in info.value.body["message"]
         with pytest.raises(openai.BadRequestError) as info:  # an edit model needs its image
             client.images.generate(prompt="x", extra_body={"num_inference_steps": 1})
         assert info.value.body["param"] == "image"

@@ -103,3 +103,28 @@ def test_video_errors(server):
     assert httpx.get(base + "/v1/images/files/" + "a" * 32).status_code == 404
     response = httpx.post(base + "/v1/images/generations", json={"prompt": "x"})  # a video model: no images API
     assert response.status_code == 400 and "/v1/videos" in response.json()["error"]["message"]
+
+
+def test_a_two_expert_model_takes_guidance_scale_2_and_a_single_expert_one_refuses_it(wan_folders, server, tmp_path):
+    """The server's extras are the model's SamplingParams fields: Wan 2.2 A14B's second guidance scale reaches
+    the low-noise expert; the single-expert TI2V has the field but the engine refuses it when the job runs."""
+    gen = ours(wan_folders["t2v22"])
+    kw = dict(prompt="a cat surfing", height=32, width=32, num_frames=5, guidance_scale=4.0, **EXTRA)
+    with running_server(gen, ServeSettings(served_model_name="wan22")) as (base, _):
+        client = openai_client(base)
+        job = client.videos.create(prompt="a cat surfing", size="32x32", extra_body={
+            **EXTRA, "num_frames": 5, "guidance_scale": 4.0, "guidance_scale_2": 1.5})
+        assert client.videos.poll(job.id, poll_interval_ms=20).status == "completed"
+        (tmp_path / "got.mp4").write_bytes(client.videos.download_content(job.id).content)
+    gen.generate(**kw, guidance_scale_2=1.5).save(tmp_path / "want.mp4")
+    gen.generate(**kw).save(tmp_path / "both.mp4")  # guidance_scale_2 left out: 4.0 for both experts
+    np.testing.assert_array_equal(frames(tmp_path / "got.mp4"), frames(tmp_path / "want.mp4"))
+    assert not np.array_equal(frames(tmp_path / "got.mp4"), frames(tmp_path / "both.mp4"))
+
+    client = openai_client(server[0])  # TI2V-5B: one expert
+    job = client.videos.create(prompt="x", size="32x32", extra_body={**EXTRA, "num_frames": 5, "guidance_scale_2": 1.5})
+    failed = client.videos.poll(job.id, poll_interval_ms=20)
+    assert failed.status == "failed" and "guidance_scale_2" in failed.error.message
+    with pytest.raises(openai.BadRequestError) as info:  # a name no Wan model has
+        client.videos.create(prompt="x", size="32x32", extra_body={**EXTRA, "guidance_scale_3": 1.0})
+    assert info.value.body["param"] == "guidance_scale_3"

@@ -1,0 +1,71 @@
+"""The server's diffusion extras are the served model's SamplingParams fields: a model's own parameter is
+accepted (form strings made its type), a name the model lacks is a 400 naming it, as generate() refuses it."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import attrs
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'diffcore[serve]'")
+
+from diffcore.configs import SamplingParams  # noqa: E402
+from diffcore.serve import schemas  # noqa: E402
+from diffcore.serve.errors import APIError  # noqa: E402
+from diffcore.serve.extras import extra_kinds  # noqa: E402
+
+
+@attrs.define(kw_only=True)
+class StrengthParams(SamplingParams):
+    """A model with parameters of its own."""
+
+    strength: Optional[float] = None
+    tiled: bool = False
+    sigmas: Optional[list] = None
+
+
+def _error(fn, *args, **kwargs) -> APIError:
+    with pytest.raises(APIError) as info:
+        fn(*args, **kwargs)
+    assert info.value.status == 400
+    return info.value
+
+
+def test_the_extras_are_the_model_fields_less_what_the_route_sets():
+    kinds = extra_kinds(StrengthParams)
+    assert (kinds["strength"], kinds["tiled"], kinds["sigmas"]) == (float, bool, list)
+    assert (kinds["seed"], kinds["guidance_scale"], kinds["negative_prompt"], kinds["loras"]) == (int, float, str, dict)
+    assert not {"prompt", "image", "height", "width", "output_type"} & set(kinds)
+    assert "strength" not in extra_kinds(SamplingParams)
+
+
+def test_a_model_parameter_is_accepted_and_typed_from_a_form():
+    body = {"prompt": "x", "size": "32x16", "strength": "0.25", "tiled": "true", "sigmas": "[1.0, 0.5]", "seed": "4",
+            "negative_prompt": "dark", "loras": '{"style": 0.5}'}
+    job = schemas.image_job(body, "m", StrengthParams, form=True)
+    assert job.kwargs == [dict(prompt="x", height=16, width=32, strength=0.25, tiled=True, sigmas=[1.0, 0.5], seed=4,
+                               negative_prompt="dark", loras={"style": 0.5})]
+    StrengthParams.from_user(**job.kwargs[0])  # what the engine then validates
+
+
+def test_a_name_the_model_lacks_is_a_400_naming_it():
+    error = _error(schemas.image_job, {"prompt": "x", "strength": 0.5}, "m", SamplingParams)
+    assert error.param == "strength" and "unknown parameter" in error.message
+    error = _error(schemas.video_spec, {"prompt": "x", "strength": 0.5}, "m", SamplingParams, fps=16)
+    assert error.param == "strength"
+    spec = schemas.video_spec({"prompt": "x", "strength": 0.5, "num_frames": 5}, "m", StrengthParams, fps=16)
+    assert spec.kwargs["strength"] == 0.5 and spec.kwargs["num_frames"] == 5
+
+
+@pytest.mark.parametrize("body,form,param", [
+    ({"strength": math.nan}, False, "strength"),
+    ({"strength": "nan"}, True, "strength"),
+    ({"strength": "strong"}, True, "strength"),
+    ({"tiled": "maybe"}, True, "tiled"),
+    ({"sigmas": "[1.0,"}, True, "sigmas"),
+    ({"seed": "1.5"}, True, "seed"),
+    ({"loras": {"style": math.inf}}, False, "loras"),
+])
+def test_bad_values_are_a_400_naming_the_field(body, form, param):
+    assert _error(schemas.image_job, {"prompt": "x", **body}, "m", StrengthParams, form=form).param == param
