@@ -10,16 +10,10 @@ One ``WanConfig`` serves every variant; the switches come from the checkpoint:
   DenoisingStage to switch to ``transformer_2`` below ``boundary_ratio * num_train_timesteps``, and
   ``guidance_scale_at`` gives that expert ``guidance_scale_2``.
 
-<<<<<<< HEAD
 Defaults follow the official Wan recipes (shared/reference/models.md section 4). The schedule is the
 checkpoint's own scheduler_config.json, as in diffusers; the official recipes' flow shift is only a
 recommendation (``recommended_flow_shift``, logged at load when the folder differs), applied per request
 with ``generate(flow_shift=...)``.
-=======
-Defaults follow the official Wan recipes (the ``shared_config.py`` / ``wan_*.py`` configs of the Wan2.1
-and Wan2.2 repositories, and their model cards); ``flow_shift``
-replaces the checkpoint scheduler's shift, as diffusers' docs tell users to do by hand.
->>>>>>> 30e4362 (The core names no family; dataflow proof covers hook reads; dead code out; docs agree with the code)
 """
 from __future__ import annotations
 
