@@ -2,11 +2,14 @@
 on (--max-batch-size 8) vs off (1), on the demo model and FLUX-medium.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.serve [--models demo,flux] [--clients 1,4,16] [--rounds 2]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.serve --models flux --clients 1,4 --requests 4 --rounds 1 \
+        --out results/tmp/serve-smoke.json  # a smoke run that leaves results/serve.json alone
 
 The real server runs on 127.0.0.1 in this process (uvicorn in a thread); clients are threads posting
 /v1/images/generations with distinct seeds. Batching on and off alternate (on, off, on, off, ...) for
 ``--rounds`` rounds at every client count; each cell reports the median over rounds. Results go to
-benchmarks/results/serve.json and a markdown table on stdout (pasted into benchmarks/README.md).
+benchmarks/results/serve.json (or ``--out``, relative to benchmarks/) and a markdown table on stdout
+(pasted into benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent
 # Per request: what a client asks for. FLUX-medium at 128x128 and 8 steps keeps a run in minutes on 2 cores.
 MODELS = {
     "demo": dict(size="128x128", num_inference_steps=20),
@@ -71,6 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="on/off pairs per cell (median reported)")
     ap.add_argument("--requests", type=int, default=0, help="requests per cell (default: the client count, at least 4)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the engine")
+    ap.add_argument("--out", default="results/serve.json", help="the JSON results file, relative to benchmarks/")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from diffcore.serve.runner import make_runner
@@ -100,8 +104,9 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     meta["load_at_end"] = os.getloadavg()
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out = HERE / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(table(meta, rows))
     return 0
 
