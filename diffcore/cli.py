@@ -154,7 +154,8 @@ def _serve(args) -> int:
               file=sys.stderr)
         return 2
     engine = dict(device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle, progress=False,
-                  attention_backend=args.attention_backend, cache=args.cache, compile=args.compile)
+                  attention_backend=args.attention_backend, cache=args.cache, compile=args.compile,
+                  **parallel_args(args))
     if args.cache_threshold is not None:
         engine["cache_threshold"] = args.cache_threshold
     if args.num_threads is not None:
@@ -163,7 +164,18 @@ def _serve(args) -> int:
     if args.replicas < 1:
         print(f"error: --replicas must be >= 1, got {args.replicas}", file=sys.stderr)
         return 2
+    from .serve.distributed import check_launch, layout_world
+
+    try:
+        check_launch(engine)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.replicas > 1 or args.ray_address:
+        if layout_world(engine) > 1:
+            print("error: --replicas/--ray-address do not start torchrun groups; serve each --sp-degree/--cfg-parallel "
+                  "group with torchrun and put a load balancer in front (docs/scale.md)", file=sys.stderr)
+            return 2
         try:
             from .serve.ray import run
         except ImportError as exc:
@@ -203,6 +215,10 @@ def _add_serve(sub) -> None:
     s.add_argument("--lora", action="append", metavar="[NAME=]PATH",
                    help="load a LoRA at startup (repeatable); requests pick it with loras={name: weight}")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p = s.add_argument_group(
+        "parallel (launch with torchrun --nproc-per-node SP_DEGREE x (2 with --cfg-parallel); rank 0 serves HTTP, "
+        "every rank computes each batch; docs/scale.md)")
+    add_parallel_flags(p)
     r = s.add_argument_group("replicas (Ray Serve, the diffcore[ray] extra; docs/scale.md)")
     r.add_argument("--replicas", type=int, default=1, help="serve N replicas behind Ray Serve's router")
     r.add_argument("--ray-address", help="'local' (start Ray here), 'auto' (join the running cluster) or ray://HOST:PORT")

@@ -248,11 +248,8 @@ class BatchScheduler:
                 self.on_batch(len(reqs))
             except Exception:  # metrics must not break serving
                 log.exception("on_batch callback failed")
-        def starting(indices):  # False: cancelled while an earlier group of the batch ran
-            return [items[i].future.set_running_or_notify_cancel() for i in indices]
-
         try:
-            outcomes = run_batch(gen, reqs, starting)
+            outcomes = self._run(reqs, items)
         except BaseException as exc:  # nothing of the batch can complete
             outcomes = [exc if items[i].future.running() else None for i in range(len(reqs))]
         for item, outcome in zip(items, outcomes):
@@ -262,6 +259,15 @@ class BatchScheduler:
                 item.future.set_exception(outcome)
             else:
                 item.future.set_result(outcome)
+
+
+    def _run(self, reqs: list[Request], items: list[_Item]) -> list:
+        """``run_batch`` over the batch; each request is marked running as its group starts. (The rank-0
+        side of a parallel server, diffcore.serve.distributed, overrides this to run it on every rank.)"""
+        def starting(indices):  # False: cancelled while an earlier group of the batch ran
+            return [items[i].future.set_running_or_notify_cancel() for i in indices]
+
+        return run_batch(self.generator, reqs, starting)
 
 
 def _progress(user, on_step, num_steps: int):

@@ -14,6 +14,9 @@ from ..errors import EngineShutdownError, QueueFullError
 
 
 def make_runner(generator, max_batch_size: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64):
+    own = getattr(generator, "make_runner", None)  # a generator spread over ranks (serve.distributed) brings its own
+    if own is not None:
+        return own(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue)
     try:
         from ..engine.batching import BatchScheduler
     except ImportError:  # an engine without the batching scheduler: one request at a time

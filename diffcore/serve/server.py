@@ -56,9 +56,18 @@ def serve(model: str, settings: ServeSettings, engine_kwargs: dict, log_level: s
     except ImportError:
         print("error: diffcore serve needs the serve extra: pip install 'diffcore[serve]'", file=sys.stderr)
         return 2
+    from . import distributed
     from .app import create_app
 
-    app = create_app(settings, loader=lambda: load_generator(model, engine_kwargs, loras), model_name=model)
+    load = lambda: load_generator(model, engine_kwargs, loras)  # noqa: E731
+    leader = None
+    if distributed.layout_world(engine_kwargs) > 1:  # under torchrun: rank 0 serves, the others follow it
+        import os
+
+        if int(os.environ.get("RANK", "0")) != 0:
+            return distributed.follow_main(load)
+        load = leader = distributed.LeaderLoader(load)
+    app = create_app(settings, loader=load, model_name=model)
     state = app.state.diffcore
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=int(settings.request_timeout) + 1)
@@ -78,5 +87,9 @@ def serve(model: str, settings: ServeSettings, engine_kwargs: dict, log_level: s
         print(f"diffcore serve: {state.model_name} ready at http://{host}:{port}", flush=True)
 
     threading.Thread(target=announce, name="diffcore-serve-announce", daemon=True).start()
-    server.run()
+    try:
+        server.run()
+    finally:
+        if leader is not None:
+            leader.close()  # after the server drained: the other ranks exit
     return 2 if state.load_error else 0

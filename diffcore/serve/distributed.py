@@ -1,0 +1,343 @@
+"""`diffcore serve` under torchrun (sequence / CFG parallel): rank 0 serves, every rank computes.
+
+Rank 0 runs the HTTP server and the batching scheduler as in one process. Every call that computes or
+changes the model's state (a batch the scheduler starts, a LoRA load / unload / fuse) is first
+broadcast over a dedicated gloo group (Python objects go over gloo even when the model's groups are
+NCCL), then run on rank 0 while the other ranks run the same call on their copy of the model (their
+collectives meet rank 0's) and discard the result. Then every rank reports how each request ended
+(ok, or the exception's class) and rank 0 checks they agree: a request that fails on rank 0 failed
+on every rank, and a disagreement fails the request with a clear error instead of serving a
+wrong result.
+
+* ``Leader``: rank 0's generator. Reads (config, sampling params, loaded LoRAs) go to the local model;
+  state-changing calls go to every rank. The server's runner comes from ``Leader.make_runner``, so the
+  routes never know the model is spread over processes.
+* ``LeaderScheduler``: the BatchScheduler whose batches run on every rank. A batch is fixed when it is
+  broadcast: a request can be cancelled while it waits, not once its batch started.
+* ``follow``: the loop of ranks > 0: receive, run, report; until rank 0 sends ``stop``.
+
+Requests are validated on rank 0 (routes and scheduler) before they are broadcast, so bad input never
+reaches the other ranks. Shutdown: rank 0 (SIGINT/SIGTERM to it, or to torchrun, which forwards the
+signal to every rank) drains its queue, then broadcasts ``stop``; the other ranks ignore the signal
+and exit 0 when ``stop`` arrives. While idle, rank 0 sends a ``ping`` every ``HEARTBEAT_S`` so the
+waiting ranks' receive never runs into gloo's operation timeout.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ..engine.batching import BatchScheduler, run_batch
+from ..errors import DiffcoreError, EngineShutdownError
+
+log = logging.getLogger("diffcore.serve")
+HEARTBEAT_S = 60.0  # well under gloo's default 30 min operation timeout
+LOCAL_ONLY = ("callback", "block_callback")  # functions stay on rank 0 (progress, streaming)
+
+
+class RanksDisagreeError(DiffcoreError):
+    """Rank 0 and another rank ended the same call differently; the result is not trustworthy."""
+
+    def __init__(self, call: str, outcomes: list):
+        described = ", ".join(f"rank {r}: {o or 'ok'}" for r, o in enumerate(outcomes))
+        super().__init__(f"the parallel ranks disagree on {call} ({described}); the server's ranks are out of step, "
+                         "restart it (and report the bug)")
+
+
+class Channel:
+    """Python objects from rank 0 to every rank, and one small report back, over a gloo group of all ranks."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.group = dist.new_group(backend="gloo")  # collective: every rank creates it, after loading
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    def send(self, message) -> None:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([message], src=0, group=self.group)
+
+    def receive(self):
+        import torch.distributed as dist
+
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def report(self, outcome) -> Optional[list]:
+        """Gather every rank's ``outcome`` on rank 0 (in rank order); None on the others."""
+        import torch.distributed as dist
+
+        gathered = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(outcome, gathered, dst=0, group=self.group)
+        return gathered
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group(self.group)
+
+
+def _outcome(value) -> Optional[str]:
+    """How a call ended, comparable across ranks: None (ok) or the exception's class name."""
+    return type(value).__name__ if isinstance(value, BaseException) else None
+
+
+def _portable(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k not in LOCAL_ONLY}
+
+
+class Leader:
+    """Rank 0's generator: everything reads the local model; computing and state changes run on every rank."""
+
+    def __init__(self, generator, channel: Channel, heartbeat_s: float = HEARTBEAT_S):
+        self.generator, self.channel = generator, channel
+        self._lock = threading.Lock()  # one call on the channel at a time, in the same order on every rank
+        self._stopped = False
+        self._last_send = time.monotonic()
+        self._runner = None
+        self._wake = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, args=(heartbeat_s,), name="diffcore-serve-heartbeat",
+                                           daemon=True)
+        self._heartbeat.start()
+
+    def __getattr__(self, name):  # config, sampling_params_cls, loras, pipeline, params_from, ...
+        return getattr(self.generator, name)
+
+    # -- what runs on every rank ---------------------------------------------------------------
+    def everywhere(self, name: str, payload, local: Callable[[], Any]):
+        """Broadcast ``(name, payload)``, run ``local()`` here, check every rank ended it the same way.
+        Returns ``(local's result or exception, every rank's outcome)``."""
+        with self._lock:
+            if self._stopped:
+                raise EngineShutdownError()
+            self.channel.send((name, payload))
+            self._last_send = time.monotonic()
+            try:
+                result = local()
+            except Exception as exc:  # the same call fails on the other ranks: they report it
+                result = exc
+            mine = [_outcome(r) for r in result] if isinstance(result, list) else _outcome(result)
+            return result, self.channel.report(mine)
+
+    def run_batch(self, kwargs_list: list[dict], requests: list) -> list:
+        """``run_batch`` of ready Requests (from ``kwargs_list``, validated here) on every rank."""
+        result, outcomes = self.everywhere("batch", [_portable(k) for k in kwargs_list],
+                                           lambda: run_batch(self.generator, requests))
+        if isinstance(result, BaseException):
+            raise result
+        for i, mine in enumerate(outcomes[0]):
+            theirs = [o[i] if isinstance(o, list) else o for o in outcomes]  # a rank whose whole batch failed
+            if any(t != mine for t in theirs):
+                result[i] = RanksDisagreeError(f"request {i + 1} of a batch of {len(result)}", theirs)
+        return result
+
+    def _state_call(self, name: str, payload, local: Callable[[], Any]):
+        result, outcomes = self.everywhere(name, payload, local)
+        if any(o != outcomes[0] for o in outcomes):
+            raise RanksDisagreeError(name, outcomes)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def generate(self, **kwargs):
+        return self.generate_batch([kwargs])[0]
+
+    def generate_batch(self, requests: list[dict]) -> list:
+        reqs = []
+        for kwargs in requests:
+            kwargs = dict(kwargs)
+            reqs.append(self.generator.new_request(self.generator.params_from(kwargs), callback=kwargs.pop("callback", None)))
+        results = self.run_batch(requests, reqs)
+        for outcome in results:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return results
+
+    def load_lora(self, source, name: Optional[str] = None, weight_name: Optional[str] = None, *,
+                  component: str = "transformer", ignore_text_encoder: bool = False) -> str:
+        """Loaded on every rank. A file (an uploaded adapter) travels with the call, so ranks on other nodes
+        need not see rank 0's temporary files; folders and Hub ids are loaded by each rank itself."""
+        options = dict(name=name, weight_name=weight_name, component=component, ignore_text_encoder=ignore_text_encoder)
+        path = Path(source) if isinstance(source, (str, Path)) else None
+        payload = {"options": options, "source": str(source)}
+        if path is not None and path.is_file():
+            payload["file"] = (path.name, path.read_bytes())
+        return self._state_call("load_lora", payload, lambda: self.generator.load_lora(source, **options))
+
+    def unload_lora(self, name: str) -> None:
+        return self._state_call("unload_lora", name, lambda: self.generator.unload_lora(name))
+
+    def fuse_lora(self, loras: dict) -> None:
+        return self._state_call("fuse_lora", dict(loras), lambda: self.generator.fuse_lora(loras))
+
+    def unfuse_lora(self) -> None:
+        return self._state_call("unfuse_lora", None, self.generator.unfuse_lora)
+
+    def run(self, params, callback=None, block_callback=None):
+        raise DiffcoreError("under torchrun, run requests with generate()/generate_batch() (they reach every rank)")
+
+    # -- the server's side ---------------------------------------------------------------------
+    def make_runner(self, max_batch_size: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64):
+        self._runner = LeaderScheduler(self, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                                       max_queue=max_queue)
+        return self._runner
+
+    def stop(self) -> None:
+        """Finish what the runner holds, then tell every rank to exit (idempotent)."""
+        if self._runner is not None:
+            self._runner.shutdown(wait=True)
+        with self._lock:
+            if not self._stopped:
+                self._stopped = True
+                self.channel.send(("stop", None))
+        self._wake.set()
+
+    def _beat(self, every: float) -> None:
+        while not self._wake.wait(every / 4):
+            with self._lock:
+                if not self._stopped and time.monotonic() - self._last_send >= every:
+                    self.channel.send(("ping", None))
+                    self._last_send = time.monotonic()
+
+
+class LeaderScheduler(BatchScheduler):
+    """The BatchScheduler whose batches run on every rank; once every request is done it stops the ranks."""
+
+    def __init__(self, leader: Leader, **options):
+        super().__init__(leader.generator, **options)
+        self.leader = leader
+
+    def _run(self, reqs, items) -> list:
+        # the batch is fixed before it is broadcast: every rank must run the same requests
+        live = [i for i, item in enumerate(items) if item.future.set_running_or_notify_cancel()]
+        out: list = [None] * len(items)
+        if live:
+            results = self.leader.run_batch([items[i].kwargs for i in live], [reqs[i] for i in live])
+            for i, result in zip(live, results):
+                out[i] = result
+        return out
+
+
+# -- ranks > 0 -------------------------------------------------------------------------------------
+def _batch(gen, kwargs_list: list[dict]) -> list:
+    reqs = [gen.new_request(gen.params_from(kwargs)) for kwargs in kwargs_list]  # validated on rank 0
+    return [_outcome(r) for r in run_batch(gen, reqs)]
+
+
+def _load_lora(gen, payload: dict) -> str:
+    if "file" not in payload:
+        return gen.load_lora(payload["source"], **payload["options"])
+    filename, data = payload["file"]
+    with tempfile.TemporaryDirectory(prefix="diffcore-lora-") as tmp:
+        path = Path(tmp) / filename
+        path.write_bytes(data)
+        return gen.load_lora(path, **payload["options"])
+
+
+CALLS = {"batch": _batch, "load_lora": _load_lora, "unload_lora": lambda gen, name: gen.unload_lora(name),
+         "fuse_lora": lambda gen, loras: gen.fuse_lora(loras), "unfuse_lora": lambda gen, _: gen.unfuse_lora()}
+
+
+def follow(generator, channel: Channel) -> int:
+    """The loop of a rank > 0: run what rank 0 broadcasts, report how it ended, until ``stop``."""
+    while True:
+        name, payload = channel.receive()
+        if name == "stop":
+            return 0
+        if name == "ping":
+            continue
+        try:
+            outcome = CALLS[name](generator, payload)
+            outcome = outcome if name == "batch" else None
+        except Exception as exc:
+            log.debug("rank %d: %s failed", channel.rank, name, exc_info=exc)
+            outcome = _outcome(exc)
+        channel.report(outcome)
+
+
+def ignore_stop_signals(rank: int) -> None:
+    """Ranks > 0 stop when rank 0 says so (after it drained its requests), not when torchrun forwards a signal."""
+    def note(sig, frame):
+        log.warning("rank %d: got signal %d; exiting once rank 0 has finished its requests", rank, sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, note)
+
+
+# -- how `diffcore serve` uses it ------------------------------------------------------------------
+def layout_world(engine_kwargs: dict) -> int:
+    """Processes the engine options ask for: sp_degree x (2 with cfg_parallel)."""
+    return int(engine_kwargs.get("sp_degree") or 1) * (2 if engine_kwargs.get("cfg_parallel") else 1)
+
+
+def check_launch(engine_kwargs: dict) -> None:
+    """Several processes without a parallel layout would be several servers fighting for one port."""
+    import os
+
+    from ..errors import ParallelConfigError
+
+    launched = int(os.environ.get("WORLD_SIZE") or 1)
+    if launched > 1 and layout_world(engine_kwargs) == 1:
+        raise ParallelConfigError(
+            f"diffcore serve was launched as {launched} processes but --sp-degree 1 without --cfg-parallel uses one; "
+            f"pass --sp-degree/--cfg-parallel (world size = sp_degree x 2 with cfg_parallel), or for more "
+            "requests per second use replicas (--replicas N) instead of torchrun")
+
+
+class LeaderLoader:
+    """Rank 0's model loader for the server: load, open the channel, wrap in a Leader; ``close`` stops every
+    rank once the server is done (also when it stopped while the model was still loading)."""
+
+    def __init__(self, load: Callable[[], Any]):
+        self.load, self.leader, self.started = load, None, False
+        self.done = threading.Event()
+
+    def __call__(self) -> Leader:
+        self.started = True
+        try:
+            generator = self.load()
+            self.leader = Leader(generator, Channel())
+            return self.leader
+        finally:
+            self.done.set()
+
+    def close(self) -> None:
+        if self.started:
+            self.done.wait()  # the other ranks are loading too; stop them once the channel exists
+        if self.leader is not None:
+            self.leader.stop()
+            close_groups(self.leader.generator, self.leader.channel)
+
+
+def close_groups(generator, channel: Channel) -> None:
+    channel.close()
+    groups = getattr(generator.pipeline, "parallel", None)
+    if groups is not None:
+        groups.close()
+
+
+def follow_main(load: Callable[[], Any]) -> int:
+    """A rank > 0 of `diffcore serve`: load the same model, then follow rank 0 until it stops."""
+    import os
+    import sys
+
+    rank = int(os.environ.get("RANK", "0"))
+    ignore_stop_signals(rank)
+    try:
+        generator = load()
+    except DiffcoreError as exc:
+        print(f"error: rank {rank}: {exc}", file=sys.stderr, flush=True)
+        return 2
+    channel = Channel()
+    try:
+        return follow(generator, channel)
+    finally:
+        close_groups(generator, channel)
