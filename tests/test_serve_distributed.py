@@ -52,8 +52,7 @@ def follower(toy_folder, toy_manager):
 
 
 def leader_of(toy_gen, channel):
-    leader = distributed.Leader(toy_gen, channel, heartbeat_s=3600)
-    return leader
+    return distributed.Leader(toy_gen, channel, heartbeat_s=3600)  # no pings in the way
 
 
 def test_each_batch_runs_on_every_rank_and_rank0_answers(toy_gen, follower):
@@ -71,6 +70,30 @@ def test_each_batch_runs_on_every_rank_and_rank0_answers(toy_gen, follower):
     assert steps and max(steps) == 2  # progress is reported on rank 0
     leader.stop()
     assert channel.sent[-1] == ("stop", None)
+
+
+def test_video_jobs_report_progress_and_finish_through_the_broadcast_runner(toy_gen, follower):
+    import time
+
+    from diffcore.serve.files import FileStore
+    from diffcore.serve.jobs import VideoJobs
+
+    channel = Loopback(follower)
+    leader = leader_of(toy_gen, channel)
+    runner, files = leader.make_runner(max_wait_ms=0), FileStore(60)
+    progress = []
+    jobs = VideoJobs(runner, files, "toy", 4, lambda result, path: path.write_bytes(b"mp4"),
+                     on_step=lambda step, steps: progress.append((step, steps)))
+    job = jobs.create(dict(KW, seed=2), "32x32", None)
+    deadline = time.monotonic() + 60
+    while job.status not in ("completed", "failed") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert job.status == "completed" and job.progress == 100, job.error
+    assert progress == [(1, 2), (2, 2)]  # rank 0's steps, reported as they happen
+    assert [m[0] for m in channel.sent] == ["batch"] and channel.sent[0][1][0]["seed"] == 2
+    leader.stop()
+    jobs.close()
+    files.close()
 
 
 def test_a_request_another_rank_ended_differently_fails_with_a_clear_error(toy_gen, follower):
