@@ -123,3 +123,21 @@ def test_cli_gguf_flag_names_components():
                                       "transformer_2=b.gguf", "--quantization", "int8"])
     assert _gguf_files(args.gguf) == {"transformer": "a.gguf", "transformer_2": "b.gguf"}
     assert args.quantization == "int8" and _gguf_files(None) is None
+
+
+def test_city96_reshaped_tensors_keep_their_shape(tmp_path):
+    """A conv weight stored as (numel / 256, 256) rows with ``comfy.gguf.orig_shape`` loads with its real shape,
+    still packed, and the convolution sees the same weights as the unreshaped tensor."""
+    conv = torch.nn.Conv2d(16, 32, 2, bias=False)
+    state = {"weight": conv.weight.detach()}
+    write_gguf(state, tmp_path / "fixed.gguf", "Q8_0", shape_fix=True)
+    f = gguf_io.GGUFFile(tmp_path / "fixed.gguf")
+    assert tuple(int(d) for d in reversed(f.tensors["weight"].shape)) == (8, 256)  # as stored
+    assert f.shape("weight") == (32, 16, 2, 2) and f.qtype("weight") == "Q8_0"
+    with torch.device("meta"):
+        ours = torch.nn.Conv2d(16, 32, 2, bias=False)
+    load_into_module(ours, [tmp_path / "fixed.gguf"])
+    assert isinstance(ours.weight, gguf_io.GGUFWeight)
+    want = gguf.quants.dequantize(f.tensors["weight"].data, gguf.GGMLQuantizationType.Q8_0).reshape(32, 16, 2, 2)
+    x = torch.randn(1, 16, 5, 5)
+    torch.testing.assert_close(ours(x), torch.nn.functional.conv2d(x, torch.from_numpy(want.copy())), rtol=0, atol=0)

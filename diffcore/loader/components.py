@@ -18,11 +18,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..errors import ConfigError, DiffcoreError, LoaderError, MissingFileError, RegistryError
+from ..errors import ConfigError, DiffcoreError, LoaderError, MissingFileError, RegistryError, WeightMismatchError
+from . import key_layouts as layouts
 from .config_types import build, check_config
 from .model_index import ComponentSpec, read_json
 from .required_files import check_transformers_folder
-from .safetensors_io import find_weight_files, load_into_module, skip_init
+from .safetensors_io import file_keys, find_weight_files, load_into_module, skip_init
 from .transformers_models import load_fast
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ CustomLoader = Callable[[Path, ComponentSpec, "torch.dtype | None", "torch.devic
 
 
 def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow_pickle: bool, files=None,
-                variant=None):
+                variant=None, classes: Mapping[str, type] | None = None):
     config = read_json(path / "config.json", f"config of component {spec.name!r}")
     saved = config.get("_class_name")
     if saved is not None and saved != spec.class_name:
@@ -40,8 +41,38 @@ def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow
     with skip_init():
         model = _from_config(cls, config, path / "config.json", device="meta")
     files = files or find_weight_files(path, allow_pickle=allow_pickle, variant=variant)
-    load_into_module(model, files, key_map=cls.map_state_dict_key, dtype=dtype, device=device)
+    try:
+        load_into_module(model, files, key_map=cls.map_state_dict_key, dtype=dtype, device=device)
+    except WeightMismatchError as e:
+        hint = _other_model_hint(files, cls, classes or {})
+        if hint:
+            err = WeightMismatchError(f"{hint} {e}")
+            err.missing, err.unexpected, err.mismatched, err.files = e.missing, e.unexpected, e.mismatched, e.files
+            raise err from e
+        raise
     return model.eval().requires_grad_(False)
+
+
+def _other_model_hint(files, cls: type, classes: Mapping[str, type]) -> str:
+    """Which other registered model a weight file that does not fit ``cls`` belongs to, if its keys say."""
+    others = {}
+    for name in list(classes):  # resolved only now, on the error path
+        try:
+            c = classes[name]
+        except Exception:  # noqa: BLE001  (a plugin that cannot import is no candidate)
+            continue
+        if isinstance(c, type) and not issubclass(c, cls) and not issubclass(cls, c):
+            others[name] = c
+    for f in files:
+        keys = file_keys(f)
+        if layouts.identify(keys, {cls.__name__: cls}):
+            continue  # this model's own layout: the mismatch is something else (the config, a truncated file)
+        found = layouts.identify(keys, others)
+        if found:
+            said = "; ".join(f"the {layout} layout of {', '.join(names)}" for layout, names in found.items())
+            return (f"{Path(f).name} holds the weights of another model ({said}), not of {cls.__name__}: "
+                    "use it with that model's pipeline, or give this model its own file.")
+    return ""
 
 
 def _load_scheduler(path: Path, spec: ComponentSpec, cls: type):
@@ -141,7 +172,7 @@ def load_component(
                           "only transformers and VAEs can load their weights from a separate file")
     if spec.class_name in module_classes:
         return _load_model(path, spec, module_classes[spec.class_name], dtype, device, allow_pickle, weight_files,
-                           variant)
+                           variant, module_classes)
     if spec.class_name in scheduler_classes:
         return _load_scheduler(path, spec, scheduler_classes[spec.class_name])
     if spec.library == "transformers":

@@ -12,7 +12,8 @@ Dequantization follows ggml's reference (``ggml-quants.c``, mirrored in the ``gg
 rounding (~5e-4 relative per weight).
 
 Keys: a file whose keys are the Diffusers parameter names loads into the diffcore module as-is; a
-family may rename original-format keys through the module's ``map_state_dict_key``.
+file in a model's original layout (city96's FLUX / Wan GGUFs) is converted by the layouts the model
+class declares (``key_layouts.py``), with fused tensors split by :func:`take_rows`, still packed.
 """
 from __future__ import annotations
 
@@ -220,6 +221,30 @@ def _unpacked(value, dtype):
     return value
 
 
+def take_rows(t: torch.Tensor, rows) -> torch.Tensor:
+    """Rows ``[(start, stop), ...]`` (dim 0) of ``t``, concatenated; a :class:`GGUFWeight` stays packed.
+
+    ggml packs each row (the last dim) into whole blocks, so rows ``a..b`` of a ``(R, C)`` weight are
+    bytes ``a * row_bytes .. b * row_bytes`` with ``row_bytes = C / block * bytes_per_block``. One range
+    is a view (no copy); several are one copy of the packed bytes. A range that does not fall on block
+    boundaries (a quantized 1-D tensor) is dequantized instead.
+    """
+    if not isinstance(t, GGUFWeight):
+        parts = [t[a:b] for a, b in rows]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    block, nbytes, _ = _TYPES[t.qtype]
+    per_row = 1
+    for d in t.logical_shape[1:]:
+        per_row *= d
+    if any((a * per_row) % block or (b * per_row) % block for a, b in rows):
+        return take_rows(t.dequantize(), rows)
+    packed = t.packed()
+    parts = [packed[a * per_row // block * nbytes:b * per_row // block * nbytes] for a, b in rows]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    shape = (sum(b - a for a, b in rows), *t.logical_shape[1:])
+    return GGUFWeight(out, t.qtype, shape, t.compute_dtype)
+
+
 # ---- reading ------------------------------------------------------------------------------------
 
 class GGUFFile:
@@ -246,6 +271,12 @@ class GGUFFile:
         return list(self.tensors)
 
     def shape(self, key: str) -> tuple:
+        """The tensor's logical shape. city96's converter stores a tensor whose last dim is no multiple of 256
+        (e.g. Wan's 5-D ``patch_embedding``) as ``(numel / 256, 256)`` rows and records the real shape under
+        ``comfy.gguf.orig_shape.<key>``; the data is row-major either way, so only the shape differs."""
+        field = self.reader.get_field(f"comfy.gguf.orig_shape.{key}")
+        if field is not None:
+            return tuple(int(field.parts[i][0]) for i in field.data)
         return tuple(int(d) for d in reversed(self.tensors[key].shape))  # ggml lists the innermost dim first
 
     def qtype(self, key: str) -> str:

@@ -21,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import CorruptCheckpointError, LoaderError, MissingFileError, PickleRefusedError, WeightMismatchError
 from ..memory import map_file
+from . import key_layouts as _layouts
 from .model_index import read_json
 
 log = logging.getLogger(__name__)
@@ -189,8 +190,14 @@ def _open_safetensors(path: Path):
 class _Reader:
     """Uniform view of one weight file: key list, shapes from the header, tensors on demand."""
 
-    def __init__(self, keys: list[str], shape: Callable[[str], tuple], tensor: Callable[[str], torch.Tensor]):
-        self.keys, self.shape, self.tensor = keys, shape, tensor
+    def __init__(self, keys: list[str], shape: Callable[[str], tuple], tensor: Callable[[str], torch.Tensor],
+                 layout: "_layouts.CheckpointLayout | None" = None):
+        self.keys, self.shape, self.tensor, self.layout = keys, shape, tensor, layout
+
+    def through(self, layouts: Sequence["_layouts.CheckpointLayout"]) -> "_Reader":
+        """This file seen through the checkpoint layout its keys match (see ``key_layouts``)."""
+        v = _layouts.view(self.keys, self.shape, self.tensor, layouts)
+        return _Reader(v.keys, v.shape, v.tensor, v.layout)
 
 
 # safetensors dtype names torch can view raw little-endian bytes as.
@@ -253,6 +260,15 @@ def _open(path: Path, pickle_cache: dict) -> Iterator[_Reader]:
         pickle_cache[path] = _torch_load(path)
     sd = pickle_cache[path]
     yield _Reader(list(sd), lambda k: tuple(sd[k].shape), sd.__getitem__)
+
+
+def file_keys(path: Path) -> list[str]:
+    """The tensor names of one weight file (headers only; pickle files are not opened for this)."""
+    path = Path(path)
+    if path.suffix not in (".gguf", ".safetensors") or not path.is_file():
+        return []
+    with _open(path, {}) as reader:
+        return list(reader.keys)
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
@@ -331,7 +347,17 @@ def _materialise_buffers(module: nn.Module, device: torch.device) -> None:
             hook(device)
 
 
-def _mismatch_error(module, files, missing, unexpected, mismatched, duplicated) -> WeightMismatchError:
+def _layout_hint(module, layouts, seen) -> str:
+    if not layouts:
+        return ""
+    read_as = sorted({f"{path.name} as {layout.name}" for path, layout in seen.items() if layout is not None})
+    if read_as:
+        return f" Read {', '.join(read_as)}."
+    return (f" The keys match none of the checkpoint layouts {type(module).__name__} reads "
+            f"({_layouts.layout_names(layouts)}).")
+
+
+def _mismatch_error(module, files, missing, unexpected, mismatched, duplicated, hint_layouts="") -> WeightMismatchError:
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing keys (in the module, not in the checkpoint): {_few(missing)}")
@@ -346,7 +372,8 @@ def _mismatch_error(module, files, missing, unexpected, mismatched, duplicated) 
         "the model class must rename them in map_state_dict_key."
     )
     where = ", ".join(str(f) for f in files)
-    err = WeightMismatchError(f"weights in {where} do not fit {type(module).__name__}: " + "; ".join(parts) + "." + hint)
+    err = WeightMismatchError(f"weights in {where} do not fit {type(module).__name__}: " + "; ".join(parts) + "."
+                              + hint_layouts + hint)
     err.missing, err.unexpected, err.mismatched, err.files = missing, unexpected, mismatched, files
     return err
 
@@ -391,12 +418,17 @@ def assign_weights(
     device: torch.device | str = "cpu",
     strict: bool = True,
     optional: Collection[str] = (),
+    layouts: Sequence[_layouts.CheckpointLayout] | None = None,
 ) -> list[str]:
     """Check the checkpoint against ``module.state_dict()``, then assign its tensors (see ``load_into_module``).
 
     ``dtype_rule(name, saved, expected)`` gives each tensor's dtype. Names in ``optional`` may be absent
     from the checkpoint (e.g. tied weights the caller fills in); the absent ones are returned.
+    ``layouts`` (default: the module class's ``checkpoint_layouts``) convert files in a model's original
+    key layout; ``key_map`` then applies to the converted names.
     """
+    if layouts is None:
+        layouts = tuple(getattr(type(module), "checkpoint_layouts", ()))
     files = [Path(f) for f in files]
     if not files:
         raise LoaderError(f"no weight files given for {type(module).__name__}")
@@ -407,8 +439,13 @@ def assign_weights(
     # Pass 1: headers only. Map names, find duplicates, missing/unexpected keys, shape mismatches.
     plan: dict[str, tuple[Path, str]] = {}  # module name -> (file, checkpoint key)
     unexpected, mismatched, duplicated = [], [], []
+    seen: dict[Path, _layouts.CheckpointLayout | None] = {}
     for path in files:
-        with _open(path, pickle_cache) as reader:
+        with _open(path, pickle_cache) as file:
+            reader = file.through(layouts)
+            seen[path] = reader.layout
+            if reader.layout is not None and reader.layout.convert is not None:
+                log.info("%s: reading %s as the %s layout", type(module).__name__, path.name, reader.layout.name)
             for key in reader.keys:
                 name = key_map(key) if key_map is not None else key
                 if name is None:
@@ -429,7 +466,8 @@ def assign_weights(
         log.warning("%s: ignoring %d unexpected checkpoint keys: %s", type(module).__name__, len(unexpected), _few(unexpected))
         unexpected = []
     if missing or unexpected or mismatched or duplicated:
-        raise _mismatch_error(module, files, missing, unexpected, mismatched, duplicated)
+        raise _mismatch_error(module, files, missing, unexpected, mismatched, duplicated,
+                              _layout_hint(module, layouts, seen))
 
     # Pass 2: read tensors (mmapped views); convert only where dtype or device differ.
     by_file: dict[Path, list[tuple[str, str]]] = {}
@@ -438,7 +476,8 @@ def assign_weights(
             by_file.setdefault(path, []).append((name, key))
     state: dict[str, torch.Tensor] = {}
     for path, pairs in by_file.items():
-        with _open(path, pickle_cache) as reader:
+        with _open(path, pickle_cache) as file:
+            reader = file.through(layouts)
             for name, key in pairs:
                 t = reader.tensor(key)
                 target = dtype_rule(name, t, expected[name])
@@ -464,6 +503,7 @@ def load_into_module(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     strict: bool = True,
+    layouts: Sequence[_layouts.CheckpointLayout] | None = None,
 ) -> nn.Module:
     """Assign the tensors of ``files`` into ``module`` (normally built on the meta device).
 
@@ -472,6 +512,8 @@ def load_into_module(
       checkpoint's dtype. As in Diffusers, floating tensors under a module named in the class
       attribute ``_keep_in_fp32_modules`` stay float32. A tensor already in the right dtype on
       the CPU is not copied: the parameter is a view of the memory-mapped file.
+    - ``layouts`` (default: ``type(module).checkpoint_layouts``): a file whose keys match one of them
+      (e.g. a model's original layout) is converted to the module's names first (see ``key_layouts.py``).
     - Every key, name and shape is checked against ``module.state_dict()`` before any data is
       read; problems raise one :class:`WeightMismatchError` listing them. ``strict=False`` ignores
       unexpected keys and tolerates missing ones that the module already holds off the meta device.
@@ -481,7 +523,8 @@ def load_into_module(
       ``device``; it is called for every module whose buffers are still on meta. Anything left on
       meta afterwards is an error naming the tensors.
     """
-    assign_weights(module, files, diffusers_dtype_rule(module, dtype), key_map=key_map, device=device, strict=strict)
+    assign_weights(module, files, diffusers_dtype_rule(module, dtype), key_map=key_map, device=device, strict=strict,
+                   layouts=layouts)
     _materialise_buffers(module, torch.device(device))
     check_materialised(module, files)
     return module

@@ -36,10 +36,14 @@ class ModelMixin(nn.Module):
     """Mixin for diffcore model modules whose parameter names equal the Diffusers class of the same name.
 
     Subclasses set ``diffusers_class_name`` (the ``_class_name`` in config.json they serve) and may
-    override ``map_state_dict_key`` to rename checkpoint keys on load.
+    override ``map_state_dict_key`` to rename checkpoint keys on load. ``checkpoint_layouts`` lists the
+    key layouts the class reads besides its own (:class:`~diffcore.loader.layouts.CheckpointLayout`,
+    e.g. a family's original single-file layout); its first entry may describe the Diffusers names
+    themselves (``convert=None``), so a file can be recognised as this model's.
     """
 
     diffusers_class_name: ClassVar[str] = ""
+    checkpoint_layouts: ClassVar[tuple] = ()
     config: dict
 
     @classmethod

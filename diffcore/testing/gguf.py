@@ -85,10 +85,13 @@ def quantize(w: np.ndarray, qtype: str) -> np.ndarray:
     return gguf.quants.quantize(w.astype(np.float32), gguf.GGMLQuantizationType[qtype])
 
 
-def write_gguf(state: Mapping[str, torch.Tensor], path: Path | str, qtype: str, arch: str = "diffcore-test") -> dict:
+def write_gguf(state: Mapping[str, torch.Tensor], path: Path | str, qtype: str, arch: str = "diffcore-test",
+               shape_fix: bool = False) -> dict:
     """Write ``state`` to ``path``, 2-D float tensors quantized as ``qtype`` where their rows allow it.
 
-    Returns {name: ggml type name written} so a test can check what it exercised.
+    ``shape_fix``: as city96's converter does for some families, a tensor of 2+ dims whose last dim is no
+    multiple of 256 but whose size is becomes ``(numel / 256, 256)``, its shape kept in
+    ``comfy.gguf.orig_shape.<name>``. Returns {name: ggml type name written} so a test can check what it exercised.
     """
     import gguf
 
@@ -97,6 +100,9 @@ def write_gguf(state: Mapping[str, torch.Tensor], path: Path | str, qtype: str, 
     written = {}
     for name, t in state.items():
         arr = t.detach().float().cpu().numpy()
+        if shape_fix and arr.ndim > 1 and arr.shape[-1] % 256 and arr.size % 256 == 0:
+            writer.add_array(f"comfy.gguf.orig_shape.{name}", [int(d) for d in arr.shape])
+            arr = arr.reshape(-1, 256)
         if arr.ndim == 2 and arr.shape[1] % block == 0:
             writer.add_tensor(name, quantize(arr, qtype),
                               raw_dtype=gguf.GGMLQuantizationType[qtype])

@@ -18,22 +18,13 @@ import torch
 
 from diffcore.lora.convert import Target, convert_layers, flat
 
-_DOUBLE = {
-    "img_attn_proj": ("attn.to_out.0",), "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",), "img_mod_lin": ("norm1.linear",),
-    "txt_attn_proj": ("attn.to_add_out",), "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "txt_mlp_0": ("ff_context.net.0.proj",), "txt_mlp_2": ("ff_context.net.2",), "txt_mod_lin": ("norm1_context.linear",),
-}
-_SINGLE = {"linear2": ("proj_out",), "modulation_lin": ("norm.linear",)}
-_GLOBAL = {
-    "img_in": "x_embedder", "txt_in": "context_embedder", "final_layer_linear": "proj_out",
-    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
-    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
-}
+from .key_layouts import DOUBLE, QKV, SINGLE, TOP
+
+# kohya names are BFL's original names with "_" for "."; the tables are the checkpoint layout's (key_layouts)
+_DOUBLE = {k.replace(".", "_"): (v,) for k, v in DOUBLE.items() if ".norm." not in k} | {
+    k.replace(".", "_"): v for k, v in QKV.items()}
+_SINGLE = {k.replace(".", "_"): (v,) for k, v in SINGLE.items() if not k.startswith("norm.")}
+_GLOBAL = {k.replace(".", "_"): v for k, v in TOP.items()}
 _BLOCK = re.compile(r"(double|single)_blocks_(\d+)_(.+)")
 
 

@@ -41,6 +41,8 @@ from diffcore.models.dit import FeedForward, modulate, rotary_table, rotate
 from diffcore.models.linear import Linear, linear
 from diffcore.parallel import sequence_shard
 
+from .key_layouts import LAYOUTS
+
 Rope = tuple[torch.Tensor, torch.Tensor]
 
 _QK_EPS = 1e-6
@@ -206,6 +208,7 @@ class FluxTransformer2DModel(ModelMixin):
     """
 
     diffusers_class_name = "FluxTransformer2DModel"
+    checkpoint_layouts = LAYOUTS  # Diffusers names, and the original single-file layout (key_layouts.py)
 
     def __init__(
         self,

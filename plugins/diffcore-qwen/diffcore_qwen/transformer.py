@@ -36,6 +36,7 @@ from torch import nn
 
 from diffcore.cache.base import CacheState
 from diffcore.models.attention import attention
+from diffcore.loader.key_layouts import CheckpointLayout
 from diffcore.models.base import ModelMixin
 from diffcore.models.embeddings import TimestepEmbedding, Timesteps
 from diffcore.models.dit import FeedForward, modulate, rotary_table, rotate
@@ -200,6 +201,10 @@ class QwenImageTransformer2DModel(ModelMixin):
     """
 
     diffusers_class_name = "QwenImageTransformer2DModel"
+    # Qwen-Image was released with Diffusers names and its single-file checkpoints (city96's GGUFs) keep them,
+    # full checkpoints under ``model.diffusion_model.`` (the loader strips it); declared so such files are recognised.
+    checkpoint_layouts = (CheckpointLayout("Qwen-Image Diffusers names", (r"transformer_blocks\.\d+\.img_mod\.1\.weight",
+                                                                          r"txt_norm\.weight")),)
 
     def __init__(
         self,

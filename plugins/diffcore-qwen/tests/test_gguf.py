@@ -31,3 +31,28 @@ def test_gguf_transformer_matches_diffusers_on_the_same_file(qtype, tmp_path):
     r = check_gguf_parity(QwenImageTransformer2DModel, diffusers.QwenImageTransformer2DModel, CFG, _inputs(), tmp_path, qtype, ORACLE_GGUF)
     print(f"qwen {qtype}: {r}")
     assert_gguf_parity(r, min_quantized=15)
+
+
+def test_gguf_under_the_comfyui_prefix_loads_the_same_weights(tmp_path):
+    """Qwen-Image single files keep the Diffusers names (diffusers' from_single_file maps them as they are); a full
+    checkpoint puts them under ``model.diffusion_model.`` beside other components, which the loader leaves out."""
+    from diffcore.loader.gguf_io import GGUFWeight
+    from diffcore.loader.safetensors_io import load_into_module, skip_init
+    from diffcore.testing.gguf import write_gguf
+
+    torch.manual_seed(0)
+    state = diffusers.QwenImageTransformer2DModel(**CFG).state_dict()
+    write_gguf(state, tmp_path / "qwen-image-Q8_0.gguf", "Q8_0")
+    write_gguf({f"model.diffusion_model.{k}": v for k, v in state.items()} | {"text_encoders.qwen25_7b.w": torch.zeros(3)},
+               tmp_path / "qwen-image-full-Q8_0.gguf", "Q8_0")
+    loaded = []
+    for name in ("qwen-image-Q8_0.gguf", "qwen-image-full-Q8_0.gguf"):
+        with skip_init():
+            model = QwenImageTransformer2DModel.from_config(dict(CFG), device="meta")
+        loaded.append(dict(load_into_module(model, [tmp_path / name], dtype=torch.float32).named_parameters()))
+    plain, prefixed = loaded
+    assert sum(isinstance(p, GGUFWeight) for p in prefixed.values()) >= 15
+    for k, p in plain.items():
+        q = prefixed[k]
+        assert type(p) is type(q) and torch.equal(p.packed() if isinstance(p, GGUFWeight) else p,
+                                                  q.packed() if isinstance(q, GGUFWeight) else q), k

@@ -17,16 +17,11 @@ from typing import Optional
 
 from diffcore.lora.convert import Target, convert_layers, flat
 
-_ATTN = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "k_img": "add_k_proj", "v_img": "add_v_proj"}
-_GLOBAL = {
-    "head_head": "proj_out", "time_projection_1": "condition_embedder.time_proj",
-    "text_embedding_0": "condition_embedder.text_embedder.linear_1",
-    "text_embedding_2": "condition_embedder.text_embedder.linear_2",
-    "time_embedding_0": "condition_embedder.time_embedder.linear_1",
-    "time_embedding_2": "condition_embedder.time_embedder.linear_2",
-    "img_emb_proj_1": "condition_embedder.image_embedder.ff.net.0.proj",
-    "img_emb_proj_3": "condition_embedder.image_embedder.ff.net.2",
-}
+from .key_layouts import ATTN, TOP
+
+# the original Wan-Video names with "_" for "."; the tables are the checkpoint layout's (key_layouts), linear layers only
+_ATTN = {k: v for k, v in ATTN.items() if not k.startswith("norm")}
+_GLOBAL = {k.replace(".", "_"): v for k, v in TOP.items() if k not in ("patch_embedding", "img_emb.proj.0", "img_emb.proj.4")}
 _BLOCK = re.compile(r"blocks_(\d+)_(.+)")
 _NO_COUNTERPART = re.compile(r"(.*norm.*|patch_embedding|.*modulation|head_modulation|img_emb_proj_[04])")
 

@@ -47,6 +47,8 @@ from diffcore.models.embeddings import TimestepEmbedding, timestep_embedding
 from diffcore.models.linear import Linear, linear
 from diffcore.parallel import sequence_shard
 
+from .key_layouts import LAYOUTS
+
 Rope = tuple[torch.Tensor, torch.Tensor]
 KV = tuple[torch.Tensor, ...]  # one block's cross-attention (k, v) or (k, v, k_img, v_img), each (B, S, H, D)
 
@@ -293,6 +295,7 @@ class WanTransformer3DModel(ModelMixin):
     """
 
     diffusers_class_name = "WanTransformer3DModel"
+    checkpoint_layouts = LAYOUTS  # Diffusers names, and the original single-file layout (key_layouts.py)
     # diffusers keeps these in float32 when loading in half precision; so does diffcore's loader.
     _keep_in_fp32_modules = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
     # present in some original checkpoints, unused by the model (diffusers ignores it on load).
