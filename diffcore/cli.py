@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantization", help="quantize the transformer(s) with torchao: int8_weight_only, int8_dynamic, "
                    "fp8_weight_only, fp8 (GPU)")
     g.add_argument("--gguf", nargs="+", metavar="[NAME=]PATH",
-                   help="load the transformer (or NAME) from a .gguf file; the rest comes from --model")
+                   help="load the transformer (or NAME) from a .gguf (or single-file .safetensors) file, in Diffusers "
+                        "names or the model's original layout (e.g. city96's flux1-dev-Q4_K_S.gguf); the rest comes from --model")
     g.add_argument("--offload", choices=["model", "layers"],
                    help="keep weights in CPU memory, on the device only while they run (whole components / transformer blocks)")
     g.add_argument("--variant", help="load the weight files of this variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)")
