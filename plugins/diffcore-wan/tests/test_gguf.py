@@ -20,6 +20,7 @@ from diffusers.models.model_loading_utils import load_gguf_checkpoint  # noqa: E
 from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor  # noqa: E402
 
 from diffcore.errors import LoaderError  # noqa: E402
+from diffcore.loader import key_layouts  # noqa: E402
 from diffcore.loader.gguf_io import GGUFFile, GGUFWeight  # noqa: E402
 from diffcore.loader.safetensors_io import load_into_module, skip_init  # noqa: E402
 from diffcore.testing.gguf import assert_gguf_parity, check_gguf_parity, write_gguf  # noqa: E402
@@ -89,6 +90,20 @@ def test_mapping_equals_diffusers_converter(i2v, prefix):
     with skip_init():
         model = WanTransformer3DModel.from_config({**CFG, "num_layers": 2, **(I2V if i2v else {})}, device="meta")
     assert {k for k in ref if WanTransformer3DModel.map_state_dict_key(k)} == set(model.state_dict())
+
+
+def test_flf2v_position_embedding_lands_on_the_model():
+    """Wan 2.1 FLF2V's ``img_emb.emb_pos`` (which diffusers' converter leaves unmapped) -> ``image_embedder.pos_embed``."""
+    config = {**CFG, **I2V, "pos_embed_seq_len": 514}
+    with skip_init():
+        model = WanTransformer3DModel.from_config(config, device="meta")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    names = diffusers_names(original_keys(1, True))
+    shapes = {orig: expected[name] for orig, name in names.items()} | {"img_emb.emb_pos": (1, 514, 256)}
+    sd = tagged(shapes)
+    view = key_layouts.view(list(sd), lambda k: tuple(sd[k].shape), sd.__getitem__, LAYOUTS)
+    assert {k: view.shape(k) for k in view.keys} == expected
+    assert torch.equal(view.tensor("condition_embedder.image_embedder.pos_embed"), sd["img_emb.emb_pos"])
 
 
 def _tiny(i2v: bool, folder):
