@@ -11,7 +11,7 @@ import torch
 from . import loader, offload, parallel, precision
 from .configs.engine_args import EngineArgs
 from .errors import ConfigError, SamplingParamError
-from .quantization import check_supported, quantize_model
+from .quantization import LayerQuantizer, check_supported, quantize_model
 from .outputs import GenerationResult
 from .plugins import PluginManager, get_plugin_manager
 from .records import resolve_ref
@@ -108,6 +108,7 @@ class DiffGenerator:
         wanted = list(pipeline_cls._required_config_modules) + list(config.optional_components)
         dtypes, slow_bf16 = precision.resolve(config, [n for n in dict.fromkeys(wanted) if n in index.components], engine.dtype,
                                    engine.device)
+        quantizer = LayerQuantizer(engine.quantization) if engine.quantization else None
         for name in dict.fromkeys(wanted):
             spec = index.components.get(name)
             if spec is None:
@@ -117,12 +118,14 @@ class DiffGenerator:
                 dtype=dtypes[name], device=load_device, allow_pickle=engine.allow_pickle,
                 custom_loaders=config.custom_loaders(), variant=engine.variant,
                 weight_files=[weight_files[name]] if name in weight_files else None,
+                on_module=quantizer if quantizer is not None and name in config.denoiser_components else None,
             )
         precision.explain({n: c for n, c in components.items() if dtypes.get(n) != config.dtype_for(n)}, slow_bf16)
-        if engine.quantization:  # after loading: each layer's full-precision weight is freed as it is quantized
-            for name in config.denoiser_components:
-                if isinstance(components.get(name), torch.nn.Module):
-                    quantize_model(components[name], engine.quantization)
+        if quantizer is not None:  # streamed while loading; a custom loader's module is quantized here
+            late = [components[n] for n in config.denoiser_components if isinstance(components.get(n), torch.nn.Module)]
+            count = quantizer.count + sum(quantize_model(m, quantizer.scheme) for m in late)
+            log.info("quantized %d linear layers of %s to %s", count, ", ".join(config.denoiser_components),
+                     quantizer.scheme)
         hooks = offload.apply(components, engine.offload, engine.device, config.denoiser_components) if engine.offload else None
         pipeline = pipeline_cls(components, config, engine, components_checked=True)
         pipeline.offload_hooks = hooks

@@ -2,8 +2,8 @@
 
 A weight assigned straight from a safetensors mapping costs no copy, but once read its pages count
 in the process's RSS for as long as the mapping lives, which is as long as any tensor of that file
-does. When a layer replaces such a weight by a copy in another layout (see ``models.linear``), the
-old pages are dropped with ``madvise(MADV_DONTNEED)``: the mapping is private and never written to
+does. When a weight is replaced by a copy (converted to another dtype while loading, quantized, or
+re-laid out by ``models.linear``), the old pages are dropped with ``madvise(MADV_DONTNEED)``: the mapping is private and never written to
 the file, so a later read of those addresses simply reads the file again.
 """
 from __future__ import annotations
@@ -40,12 +40,30 @@ def _forget(start: int) -> None:
         _mappings.pop(start, None)
 
 
-def _madvise():
+def _c():
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return _libc.madvise
+    return _libc
+
+
+def _madvise():
+    return _c().madvise
+
+
+def trim() -> bool:
+    """Hand the C allocator's free memory back to the system (glibc's ``malloc_trim(0)``).
+
+    Why: glibc raises its mmap threshold after the first large free, so later multi-MB temporaries
+    (e.g. a layer's float32 copy while it is quantized) come from the heap, and freed heap memory
+    stuck between live blocks stays in the RSS. ``malloc_trim`` releases every free page, not just
+    the heap's top. Returns whether memory was released (False where there is no glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    fn = getattr(_c(), "malloc_trim", None)  # glibc only (not musl)
+    return bool(fn(0)) if fn is not None else False
 
 
 def release_pages(t: torch.Tensor) -> int:

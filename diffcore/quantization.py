@@ -13,9 +13,11 @@ Why weight-only on the CPU: it halves (int8/fp8 vs bf16) or quarters (vs fp32) t
 memory with ~0.6% relative error per layer, but it is no faster there (the GEMM dequantizes); on a
 GPU fp8 with dynamic activations uses the fp8 tensor cores.
 
-Quantization runs after loading, one ``nn.Linear`` at a time (torchao's ``quantize_`` swaps each
-weight for its quantized tensor), so the full-precision copy is freed layer by layer instead of
-existing twice. Quantized layers take the plain ``F.linear`` path in ``diffcore.models.linear``
+Quantization streams with loading (``LayerQuantizer``): each ``nn.Linear`` is quantized as soon
+as its weights are in place (torchao's ``quantize_`` swaps the weight for its quantized tensor), so
+only one layer's full-precision weight exists at a time, and the file pages or converted copy
+behind it are handed back right away; torchao's temporaries are returned to the system after
+loading (``diffcore.memory.trim``). Quantized layers take the plain ``F.linear`` path in ``diffcore.models.linear``
 (the oneDNN path and weight pre-packing only serve plain tensors).
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .memory import release_pages
+from .memory import release_pages, trim
 
 log = logging.getLogger(__name__)
 
@@ -90,23 +92,46 @@ def _eligible(module: nn.Module, fqn: str) -> bool:
     return min(module.in_features, module.out_features) >= MIN_LINEAR_FEATURES and module.weight.is_floating_point()
 
 
+def _quantize_layer(tq, layer: nn.Module, config) -> bool:
+    """Quantize one eligible ``nn.Linear`` in place; its full-precision weight is dropped (and its pages
+    handed back when it was a view of the memory-mapped checkpoint)."""
+    if hasattr(layer, "unpack"):
+        layer.unpack()  # a oneDNN-packed weight back to the plain layout
+    old = layer.weight
+    tq.quantize_(layer, config, filter_fn=_eligible)
+    if layer.weight is old:
+        return False
+    release_pages(old.data)
+    return True
+
+
+class LayerQuantizer:
+    """The loader's ``on_module`` hook (``diffcore.loader.load_component``): quantizes each eligible
+    linear layer as soon as its weights are in place, so the full-precision copy of only one layer
+    exists at a time, even when loading converts the checkpoint's dtype (an fp32 file loaded as bf16,
+    or bf16 upcast to fp32 on CPUs without native bf16)."""
+
+    def __init__(self, scheme: str):
+        self.scheme = parse_scheme(scheme)
+        self.config = _config(self.scheme)
+        self.tq = _torchao()
+        self.count = 0
+
+    def __call__(self, module: nn.Module) -> None:
+        if _eligible(module, "") and _quantize_layer(self.tq, module, self.config):
+            self.count += 1
+            trim()
+
+
 def quantize_model(model: nn.Module, scheme: str) -> int:
     """Quantize ``model``'s linear weights in place, one layer at a time; returns how many were quantized.
 
-    Each full-precision weight is dropped as soon as its quantized copy exists; one that was a view
-    of the memory-mapped checkpoint also hands its resident pages back (``diffcore.memory``).
+    For a model loaded without the streaming hook (``LayerQuantizer``), e.g. by a custom loader;
+    layers already quantized are left alone. Each full-precision weight is dropped as soon as its
+    quantized copy exists, and the allocator's free memory is handed back at the end.
     """
     tq = _torchao()
-    scheme = parse_scheme(scheme)
-    config = _config(scheme)
-    layers = [m for name, m in model.named_modules() if _eligible(m, name)]
-    for layer in layers:
-        if hasattr(layer, "unpack"):
-            layer.unpack()  # a oneDNN-packed weight back to the plain layout
-        old = layer.weight
-        tq.quantize_(layer, config, filter_fn=_eligible)
-        if layer.weight is not old:
-            release_pages(old.data)
-        del old
-    log.info("quantized %d linear layers of %s to %s", len(layers), type(model).__name__, scheme)
-    return len(layers)
+    config = _config(parse_scheme(scheme))
+    count = sum(_quantize_layer(tq, m, config) for name, m in model.named_modules() if _eligible(m, name))
+    trim()
+    return count

@@ -32,7 +32,7 @@ CustomLoader = Callable[[Path, ComponentSpec, "torch.dtype | None", "torch.devic
 
 
 def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow_pickle: bool, files=None,
-                variant=None, classes: Mapping[str, type] | None = None):
+                variant=None, classes: Mapping[str, type] | None = None, on_module=None):
     config = read_json(path / "config.json", f"config of component {spec.name!r}")
     saved = config.get("_class_name")
     if saved is not None and saved != spec.class_name:
@@ -42,7 +42,8 @@ def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow
         model = _from_config(cls, config, path / "config.json", device="meta")
     files = files or find_weight_files(path, allow_pickle=allow_pickle, variant=variant)
     try:
-        load_into_module(model, files, key_map=cls.map_state_dict_key, dtype=dtype, device=device)
+        load_into_module(model, files, key_map=cls.map_state_dict_key, dtype=dtype, device=device,
+                         on_module=on_module)
     except WeightMismatchError as e:
         hint = _other_model_hint(files, cls, classes or {})
         if hint:
@@ -146,6 +147,7 @@ def load_component(
     custom_loaders: Mapping[str, CustomLoader] | None = None,
     weight_files: Sequence[Path] | None = None,
     variant: str | None = None,
+    on_module: Callable[[torch.nn.Module], None] | None = None,
 ) -> Any:
     """Load component ``spec`` from ``<folder>/<spec.name>``.
 
@@ -154,7 +156,8 @@ def load_component(
     ``loader(component_folder, spec, dtype, device)``; it is looked up by component name first,
     then by class name. ``weight_files`` (diffcore models only) replace the folder's weights, e.g. a
     ``.gguf`` transformer beside the folder's ``config.json``. ``variant`` (e.g. ``"fp16"``) prefers
-    ``*.<variant>.safetensors`` weights, as in diffusers.
+    ``*.<variant>.safetensors`` weights, as in diffusers. ``on_module`` (diffcore models only; others
+    ignore it) is called with each submodule as soon as its weights are in place (``assign_weights``).
     """
     folder = Path(folder)
     path = folder / spec.name
@@ -172,7 +175,7 @@ def load_component(
                           "only transformers and VAEs can load their weights from a separate file")
     if spec.class_name in module_classes:
         return _load_model(path, spec, module_classes[spec.class_name], dtype, device, allow_pickle, weight_files,
-                           variant, module_classes)
+                           variant, module_classes, on_module)
     if spec.class_name in scheduler_classes:
         return _load_scheduler(path, spec, scheduler_classes[spec.class_name])
     if spec.library == "transformers":

@@ -20,7 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import CorruptCheckpointError, LoaderError, MissingFileError, PickleRefusedError, WeightMismatchError
-from ..memory import map_file
+from ..memory import map_file, release_pages
 from . import key_layouts as _layouts
 from .model_index import read_json
 
@@ -296,6 +296,7 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
 # ---- loading ----------------------------------------------------------------------------------
 
 DtypeRule = Callable[[str, torch.Tensor, torch.Tensor], torch.dtype]
+OnModule = Callable[[nn.Module], None]
 POPULATE_MIN_BYTES = 1 << 20
 
 
@@ -393,21 +394,21 @@ def _converted(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> tor
     return torch.frombuffer(buf, dtype=dtype).view(t.shape).copy_(t)  # the tensor keeps the mapping alive
 
 
-def _assign(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Put each tensor in place (what ``load_state_dict(assign=True)`` does, without its per-module walk)."""
-    owners: dict[str, nn.Module] = {}
-    for name, t in state.items():
-        prefix, _, attr = name.rpartition(".")
-        owner = owners.get(prefix)
-        if owner is None:
-            owner = owners[prefix] = module.get_submodule(prefix) if prefix else module
-        old = owner._parameters.get(attr)
-        if old is not None:
-            owner._parameters[attr] = nn.Parameter(t, requires_grad=old.requires_grad)
-        elif attr == "_extra_state":  # a module's get_extra_state() value, saved as a tensor
-            owner.set_extra_state(t)
-        else:
-            owner._buffers[attr] = t
+def _assign_one(module: nn.Module, owners: dict[str, nn.Module], name: str, t: torch.Tensor) -> nn.Module:
+    """Put one tensor in place (what ``load_state_dict(assign=True)`` does, without its per-module walk);
+    returns the submodule that owns it (``owners`` caches them by prefix)."""
+    prefix, _, attr = name.rpartition(".")
+    owner = owners.get(prefix)
+    if owner is None:
+        owner = owners[prefix] = module.get_submodule(prefix) if prefix else module
+    old = owner._parameters.get(attr)
+    if old is not None:
+        owner._parameters[attr] = nn.Parameter(t, requires_grad=old.requires_grad)
+    elif attr == "_extra_state":  # a module's get_extra_state() value, saved as a tensor
+        owner.set_extra_state(t)
+    else:
+        owner._buffers[attr] = t
+    return owner
 
 
 def assign_weights(
@@ -419,6 +420,7 @@ def assign_weights(
     strict: bool = True,
     optional: Collection[str] = (),
     layouts: Sequence[_layouts.CheckpointLayout] | None = None,
+    on_module: OnModule | None = None,
 ) -> list[str]:
     """Check the checkpoint against ``module.state_dict()``, then assign its tensors (see ``load_into_module``).
 
@@ -426,6 +428,9 @@ def assign_weights(
     from the checkpoint (e.g. tied weights the caller fills in); the absent ones are returned.
     ``layouts`` (default: the module class's ``checkpoint_layouts``) convert files in a model's original
     key layout; ``key_map`` then applies to the converted names.
+    ``on_module(submodule)`` is called for each submodule as soon as all its checkpoint tensors are in
+    place, before the next tensor is read: e.g. to quantize a layer while only its own full-precision
+    weight exists (``diffcore.quantization``).
     """
     if layouts is None:
         layouts = tuple(getattr(type(module), "checkpoint_layouts", ()))
@@ -469,20 +474,31 @@ def assign_weights(
         raise _mismatch_error(module, files, missing, unexpected, mismatched, duplicated,
                               _layout_hint(module, layouts, seen))
 
-    # Pass 2: read tensors (mmapped views); convert only where dtype or device differ.
+    # Pass 2: read tensors (mmapped views); convert only where dtype or device differ. Each tensor is put
+    # in place at once, and ``on_module`` sees each submodule as soon as its last tensor is in.
     by_file: dict[Path, list[tuple[str, str]]] = {}
+    pending: dict[str, int] = {}  # submodule prefix -> its tensors not yet assigned
     for name, (path, key) in plan.items():
         if name in expected:
             by_file.setdefault(path, []).append((name, key))
-    state: dict[str, torch.Tensor] = {}
+            prefix = name.rpartition(".")[0]
+            pending[prefix] = pending.get(prefix, 0) + 1
+    owners: dict[str, nn.Module] = {}
     for path, pairs in by_file.items():
         with _open(path, pickle_cache) as file:
             reader = file.through(layouts)
             for name, key in pairs:
                 t = reader.tensor(key)
                 target = dtype_rule(name, t, expected[name])
-                state[name] = t if t.dtype == target and t.device == device else _converted(t, target, device)
-    _assign(module, state)
+                if t.dtype != target or t.device != device:
+                    source, t = t, _converted(t, target, device)
+                    release_pages(source)  # the file's pages of a converted tensor are not needed again
+                owner = _assign_one(module, owners, name, t)
+                prefix = name.rpartition(".")[0]
+                pending[prefix] -= 1
+                if not pending[prefix] and on_module is not None:
+                    on_module(owner)
+                del t
     return [n for n in absent if n in optional]
 
 
@@ -504,6 +520,7 @@ def load_into_module(
     device: torch.device | str = "cpu",
     strict: bool = True,
     layouts: Sequence[_layouts.CheckpointLayout] | None = None,
+    on_module: OnModule | None = None,
 ) -> nn.Module:
     """Assign the tensors of ``files`` into ``module`` (normally built on the meta device).
 
@@ -522,9 +539,10 @@ def load_into_module(
       defines ``_init_buffers(self, device: torch.device) -> None``, which recomputes them on
       ``device``; it is called for every module whose buffers are still on meta. Anything left on
       meta afterwards is an error naming the tensors.
+    - ``on_module`` sees each submodule as soon as its tensors are in place (see ``assign_weights``).
     """
     assign_weights(module, files, diffusers_dtype_rule(module, dtype), key_map=key_map, device=device, strict=strict,
-                   layouts=layouts)
+                   layouts=layouts, on_module=on_module)
     _materialise_buffers(module, torch.device(device))
     check_materialised(module, files)
     return module
