@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "fp8_weight_only, fp8 (GPU)")
     g.add_argument("--gguf", nargs="+", metavar="[NAME=]PATH",
                    help="load the transformer (or NAME) from a .gguf (or single-file .safetensors) file, in Diffusers "
-                        "names or the model's original layout (e.g. city96's flux1-dev-Q4_K_S.gguf); the rest comes from --model")
+                        "names or the model's original layout (community files; docs/api.md lists the layouts); the rest comes from --model")
     g.add_argument("--offload", choices=["model", "layers"],
                    help="keep weights in CPU memory, on the device only while they run (whole components / transformer blocks)")
     g.add_argument("--variant", help="load the weight files of this variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)")
