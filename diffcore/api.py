@@ -189,6 +189,14 @@ class DiffGenerator:
         """The validated SamplingParams of generate() keywords (SamplingParamError names a bad one)."""
         return self.sampling_params_cls.from_user(**kwargs)
 
+    def check(self, kwargs: dict):
+        """generate()'s own refusals of these keywords without running anything: the SamplingParams checks,
+        then the pipeline's input validation (the checkpoint's sizes and frame counts, parameters only some
+        checkpoints take, the engine's budget, loaded adapters). Returns the SamplingParams."""
+        params = self.params_from(kwargs)
+        self.pipeline.validate(self.new_request(params))
+        return params
+
     def generate_batch(self, requests: list[dict]) -> list[GenerationResult]:
         """Run several generate() calls (dicts of its keywords) together; results in the same order.
 

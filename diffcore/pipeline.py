@@ -112,6 +112,19 @@ class ComposedPipelineBase:
         with self.context.applied(), lora_scope(selection):  # this request's (or batch rows') adapters, this thread only
             yield
 
+    def validate(self, req: Request) -> Request:
+        """Only the input-validation stage(s), under the engine's context (its budget): what a request would be
+        refused for before any model call (sizes, frame counts, parameters this checkpoint cannot use), and
+        its adapters. A server runs it when a request arrives, so a bad one is refused before it is queued."""
+        from .stages.input_validation import InputValidationStage
+
+        self.loras.check_selection(req.params.loras)
+        with self.context.applied():
+            for stage in self.stages:
+                if isinstance(stage, InputValidationStage):
+                    req = stage(req)
+        return req
+
     def forward(self, req: Request) -> Request:
         with self.running(req):
             for stage in self.stages:

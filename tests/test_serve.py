@@ -94,6 +94,22 @@ def test_bad_parameters_are_openai_errors_naming_the_parameter(client, kwargs, p
     assert error.response.headers["x-request-id"].startswith("req_")
 
 
+@pytest.mark.parametrize("extra,param,text", [
+    ({"size": "32x30"}, "size", "height=30 is not a multiple of 4"),  # under size_policy "error"
+    ({"extra_body": {"timesteps": [999, 500]}}, "timesteps", "few-step"),  # a field every model has, not usable here
+    ({"extra_body": {"loras": {"nope": 1.0}}}, "loras", "no adapter of that name is loaded"),
+])
+def test_what_the_checkpoint_refuses_is_a_400_before_queueing(server, client, toy_gen, monkeypatch, extra, param, text):
+    """SamplingParams accepts these; the pipeline's input validation refuses them, at submit time."""
+    submitted = []
+    monkeypatch.setattr(server[1].state.diffcore.runner, "submit", lambda *a, **k: submitted.append(a))
+    monkeypatch.setattr(toy_gen.config, "size_policy", "error")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.generate(prompt=PROMPT, **{"size": "32x32", **extra})
+    assert info.value.body["param"] == param and text in info.value.body["message"]
+    assert submitted == []  # refused before the queue
+
+
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_guidance_is_refused(server, literal):
     """The openai client refuses to send NaN; other clients send the JSON literal, which Python parses."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar, Optional
 import attrs
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SamplingParamError
 from .engine_args import parse_dtype
 from .fewstep import CausalConfig, DmdConfig
 
@@ -91,7 +91,7 @@ class PipelineConfig:
             return value
         rounded = max(m, value // m * m)
         if self.size_policy == "error":
-            raise ConfigError(f"{name}={value} is not a multiple of {m}; use e.g. {rounded}")
+            raise SamplingParamError(name, f"{name}={value} is not a multiple of {m}; use e.g. {rounded}")
         log.warning("%s=%d is not a multiple of %d; using %d (as diffusers does)", name, value, m, rounded)
         return rounded
 

@@ -62,12 +62,19 @@ async def read_body(request: Request) -> tuple[dict, dict[str, list], bool]:
     return body, {}, False
 
 
-def prevalidate(state, kwargs: dict) -> None:
-    """The engine's own parameter check, before queueing (a bad request costs no queue slot)."""
+def prevalidate(state, kwargs: dict, image_field: str = "image") -> None:
+    """The engine's own refusals, before queueing (a bad request costs no queue slot and never becomes a failed
+    job): the parameter checks and the checkpoint's input validation (``DiffGenerator.check``, no compute).
+    The error names the request's field: ``size`` for height / width, ``image_field`` for the input images."""
     try:
-        state.generator.sampling_params_cls.from_user(**kwargs)
+        state.generator.check(kwargs)
     except Exception as exc:
-        raise from_exception(exc) from None
+        error = from_exception(exc)
+        if error.param in ("height", "width"):
+            error.param = "size"
+        elif error.param == "image":
+            error.param = image_field
+        raise error from None
 
 
 def submit_all(state, kwargs_list: list[dict]) -> list:

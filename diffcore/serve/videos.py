@@ -40,7 +40,7 @@ async def create_video(request: Request):
         image = (await run_in_threadpool(upload_images, state, raw, "input_reference"))[0]
     fps = getattr(gen.config, "default_fps", None) or 16
     spec = schemas.video_spec(body, state.model_name, gen.sampling_params_cls, fps, form=form, image=image)
-    prevalidate(state, spec.kwargs)
+    prevalidate(state, spec.kwargs, image_field="input_reference")
     try:
         job = state.jobs.create(spec.kwargs, spec.size, spec.seconds)
     except QueueFullError as exc:

@@ -158,7 +158,7 @@ class WanConfig(PipelineConfig):
         if k > 1 and n % k != 1:
             rounded = max(n // k * k + 1, 1)
             if self.size_policy == "error":
-                raise ConfigError(f"num_frames={n}: Wan needs {k}k+1 frames; use e.g. {rounded}")
+                raise SamplingParamError("num_frames", f"num_frames={n}: Wan needs {k}k+1 frames; use e.g. {rounded}")
             log.warning("num_frames=%d is not %dk+1; using %d (as diffusers does)", n, k, rounded)
             n = rounded
         req.num_frames = n

@@ -105,9 +105,23 @@ def test_video_errors(server):
     assert response.status_code == 400 and "/v1/videos" in response.json()["error"]["message"]
 
 
+def test_what_the_checkpoint_refuses_is_a_400_at_submit_not_a_failed_job(server, monkeypatch):
+    base, app, gen = server
+    client = openai_client(base)
+    before = len(client.videos.list().data)
+    monkeypatch.setattr(gen.config, "size_policy", "error")
+    with pytest.raises(openai.BadRequestError) as info:  # Wan needs 4k+1 frames
+        client.videos.create(prompt="x", size="32x32", extra_body={**EXTRA, "num_frames": 6})
+    assert info.value.body["param"] == "num_frames" and "4k+1" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:  # 30 is no multiple of the VAE scale x patch
+        client.videos.create(prompt="x", size="32x30", extra_body={**EXTRA, "num_frames": 5})
+    assert info.value.body["param"] == "size" and "height=30" in info.value.body["message"]
+    assert len(client.videos.list().data) == before
+
+
 def test_a_two_expert_model_takes_guidance_scale_2_and_a_single_expert_one_refuses_it(wan_folders, server, tmp_path):
     """The server's extras are the model's SamplingParams fields: Wan 2.2 A14B's second guidance scale reaches
-    the low-noise expert; the single-expert TI2V has the field but the engine refuses it when the job runs."""
+    the low-noise expert; the single-expert TI2V has the field but its config refuses it, before queueing."""
     gen = ours(wan_folders["t2v22"])
     kw = dict(prompt="a cat surfing", height=32, width=32, num_frames=5, guidance_scale=4.0, **EXTRA)
     with running_server(gen, ServeSettings(served_model_name="wan22")) as (base, _):
@@ -122,9 +136,9 @@ def test_a_two_expert_model_takes_guidance_scale_2_and_a_single_expert_one_refus
     assert not np.array_equal(frames(tmp_path / "got.mp4"), frames(tmp_path / "both.mp4"))
 
     client = openai_client(server[0])  # TI2V-5B: one expert
-    job = client.videos.create(prompt="x", size="32x32", extra_body={**EXTRA, "num_frames": 5, "guidance_scale_2": 1.5})
-    failed = client.videos.poll(job.id, poll_interval_ms=20)
-    assert failed.status == "failed" and "guidance_scale_2" in failed.error.message
+    with pytest.raises(openai.BadRequestError) as info:  # refused at submit: the job is never created
+        client.videos.create(prompt="x", size="32x32", extra_body={**EXTRA, "num_frames": 5, "guidance_scale_2": 1.5})
+    assert info.value.body["param"] == "guidance_scale_2" and "two-expert" in info.value.body["message"]
     with pytest.raises(openai.BadRequestError) as info:  # a name no Wan model has
         client.videos.create(prompt="x", size="32x32", extra_body={**EXTRA, "guidance_scale_3": 1.0})
     assert info.value.body["param"] == "guidance_scale_3"
