@@ -197,5 +197,6 @@ class SamplingParams:
 
 
 non_negative_float = _non_negative_float  # for plugins' own parameters
+image_validator = _image  # for plugins' own image inputs (the server never takes such a field from a request)
 
 _BASE_VALIDATORS = {f.name: f.validator for f in attrs.fields(SamplingParams) if f.validator is not None}
