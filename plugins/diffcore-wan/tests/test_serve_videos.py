@@ -119,6 +119,15 @@ def test_what_the_checkpoint_refuses_is_a_400_at_submit_not_a_failed_job(server,
     assert len(client.videos.list().data) == before
 
 
+def test_an_image_to_video_model_without_input_reference_is_a_400_naming_it(wan_folders):
+    with running_server(ours(wan_folders["i2v21"]), ServeSettings(served_model_name="i2v")) as (base, _):
+        client = openai_client(base)
+        with pytest.raises(openai.BadRequestError) as info:
+            client.videos.create(prompt="x", size="32x32", extra_body={**EXTRA, "num_frames": 5})
+        assert info.value.body["param"] == "input_reference" and "at least 1" in info.value.body["message"]
+        assert client.videos.list().data == []
+
+
 def test_a_two_expert_model_takes_guidance_scale_2_and_a_single_expert_one_refuses_it(wan_folders, server, tmp_path):
     """The server's extras are the model's SamplingParams fields: Wan 2.2 A14B's second guidance scale reaches
     the low-noise expert; the single-expert TI2V has the field but its config refuses it, before queueing."""
