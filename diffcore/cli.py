@@ -164,7 +164,7 @@ def _serve(args) -> int:
     if args.replicas < 1:
         print(f"error: --replicas must be >= 1, got {args.replicas}", file=sys.stderr)
         return 2
-    from .serve.distributed import check_launch, layout_world
+    from .serve.torchrun import check_launch, layout_world
 
     try:
         check_launch(engine)

@@ -32,6 +32,7 @@ class ServerState:
         self.metrics = Metrics()
         self.files = FileStore(settings.file_ttl)
         self.ready = threading.Event()
+        self.loading: Optional[threading.Thread] = None  # the loader's thread, once started
 
     def attach(self, generator) -> None:
         """Start serving ``generator``: the runner (batching scheduler) and the video job table."""
@@ -58,6 +59,10 @@ class ServerState:
             self.load_error = f"{type(exc).__name__}: {exc}"
 
     def require_ready(self) -> None:
+        broken = getattr(self.generator, "broken", None)  # a generator over parallel ranks that fell out of step
+        if broken:
+            raise APIError(503, f"the server is stopping for a restart: {broken}", type="server_error",
+                           code="out_of_step")
         if self.closing:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         if not self.ready.is_set():
@@ -203,7 +208,9 @@ def create_app(settings: Optional[ServeSettings] = None, generator=None, loader:
     @asynccontextmanager
     async def lifespan(app):
         if loader is not None and generator is None:
-            threading.Thread(target=state.load, args=(loader,), name="diffcore-serve-load", daemon=True).start()
+            thread = threading.Thread(target=state.load, args=(loader,), name="diffcore-serve-load", daemon=True)
+            thread.start()
+            state.loading = thread  # before shutdown can begin: whoever waits for the loader knows it will run
         yield
         import anyio
 

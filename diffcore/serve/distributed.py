@@ -5,9 +5,10 @@ changes the model's state (a batch the scheduler starts, a LoRA load / unload / 
 broadcast over a dedicated gloo group (Python objects go over gloo even when the model's groups are
 NCCL), then run on rank 0 while the other ranks run the same call on their copy of the model (their
 collectives meet rank 0's) and discard the result. Then every rank reports how each request ended
-(ok, or the exception's class) and rank 0 checks they agree: a request that fails on rank 0 failed
-on every rank, and a disagreement fails the request with a clear error instead of serving a
-wrong result.
+(ok, or the exception's class and message) and rank 0 checks they agree: a request that fails on rank 0
+failed on every rank, and a disagreement fails the request with a clear error instead of serving a
+wrong result. After a disagreement the ranks' models may differ, so the Leader is ``broken``: it runs
+nothing more, and the server stops (503 meanwhile) and exits 1 for torchrun ``--max-restarts`` to restart.
 
 * ``Leader``: rank 0's generator. Reads (config, sampling params, loaded LoRAs) go to the local model;
   state-changing calls go to every rank. The server's runner comes from ``Leader.make_runner``, so the
@@ -20,12 +21,12 @@ Requests are validated on rank 0 (routes and scheduler) before they are broadcas
 reaches the other ranks. Shutdown: rank 0 (SIGINT/SIGTERM to it, or to torchrun, which forwards the
 signal to every rank) drains its queue, then broadcasts ``stop``; the other ranks ignore the signal
 and exit 0 when ``stop`` arrives. While idle, rank 0 sends a ``ping`` every ``HEARTBEAT_S`` so the
-waiting ranks' receive never runs into gloo's operation timeout.
+waiting ranks' receive never runs into gloo's operation timeout. How `diffcore serve` starts all this
+is diffcore.serve.torchrun.
 """
 from __future__ import annotations
 
 import logging
-import signal
 import tempfile
 import threading
 import time
@@ -38,15 +39,23 @@ from ..errors import DiffcoreError, EngineShutdownError
 log = logging.getLogger("diffcore.serve")
 HEARTBEAT_S = 60.0  # well under gloo's default 30 min operation timeout
 LOCAL_ONLY = ("callback", "block_callback")  # functions stay on rank 0 (progress, streaming)
+OUTCOME_CHARS = 2000  # of an error's message gathered from every rank
 
 
 class RanksDisagreeError(DiffcoreError):
     """Rank 0 and another rank ended the same call differently; the result is not trustworthy."""
 
     def __init__(self, call: str, outcomes: list):
-        described = ", ".join(f"rank {r}: {o or 'ok'}" for r, o in enumerate(outcomes))
-        super().__init__(f"the parallel ranks disagree on {call} ({described}); the server's ranks are out of step, "
-                         "restart it (and report the bug)")
+        described = "; ".join(f"rank {r}: {o or 'ok'}" for r, o in enumerate(outcomes))
+        super().__init__(f"the parallel ranks disagree on {call} ({described}); their models are out of step, so the "
+                         "server stops and exits 1 (torchrun --max-restarts N restarts it); please report the bug")
+
+
+class RanksOutOfStepError(EngineShutdownError):
+    """Work refused because the ranks disagreed earlier: nothing more runs until the server is restarted."""
+
+    def __init__(self, why: str):
+        DiffcoreError.__init__(self, f"the server is stopping for a restart: {why}")
 
 
 class Channel:
@@ -85,9 +94,21 @@ class Channel:
             dist.destroy_process_group(self.group)
 
 
-def _outcome(value) -> Optional[str]:
-    """How a call ended, comparable across ranks: None (ok) or the exception's class name."""
-    return type(value).__name__ if isinstance(value, BaseException) else None
+def _outcome(value, renamed: Optional[tuple[str, str]] = None) -> Optional[str]:
+    """How a call ended, comparable across ranks: None (ok) or ``"Class: message"`` (two different errors of
+    one class disagree). ``renamed``: (this rank's copy of a file, rank 0's path), so one failure reads alike."""
+    if not isinstance(value, BaseException):
+        return None
+    message = str(value) if renamed is None else str(value).replace(*renamed)
+    return f"{type(value).__name__}: {message}"[:OUTCOME_CHARS]
+
+
+class _Renamed(Exception):
+    """A follower's call on its copy of rank 0's file failed (the cause); reported under rank 0's path."""
+
+    def __init__(self, copy: Path, original: str):
+        super().__init__(copy, original)
+        self.renamed = (str(copy), original)
 
 
 def _portable(kwargs: dict) -> dict:
@@ -97,8 +118,11 @@ def _portable(kwargs: dict) -> dict:
 class Leader:
     """Rank 0's generator: everything reads the local model; computing and state changes run on every rank."""
 
-    def __init__(self, generator, channel: Channel, heartbeat_s: float = HEARTBEAT_S):
+    def __init__(self, generator, channel: Channel, heartbeat_s: float = HEARTBEAT_S,
+                 on_broken: Optional[Callable[[str], None]] = None):
         self.generator, self.channel = generator, channel
+        self.broken: Optional[str] = None  # why the ranks fell out of step; once set, nothing more is broadcast
+        self.on_broken = on_broken  # the server's cue to stop (and exit non-zero, so torchrun restarts it)
         self._lock = threading.Lock()  # one call on the channel at a time, in the same order on every rank
         self._stopped = False
         self._last_send = time.monotonic()
@@ -116,6 +140,8 @@ class Leader:
         """Broadcast ``(name, payload)``, run ``local()`` here, check every rank ended it the same way.
         Returns ``(local's result or exception, every rank's outcome)``."""
         with self._lock:
+            if self.broken is not None:
+                raise RanksOutOfStepError(self.broken)
             if self._stopped:
                 raise EngineShutdownError()
             self.channel.send((name, payload))
@@ -129,23 +155,37 @@ class Leader:
 
     def run_batch(self, kwargs_list: list[dict], requests: list) -> list:
         """``run_batch`` of ready Requests (from ``kwargs_list``, validated here) on every rank."""
+        n = len(kwargs_list)
         result, outcomes = self.everywhere("batch", [_portable(k) for k in kwargs_list],
                                            lambda: run_batch(self.generator, requests))
+        per_rank = [o if isinstance(o, list) else [o] * n for o in outcomes]  # a rank whose whole batch failed
+        disagreements = {}
+        for i in range(n):
+            theirs = [o[i] for o in per_rank]
+            if any(t != theirs[0] for t in theirs):
+                disagreements[i] = self._break(RanksDisagreeError(f"request {i + 1} of a batch of {n}", theirs))
         if isinstance(result, BaseException):
             raise result
-        for i, mine in enumerate(outcomes[0]):
-            theirs = [o[i] if isinstance(o, list) else o for o in outcomes]  # a rank whose whole batch failed
-            if any(t != mine for t in theirs):
-                result[i] = RanksDisagreeError(f"request {i + 1} of a batch of {len(result)}", theirs)
+        for i, error in disagreements.items():
+            result[i] = error
         return result
 
     def _state_call(self, name: str, payload, local: Callable[[], Any]):
         result, outcomes = self.everywhere(name, payload, local)
         if any(o != outcomes[0] for o in outcomes):
-            raise RanksDisagreeError(name, outcomes)
+            raise self._break(RanksDisagreeError(name, outcomes))
         if isinstance(result, BaseException):
             raise result
         return result
+
+    def _break(self, error: RanksDisagreeError) -> RanksDisagreeError:
+        """The ranks' models may differ from now on: refuse all further work and tell the server to stop."""
+        if self.broken is None:
+            self.broken = str(error)
+            log.error("%s", error)
+            if self.on_broken is not None:
+                self.on_broken(self.broken)
+        return error
 
     def generate(self, **kwargs):
         return self.generate_batch([kwargs])[0]
@@ -197,7 +237,7 @@ class Leader:
         with self._lock:
             if not self._stopped:
                 self._stopped = True
-                self.channel.send(("stop", None))
+                self.channel.send(("stop", self.broken))
         self._wake.set()
 
     def _beat(self, every: float) -> None:
@@ -229,17 +269,21 @@ class LeaderScheduler(BatchScheduler):
 # -- ranks > 0 -------------------------------------------------------------------------------------
 def _batch(gen, kwargs_list: list[dict]) -> list:
     reqs = [gen.new_request(gen.params_from(kwargs)) for kwargs in kwargs_list]  # validated on rank 0
-    return [_outcome(r) for r in run_batch(gen, reqs)]
+    return run_batch(gen, reqs)
 
 
-def _load_lora(gen, payload: dict) -> str:
+def _load_lora(gen, payload: dict) -> None:
     if "file" not in payload:
-        return gen.load_lora(payload["source"], **payload["options"])
+        gen.load_lora(payload["source"], **payload["options"])
+        return
     filename, data = payload["file"]
     with tempfile.TemporaryDirectory(prefix="diffcore-lora-") as tmp:
         path = Path(tmp) / filename
         path.write_bytes(data)
-        return gen.load_lora(path, **payload["options"])
+        try:
+            gen.load_lora(path, **payload["options"])
+        except Exception as exc:
+            raise _Renamed(path, payload["source"]) from exc
 
 
 CALLS = {"batch": _batch, "load_lora": _load_lora, "unload_lora": lambda gen, name: gen.unload_lora(name),
@@ -251,93 +295,23 @@ def follow(generator, channel: Channel) -> int:
     while True:
         name, payload = channel.receive()
         if name == "stop":
+            if payload is not None:
+                log.error("rank %d: stopping because %s", channel.rank, payload)
             return 0
         if name == "ping":
             continue
         try:
-            outcome = CALLS[name](generator, payload)
-            outcome = outcome if name == "batch" else None
+            result = CALLS[name](generator, payload)
         except Exception as exc:
-            log.debug("rank %d: %s failed", channel.rank, name, exc_info=exc)
-            outcome = _outcome(exc)
-        channel.report(outcome)
+            result = exc
+        outcomes = [_reported(channel.rank, name, r) for r in (result if name == "batch" else [result])]
+        channel.report(outcomes if name == "batch" else outcomes[0])
 
 
-def ignore_stop_signals(rank: int) -> None:
-    """Ranks > 0 stop when rank 0 says so (after it drained its requests), not when torchrun forwards a signal."""
-    def note(sig, frame):
-        log.warning("rank %d: got signal %d; exiting once rank 0 has finished its requests", rank, sig)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, note)
-
-
-# -- how `diffcore serve` uses it ------------------------------------------------------------------
-def layout_world(engine_kwargs: dict) -> int:
-    """Processes the engine options ask for: sp_degree x (2 with cfg_parallel)."""
-    return int(engine_kwargs.get("sp_degree") or 1) * (2 if engine_kwargs.get("cfg_parallel") else 1)
-
-
-def check_launch(engine_kwargs: dict) -> None:
-    """Several processes without a parallel layout would be several servers fighting for one port."""
-    import os
-
-    from ..errors import ParallelConfigError
-
-    launched = int(os.environ.get("WORLD_SIZE") or 1)
-    if launched > 1 and layout_world(engine_kwargs) == 1:
-        raise ParallelConfigError(
-            f"diffcore serve was launched as {launched} processes but --sp-degree 1 without --cfg-parallel uses one; "
-            f"pass --sp-degree/--cfg-parallel (world size = sp_degree x 2 with cfg_parallel), or for more "
-            "requests per second use replicas (--replicas N) instead of torchrun")
-
-
-class LeaderLoader:
-    """Rank 0's model loader for the server: load, open the channel, wrap in a Leader; ``close`` stops every
-    rank once the server is done (also when it stopped while the model was still loading)."""
-
-    def __init__(self, load: Callable[[], Any]):
-        self.load, self.leader, self.started = load, None, False
-        self.done = threading.Event()
-
-    def __call__(self) -> Leader:
-        self.started = True
-        try:
-            generator = self.load()
-            self.leader = Leader(generator, Channel())
-            return self.leader
-        finally:
-            self.done.set()
-
-    def close(self) -> None:
-        if self.started:
-            self.done.wait()  # the other ranks are loading too; stop them once the channel exists
-        if self.leader is not None:
-            self.leader.stop()
-            close_groups(self.leader.generator, self.leader.channel)
-
-
-def close_groups(generator, channel: Channel) -> None:
-    channel.close()
-    groups = getattr(generator.pipeline, "parallel", None)
-    if groups is not None:
-        groups.close()
-
-
-def follow_main(load: Callable[[], Any]) -> int:
-    """A rank > 0 of `diffcore serve`: load the same model, then follow rank 0 until it stops."""
-    import os
-    import sys
-
-    rank = int(os.environ.get("RANK", "0"))
-    ignore_stop_signals(rank)
-    try:
-        generator = load()
-    except DiffcoreError as exc:
-        print(f"error: rank {rank}: {exc}", file=sys.stderr, flush=True)
-        return 2
-    channel = Channel()
-    try:
-        return follow(generator, channel)
-    finally:
-        close_groups(generator, channel)
+def _reported(rank: int, call: str, result) -> Optional[str]:
+    """A follower's outcome of one call or request, its error logged here (rank 0 only sees the message)."""
+    if not isinstance(result, BaseException):
+        return None
+    cause, renamed = (result.__cause__, result.renamed) if isinstance(result, _Renamed) else (result, None)
+    log.warning("rank %d: %s failed: %s", rank, call, cause, exc_info=cause)
+    return _outcome(cause, renamed)

@@ -1,5 +1,5 @@
 """`diffcore serve`: uvicorn around the app; loads the model while /health answers 503; exits 0 on
-SIGINT/SIGTERM after in-flight requests finish."""
+SIGINT/SIGTERM after in-flight requests finish (under torchrun: 1 once the ranks fell out of step)."""
 from __future__ import annotations
 
 import contextlib
@@ -56,23 +56,25 @@ def serve(model: str, settings: ServeSettings, engine_kwargs: dict, log_level: s
     except ImportError:
         print("error: diffcore serve needs the serve extra: pip install 'diffcore[serve]'", file=sys.stderr)
         return 2
-    from . import distributed
+    from . import torchrun
     from .app import create_app
 
     load = lambda: load_generator(model, engine_kwargs, loras)  # noqa: E731
     leader = None
-    if distributed.layout_world(engine_kwargs) > 1:  # under torchrun: rank 0 serves, the others follow it
+    if torchrun.layout_world(engine_kwargs) > 1:  # under torchrun: rank 0 serves, the others follow it
         import os
 
         if int(os.environ.get("RANK", "0")) != 0:
-            return distributed.follow_main(load)
-        load = leader = distributed.LeaderLoader(load)
+            return torchrun.follow_main(load)
+        load = leader = torchrun.LeaderLoader(load)
     app = create_app(settings, loader=load, model_name=model)
     state = app.state.diffcore
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=int(settings.request_timeout) + 1)
     server = _uvicorn_server()(config)
     server.state = state
+    if leader is not None:  # the ranks fell out of step: stop (503 meanwhile), exit 1 for torchrun to restart
+        leader.on_broken = lambda why: setattr(server, "should_exit", True)
 
     def announce():
         while not (state.ready.is_set() and server.started):
@@ -91,5 +93,8 @@ def serve(model: str, settings: ServeSettings, engine_kwargs: dict, log_level: s
         server.run()
     finally:
         if leader is not None:
-            leader.close()  # after the server drained: the other ranks exit
+            leader.close(loading=state.loading is not None)  # after the server drained: the other ranks exit
+    if leader is not None and leader.broken:
+        print(f"error: {leader.broken}", file=sys.stderr, flush=True)
+        return 1
     return 2 if state.load_error else 0
