@@ -122,6 +122,7 @@ class DiffGenerator:
             )
         precision.explain({n: c for n, c in components.items() if dtypes.get(n) != config.dtype_for(n)}, slow_bf16)
         if quantizer is not None:  # streamed while loading; a custom loader's module is quantized here
+            quantizer.finish()
             late = [components[n] for n in config.denoiser_components if isinstance(components.get(n), torch.nn.Module)]
             count = quantizer.count + sum(quantize_model(m, quantizer.scheme) for m in late)
             log.info("quantized %d linear layers of %s to %s", count, ", ".join(config.denoiser_components),

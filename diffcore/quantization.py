@@ -16,9 +16,13 @@ GPU fp8 with dynamic activations uses the fp8 tensor cores.
 Quantization streams with loading (``LayerQuantizer``): each ``nn.Linear`` is quantized as soon
 as its weights are in place (torchao's ``quantize_`` swaps the weight for its quantized tensor), so
 only one layer's full-precision weight exists at a time, and the file pages or converted copy
-behind it are handed back right away; torchao's temporaries are returned to the system after
-loading (``diffcore.memory.trim``). Quantized layers take the plain ``F.linear`` path in ``diffcore.models.linear``
-(the oneDNN path and weight pre-packing only serve plain tensors).
+behind it are handed back right away. torchao's freed temporaries are returned to the system
+(``diffcore.memory.trim``, ``malloc_trim``) after every quantized layer, before the next layer's
+are allocated. Trimming less often saves little (a trim's cost is mostly the pages it hands back,
+not the call: all 62 trims of a FLUX-medium int8 load took 0.02-0.04 s of 0.8-1.5 s) and the load's
+peak grows by the untrimmed temporaries (``benchmarks/quant_trim.py``); the time of a quantized load
+is torchao's. Quantized layers take the plain ``F.linear`` path in ``diffcore.models.linear`` (the
+oneDNN path and weight pre-packing only serve plain tensors).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ SCHEMES = ("int8_weight_only", "int8_dynamic", "fp8_weight_only", "fp8")
 ALIASES = {"int8": "int8_weight_only", "int8wo": "int8_weight_only", "fp8wo": "fp8_weight_only",
            "int8dq": "int8_dynamic", "fp8dq": "fp8"}
 MIN_LINEAR_FEATURES = 16  # tiny projections (e.g. a 3-channel patch embed) gain nothing and some kernels refuse them
+TRIM_BYTES = 0  # weight bytes quantized between two trims; 0: after every layer (see the module docstring)
 
 
 def parse_scheme(value: Optional[str]) -> Optional[str]:
@@ -92,35 +97,54 @@ def _eligible(module: nn.Module, fqn: str) -> bool:
     return min(module.in_features, module.out_features) >= MIN_LINEAR_FEATURES and module.weight.is_floating_point()
 
 
-def _quantize_layer(tq, layer: nn.Module, config) -> bool:
+def _quantize_layer(tq, layer: nn.Module, config) -> int:
     """Quantize one eligible ``nn.Linear`` in place; its full-precision weight is dropped (and its pages
-    handed back when it was a view of the memory-mapped checkpoint)."""
+    handed back when it was a view of the memory-mapped checkpoint). Returns the dropped weight's
+    bytes (0: left as it was)."""
     if hasattr(layer, "unpack"):
         layer.unpack()  # a oneDNN-packed weight back to the plain layout
     old = layer.weight
     tq.quantize_(layer, config, filter_fn=_eligible)
     if layer.weight is old:
-        return False
+        return 0
     release_pages(old.data)
-    return True
+    return old.numel() * old.element_size()
 
 
 class LayerQuantizer:
     """The loader's ``on_module`` hook (``diffcore.loader.load_component``): quantizes each eligible
     linear layer as soon as its weights are in place, so the full-precision copy of only one layer
     exists at a time, even when loading converts the checkpoint's dtype (an fp32 file loaded as bf16,
-    or bf16 upcast to fp32 on CPUs without native bf16)."""
+    or bf16 upcast to fp32 on CPUs without native bf16).
 
-    def __init__(self, scheme: str):
+    The allocator's free memory is handed back once ``trim_bytes`` of full-precision weights have
+    been quantized since the last trim (by default after every layer), and by ``finish()``, which
+    the caller runs when the load is done.
+    """
+
+    def __init__(self, scheme: str, trim_bytes: int = TRIM_BYTES):
         self.scheme = parse_scheme(scheme)
         self.config = _config(self.scheme)
         self.tq = _torchao()
+        self.trim_bytes = trim_bytes
         self.count = 0
+        self.trims = 0
+        self._untrimmed = 0  # weight bytes quantized since the last trim
 
     def __call__(self, module: nn.Module) -> None:
-        if _eligible(module, "") and _quantize_layer(self.tq, module, self.config):
+        dropped = _quantize_layer(self.tq, module, self.config) if _eligible(module, "") else 0
+        if dropped:
             self.count += 1
+            self._untrimmed += dropped
+            if self._untrimmed >= self.trim_bytes:
+                self.finish()
+
+    def finish(self) -> None:
+        """Hand torchao's freed temporaries back to the system, if any layer was quantized since the last trim."""
+        if self._untrimmed:
             trim()
+            self.trims += 1
+            self._untrimmed = 0
 
 
 def quantize_model(model: nn.Module, scheme: str) -> int:
@@ -132,6 +156,7 @@ def quantize_model(model: nn.Module, scheme: str) -> int:
     """
     tq = _torchao()
     config = _config(parse_scheme(scheme))
-    count = sum(_quantize_layer(tq, m, config) for name, m in model.named_modules() if _eligible(m, name))
-    trim()
+    count = sum(_quantize_layer(tq, m, config) > 0 for name, m in model.named_modules() if _eligible(m, name))
+    if count:
+        trim()
     return count

@@ -55,6 +55,7 @@ def test_layers_are_quantized_while_loading_one_at_a_time(checkpoints, stored):
     load_into_module(model, [checkpoints / f"{stored}.safetensors"], dtype=torch.bfloat16, on_module=hook)
     assert live == [1, 1, 1, 1]  # never more than the layer at hand
     assert quantizer.count == 4 and not _full_precision(model)
+    assert quantizer.trims == 4  # by default the temporaries go back after every layer
 
     # the same quantization as quantizing the loaded model afterwards
     after = load_into_module(_model(layers=4, width=256), [checkpoints / f"{stored}.safetensors"], dtype=torch.bfloat16)
@@ -62,6 +63,22 @@ def test_layers_are_quantized_while_loading_one_at_a_time(checkpoints, stored):
     x = torch.randn(3, 256, dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(model(x), after(x))
+
+
+def test_trims_once_per_trim_bytes_and_once_at_the_end(checkpoints, monkeypatch):
+    """With ``trim_bytes`` set, the trim comes once that many weight bytes are quantized; finish() hands back the rest."""
+    import diffcore.quantization as q
+
+    trims = []
+    quantizer = LayerQuantizer("int8_weight_only", trim_bytes=3 * 256 * 256 * 2)  # three bf16 layers
+    monkeypatch.setattr(q, "trim", lambda: trims.append(quantizer.count))
+    load_into_module(_model(layers=4, width=256), [checkpoints / "bf16.safetensors"], dtype=torch.bfloat16,
+                     on_module=quantizer)
+    assert trims == [3]  # after the third layer's bytes, not after each layer
+    quantizer.finish()
+    assert trims == [3, 4] and quantizer.trims == 2  # the end of the load hands back the rest
+    quantizer.finish()
+    assert trims == [3, 4]  # nothing quantized since
 
 
 _PROBE = textwrap.dedent("""
@@ -93,7 +110,9 @@ _PROBE = textwrap.dedent("""
         f.write("5")  # VmHWM restarts from here (Linux >= 4.0)
     base = rss()
     load_into_module(model, [{path!r}], dtype=torch.bfloat16, on_module=quantizer)
-    trim()  # what from_pretrained does after quantizing; both sides alike
+    if quantizer is not None:
+        quantizer.finish()  # what from_pretrained does after the load
+    trim()  # both sides alike
     loaded = rss()
     with torch.no_grad():
         model(x)
