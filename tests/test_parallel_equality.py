@@ -3,7 +3,7 @@
 Real gloo process groups: each configuration is one ``torchrun`` launch of
 ``diffcore.testing.parallel`` running every case (FLUX dev and Kontext, Qwen-Image T2I and Edit,
 Wan 2.1 T2V and I2V (CLIP image context), Wan 2.2 A14B with two experts, Wan 2.2 TI2V-5B with an image,
-Qwen-Image-Edit-2509 (Edit Plus), and FBCache), on tiny
+Qwen-Image-Edit-2509 (Edit Plus) with two input images of different sizes, and FBCache), on tiny
 perturbed checkpoints built by the plugins' diffusers-based builders. Each rank's output must equal
 rank 0's bit for bit and the one-process output (this pytest process, same code without parallel
 options) to fp32 max |diff| <= 1e-4 and PSNR >= 60 dB. Token counts are odd so sequence
@@ -77,7 +77,8 @@ def cases(tmp_path_factory):
         ("wan21_i2v", "wan21_i2v", dict(prompt="a cat", num_frames=9, height=48, width=48, num_inference_steps=2,
                                         guidance_scale=4.0, seed=7, **cfg), [56, 40, 3]),  # CLIP image context
         ("qwen_edit_plus", "qwen_edit_plus", dict(prompt="make it red", height=96, width=32, num_inference_steps=2,
-                                                  true_cfg_scale=4.0, seed=5, **cfg), [60, 40, 1]),  # Edit-2509
+                                                  true_cfg_scale=4.0, seed=5, **cfg),
+         [[60, 40, 1], [40, 56, 4]]),  # Edit-2509: two inputs of different sizes, each its own latents / RoPE frame
     ]
     out = [{"name": n, "model": folders[m], "engine": {}, "generate": g, "image": i} for n, m, g, i in specs]
     # the step cache takes the same skip decision on every rank (and as in one process)

@@ -3,7 +3,8 @@
     torchrun --nproc-per-node N -m diffcore.testing.parallel CASES.json OUT_DIR
 
 ``CASES.json`` is a list of ``{"name", "model" (folder), "engine" (EngineArgs, e.g. sp_degree,
-cfg_parallel, cache), "generate" (generate() keywords), "image" ([width, height, seed] or null)}``.
+cfg_parallel, cache), "generate" (generate() keywords), "image" ([width, height, seed], a list of those
+for several input images, or null)}``.
 Every rank writes ``OUT_DIR/<name>.rank<r>.npy`` (its output) and ``<name>.rank<r>.json`` (step-cache
 stats, seconds), so a test can check every rank returned the same result and compare it with a
 one-process run of the same case (``run_case`` without parallel options). Many cases share one
@@ -21,8 +22,11 @@ import numpy as np
 
 
 def case_image(spec: Optional[list]):
+    """A random RGB image from ``[width, height, seed]``; a list of such specs gives a list of images."""
     if spec is None:
         return None
+    if isinstance(spec[0], list):
+        return [case_image(s) for s in spec]
     from PIL import Image
 
     width, height, seed = spec
