@@ -62,10 +62,13 @@ def test_plain_tensors_take_rows_too():
 
 
 def _fused(keys, shape):
-    """A toy original layout: ``qkv`` fused, ``out`` named ``o``; anything else left as it is."""
-    n = shape("attn.qkv.weight")[0] // 3
-    q, k, v = split_rows("attn.qkv.weight", (n, n, n))
-    return {"q.weight": q, "k.weight": k, "v.weight": v, "out.weight": Piece("attn.o.weight")}
+    """A toy original layout: ``qkv`` fused, ``out`` named ``o``; anything else left as it is. ``keys`` may be
+    one shard's, so ``qkv`` is split only where it is."""
+    out = {"out.weight": Piece("attn.o.weight")}
+    if "attn.qkv.weight" in keys:
+        n = shape("attn.qkv.weight")[0] // 3
+        out.update(zip(("q.weight", "k.weight", "v.weight"), split_rows("attn.qkv.weight", (n, n, n))))
+    return out
 
 
 TOY = CheckpointLayout("toy original", (r"attn\.qkv\.weight",), _fused)
@@ -102,6 +105,22 @@ def test_loader_converts_a_packed_original_layout_file(tmp_path):
     for name, p in model.named_parameters():
         assert isinstance(p, GGUFWeight) and torch.equal(p.packed(), same.tensor(name).packed()), name
     assert gguf_io.dequantize(model.k.weight.packed(), "Q8_0", (64, 64)).shape == (64, 64)
+
+
+def test_shards_are_read_in_the_layout_of_the_whole_checkpoint(tmp_path):
+    """The marker key sits in one shard; the other is converted all the same (per-file detection left it as is)."""
+    from safetensors.torch import save_file
+
+    ref = Toy()
+    qkv = torch.cat([ref.q.weight, ref.k.weight, ref.v.weight]).detach()
+    shards = [tmp_path / "model-00001-of-00002.safetensors", tmp_path / "model-00002-of-00002.safetensors"]
+    save_file({"attn.o.weight": ref.out.weight.detach().contiguous()}, shards[0])  # no marker key here
+    save_file({"attn.qkv.weight": qkv}, shards[1])
+    with torch.device("meta"):
+        model = Toy()
+    load_into_module(model, shards)
+    for name, want in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[name], want), name
 
 
 def test_a_file_matching_no_layout_names_the_layouts_tried(tmp_path):

@@ -74,6 +74,8 @@ class CheckpointLayout:
     ``markers``: regexes; the layout is a file's when each one fully matches at least one key.
     ``convert(keys, shape)``: {module name: Piece}; keys it does not convert may be left out (they are
     kept under their own names, so a mismatch error names them). ``None``: the keys are the module's own.
+    The layout is chosen over all shards of a checkpoint, but ``convert`` sees one file's keys at a time
+    (one shard's), so it must not assume a key of another shard is there.
     """
 
     name: str
@@ -117,13 +119,16 @@ class LayoutView:
 
 
 def view(keys: Sequence[str], shape: Shape, tensor: Callable[[str], torch.Tensor],
-         layouts: Sequence[CheckpointLayout]) -> LayoutView:
-    """See one file through the layout its keys match (prefix stripped); unmatched: the keys as they are."""
+         layouts: Sequence[CheckpointLayout], checkpoint_keys: Sequence[str] | None = None) -> LayoutView:
+    """See one file through the layout its keys match (prefix stripped); unmatched: the keys as they are.
+
+    ``checkpoint_keys``: every shard's keys, when the file is one shard of a checkpoint; the layout is chosen
+    from them, since a shard may hold none of a layout's marker keys (they sit in other shards)."""
     if not layouts:
         return LayoutView(list(keys), shape, tensor, None)
     outer = strip_denoiser_prefix(keys)
     inner = list(outer)
-    layout = choose(layouts, inner)
+    layout = choose(layouts, inner if checkpoint_keys is None else list(strip_denoiser_prefix(checkpoint_keys)))
     if layout is None or layout.convert is None:
         if len(outer) == len(keys) and all(a == b for a, b in outer.items()):
             return LayoutView(list(keys), shape, tensor, layout)

@@ -194,9 +194,11 @@ class _Reader:
                  layout: "_layouts.CheckpointLayout | None" = None):
         self.keys, self.shape, self.tensor, self.layout = keys, shape, tensor, layout
 
-    def through(self, layouts: Sequence["_layouts.CheckpointLayout"]) -> "_Reader":
-        """This file seen through the checkpoint layout its keys match (see ``key_layouts``)."""
-        v = _layouts.view(self.keys, self.shape, self.tensor, layouts)
+    def through(self, layouts: Sequence["_layouts.CheckpointLayout"],
+                checkpoint_keys: Sequence[str] | None = None) -> "_Reader":
+        """This file seen through the checkpoint layout its keys (or all shards' ``checkpoint_keys``) match
+        (see ``key_layouts``)."""
+        v = _layouts.view(self.keys, self.shape, self.tensor, layouts, checkpoint_keys)
         return _Reader(v.keys, v.shape, v.tensor, v.layout)
 
 
@@ -260,6 +262,15 @@ def _open(path: Path, pickle_cache: dict) -> Iterator[_Reader]:
         pickle_cache[path] = _torch_load(path)
     sd = pickle_cache[path]
     yield _Reader(list(sd), lambda k: tuple(sd[k].shape), sd.__getitem__)
+
+
+def _all_keys(files: Sequence[Path], pickle_cache: dict) -> list[str]:
+    """Every shard's tensor names (headers only), to choose one checkpoint layout for all shards."""
+    keys: list[str] = []
+    for path in files:
+        with _open(path, pickle_cache) as reader:
+            keys.extend(reader.keys)
+    return keys
 
 
 def file_keys(path: Path) -> list[str]:
@@ -441,13 +452,14 @@ def assign_weights(
     expected = module.state_dict(keep_vars=True)
 
     pickle_cache: dict[Path, dict[str, torch.Tensor]] = {}
+    every = _all_keys(files, pickle_cache) if layouts and len(files) > 1 else None  # shards share one layout
     # Pass 1: headers only. Map names, find duplicates, missing/unexpected keys, shape mismatches.
     plan: dict[str, tuple[Path, str]] = {}  # module name -> (file, checkpoint key)
     unexpected, mismatched, duplicated = [], [], []
     seen: dict[Path, _layouts.CheckpointLayout | None] = {}
     for path in files:
         with _open(path, pickle_cache) as file:
-            reader = file.through(layouts)
+            reader = file.through(layouts, every)
             seen[path] = reader.layout
             if reader.layout is not None and reader.layout.convert is not None:
                 log.info("%s: reading %s as the %s layout", type(module).__name__, path.name, reader.layout.name)
@@ -486,7 +498,7 @@ def assign_weights(
     owners: dict[str, nn.Module] = {}
     for path, pairs in by_file.items():
         with _open(path, pickle_cache) as file:
-            reader = file.through(layouts)
+            reader = file.through(layouts, every)
             for name, key in pairs:
                 t = reader.tensor(key)
                 target = dtype_rule(name, t, expected[name])

@@ -37,7 +37,7 @@ class ModelMixin(nn.Module):
 
     Subclasses set ``diffusers_class_name`` (the ``_class_name`` in config.json they serve) and may
     override ``map_state_dict_key`` to rename checkpoint keys on load. ``checkpoint_layouts`` lists the
-    key layouts the class reads besides its own (:class:`~diffcore.loader.layouts.CheckpointLayout`,
+    key layouts the class reads besides its own (:class:`~diffcore.loader.key_layouts.CheckpointLayout`,
     e.g. a family's original single-file layout); its first entry may describe the Diffusers names
     themselves (``convert=None``), so a file can be recognised as this model's.
     """
