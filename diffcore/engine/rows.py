@@ -35,14 +35,16 @@ _OWN = ("params", "prompts", "batch_size", "device", "generator", "row_params", 
 
 def batch_key(pipeline, req: Request) -> tuple:
     """Requests with equal keys can share transformer calls. Built after input validation; extend it here
-    (engine-wide per-request choices, like the LoRA selection) or per family with ``PipelineConfig.batch_key``."""
+    (engine-wide per-request choices) or per family with ``PipelineConfig.batch_key``.
+
+    The LoRA selection is not part of it: requests with different adapters (or none) share a batch, each
+    row scaled by its own weights (``LoraManager.request_selection`` gives per-row weight tensors)."""
     if req.step_cache is not None or pipeline.engine_args.step_cache_factory() is not None:
         return ("alone", id(req))  # a step cache decides per call whether to skip: its rows cannot be shared
     p = req.params
     return (req.height, req.width, req.num_frames, req.do_cfg, p.num_inference_steps, p.max_sequence_length,
             p.output_type == "latent", _hashable(getattr(p, "timesteps", None)), getattr(p, "flow_shift", None),
-            len(req.images or ()), _hashable(sorted((getattr(p, "loras", None) or {}).items())),
-            pipeline.config.batch_key(req))
+            len(req.images or ()), pipeline.config.batch_key(req))
 
 
 def _hashable(value):

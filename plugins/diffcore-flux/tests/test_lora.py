@@ -238,3 +238,17 @@ def test_adapters_on_quantized_weights_apply_unfused_and_refuse_to_fuse(flux_fol
     with pytest.raises(LoraError, match="'a'.*quantized.*per request"):
         gen.fuse_lora({"a": 0.8})
     assert gen.loras["a"].fused is None and np.array_equal(gen.generate(**KW, seed=3, output_type="np").output, base)
+
+
+def test_a_batch_mixes_requests_with_different_adapters(gen):
+    """Requests with different adapters (or none) share one batch, each row with its own weights: every
+    result equals its solo run, in one transformer call per step for the whole batch."""
+    from diffcore.testing.concurrency import assert_batch_equals_solo
+
+    base = {**KW, "output_type": "np"}
+    requests = [dict(base, seed=1, loras={"a": 0.8}), dict(base, seed=2),
+                dict(base, seed=3, prompt=["a cat", "a dog"], loras={"a": -0.4, "b": 1.2}), dict(base, seed=4, loras={"b": 0.9})]
+    calls = assert_batch_equals_solo(gen, requests)
+    assert calls["batch"] == calls["solo"][0] == KW["num_inference_steps"]  # one group: the adapters did not split it
+    plain = gen.generate(**base, seed=1).output
+    assert psnr(plain, gen.generate_batch(requests[:2])[0].output) < 40  # row 0's adapter really applied in the batch

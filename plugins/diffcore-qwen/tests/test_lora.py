@@ -92,3 +92,18 @@ def test_lightning_layouts_match_diffusers(folder, tmp_path, qwen_reference):
         gen.load_lora(tmp_path / f"{name}.safetensors")
         assert gen.loras[name].format == "qwen-image-community"
         _compare(gen.generate(**KW, seed=5, output_type="np", loras={name: 0.8}).output, ref)
+
+
+def test_a_batch_mixes_requests_with_different_adapters(folder, adapters):
+    """Requests with different adapters (or none) share one batch (true CFG: each branch's rows scaled by
+    their own weights), every result equal to its solo run."""
+    from diffcore.testing.concurrency import assert_batch_equals_solo
+
+    gen = DiffGenerator.from_pretrained(folder, dtype="float32", progress=False)
+    for name, path in adapters.items():
+        gen.load_lora(path, name=name)
+    base = {**KW, "output_type": "np"}
+    requests = [dict(base, seed=1, loras={"a": 1.0}), dict(base, seed=2), dict(base, seed=3, loras={"a": 0.5, "b": 1.5})]
+    calls = assert_batch_equals_solo(gen, requests)
+    assert calls["batch"] == calls["solo"][0]  # one group: the adapters did not split it
+    assert psnr(gen.generate(**base, seed=1).output, gen.generate_batch(requests[:2])[0].output) < 40

@@ -158,3 +158,21 @@ def test_loras_for_another_family_or_size_are_refused_and_change_nothing(wan_fol
     with pytest.raises(LoraShapeError, match="'wan14b'.*another model size.*blocks.0.attn1.to_q"):
         gen.load_lora(tmp_path / "wan14b.safetensors")
     assert not gen.loras and np.array_equal(_ours(gen), base)
+
+
+def test_a_batch_mixes_requests_with_different_adapters(wan_folders, tmp_path):
+    """Requests with different adapters (or none) share one batch (CFG: both branches' rows scaled by their
+    own weights), every video equal to its solo run."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from diffcore.testing.concurrency import assert_batch_equals_solo
+
+    folder = wan_folders["t2v21"]
+    gen = DiffGenerator.from_pretrained(folder, dtype="float32", progress=False)
+    gen.load_lora(save_peft_lora(WanPipeline, WanTransformer3DModel, folder, tmp_path / "a", TARGETS, rank=4, alpha=3,
+                                 seed=1, std=0.3), name="a")
+    base = {**KW, "output_type": "np"}
+    requests = [dict(base, seed=1, loras={"a": 0.9}), dict(base, seed=2), dict(base, seed=3, loras={"a": -0.5})]
+    calls = assert_batch_equals_solo(gen, requests)
+    assert calls["batch"] == calls["solo"][0]  # one group: the adapters did not split it
+    assert _changes(_ours(gen), gen.generate_batch([dict(base, seed=7, loras={"a": 0.9}), dict(base, seed=2)])[0].output)
