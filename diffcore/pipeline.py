@@ -14,6 +14,7 @@ from .engine.context import EngineContext
 from .errors import PipelineDataflowError, RegistryError
 from .lora.manager import LoraManager
 from .lora.runtime import lora_scope
+from .notices import quiet
 from .parallel import ParallelGroups
 from .request import REQUEST_INPUTS, Request
 from .stages.base import PipelineStage
@@ -119,7 +120,7 @@ class ComposedPipelineBase:
         from .stages.input_validation import InputValidationStage
 
         self.loras.check_selection(req.params.loras)
-        with self.context.applied():
+        with quiet(), self.context.applied():  # its warnings are said when the request runs
             for stage in self.stages:
                 if isinstance(stage, InputValidationStage):
                     req = stage(req)

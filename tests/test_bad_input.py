@@ -214,3 +214,18 @@ def test_result_save_index_out_of_range(toy_gen, tmp_path):
     result = toy_gen.generate(prompt="a cat", **SMALL)
     with pytest.raises(InputError, match="holds 1 item"):
         result.save(tmp_path / "x.png", index=3)
+
+
+def test_a_check_before_the_run_says_its_warnings_once(toy_gen, caplog):
+    """A server checks a request on arrival (DiffGenerator.check) and runs it later: the warnings about its
+    parameters come from the run only, once, not from the check too."""
+    kwargs = dict(prompt="a cat", negative_prompt="blurry", guidance_scale=1.0, num_frames=5, **SMALL)
+    with caplog.at_level(logging.WARNING):
+        toy_gen.check(kwargs)
+        assert "ignored" not in caplog.text  # the check is silent
+        toy_gen.generate(**kwargs)
+    assert caplog.text.count("negative_prompt is ignored") == 1 and caplog.text.count("num_frames=5 is ignored") == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(SamplingParamError):  # the check still refuses what the run would refuse
+            toy_gen.check(dict(kwargs, num_inference_steps=0))

@@ -13,6 +13,7 @@ import attrs
 import torch
 
 from ..errors import ConfigError, SamplingParamError
+from ..notices import notice
 from .engine_args import parse_dtype
 from .fewstep import CausalConfig, DmdConfig
 
@@ -92,7 +93,7 @@ class PipelineConfig:
         rounded = max(m, value // m * m)
         if self.size_policy == "error":
             raise SamplingParamError(name, f"{name}={value} is not a multiple of {m}; use e.g. {rounded}")
-        log.warning("%s=%d is not a multiple of %d; using %d (as diffusers does)", name, value, m, rounded)
+        notice(log, "%s=%d is not a multiple of %d; using %d (as diffusers does)", name, value, m, rounded)
         return rounded
 
     def resolve_size(self, req: "Request", components: dict) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..configs import budget
 from ..errors import InputError, SamplingParamError
+from ..notices import notice
 from ..request import Request
 from ..schedulers.base import with_flow_shift
 from .base import In, Out, PipelineStage
@@ -82,12 +83,12 @@ def _warn_ignored(cfg, p, do_cfg: bool) -> None:
     if not cfg.is_video:
         for name in ("num_frames", "fps"):
             if getattr(p, name, None) is not None:
-                log.warning("%s=%s is ignored: this model makes images, not videos", name, getattr(p, name))
+                notice(log, "%s=%s is ignored: this model makes images, not videos", name, getattr(p, name))
     if p.negative_prompt is not None and not do_cfg:
         why = {"cfg": "guidance_scale <= 1", "true_cfg": "true_cfg_scale <= 1"}.get(cfg.cfg, "this model does not use it")
-        log.warning("negative_prompt is ignored: classifier-free guidance is off (%s)", why)
+        notice(log, "negative_prompt is ignored: classifier-free guidance is off (%s)", why)
     if cfg.cfg == "true_cfg" and p.true_cfg_scale > 1 and not do_cfg:
-        log.warning("true_cfg_scale=%s is ignored: true CFG needs a negative_prompt", p.true_cfg_scale)
+        notice(log, "true_cfg_scale=%s is ignored: true CFG needs a negative_prompt", p.true_cfg_scale)
 
 
 class InputValidationStage(PipelineStage):

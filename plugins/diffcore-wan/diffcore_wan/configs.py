@@ -30,6 +30,7 @@ from diffcore.configs import PipelineConfig, SamplingParams
 from diffcore.configs.pipeline_config import row_scale
 from diffcore.configs.sampling_params import non_negative_float
 from diffcore.errors import ConfigError, SamplingParamError
+from diffcore.notices import notice
 from diffcore.request import PromptEmbeds
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ class WanConfig(PipelineConfig):
             rounded = max(n // k * k + 1, 1)
             if self.size_policy == "error":
                 raise SamplingParamError("num_frames", f"num_frames={n}: Wan needs {k}k+1 frames; use e.g. {rounded}")
-            log.warning("num_frames=%d is not %dk+1; using %d (as diffusers does)", n, k, rounded)
+            notice(log, "num_frames=%d is not %dk+1; using %d (as diffusers does)", n, k, rounded)
             n = rounded
         req.num_frames = n
         if p.guidance_scale_2 is not None and self.boundary_ratio is None:  # diffusers refuses it too
