@@ -17,8 +17,11 @@ log = logging.getLogger("diffcore.serve")
 
 
 def layout_world(engine_kwargs: dict) -> int:
-    """Processes the engine options ask for: sp_degree x (2 with cfg_parallel)."""
-    return int(engine_kwargs.get("sp_degree") or 1) * (2 if engine_kwargs.get("cfg_parallel") else 1)
+    """Processes the engine options ask for (``EngineArgs.world_size``: sp_degree x (2 with cfg_parallel))."""
+    from ..configs.engine_args import EngineArgs
+
+    return EngineArgs(sp_degree=engine_kwargs.get("sp_degree") or 1,
+                      cfg_parallel=bool(engine_kwargs.get("cfg_parallel"))).world_size
 
 
 def check_launch(engine_kwargs: dict) -> None:
