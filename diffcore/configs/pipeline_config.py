@@ -168,6 +168,17 @@ class PipelineConfig:
         """Which of the denoising stage's models serves timestep ``t`` (a multi-expert model overrides this)."""
         return 0
 
+    def guidance_active(self, params, step: int, t: torch.Tensor) -> bool:
+        """The per-step guidance policy: whether a row with these sampling parameters runs the unconditional
+        branch at ``step`` (timestep ``t``), asked only when its request runs CFG. Every step by default;
+        Z-Image stops after ``cfg_truncation``, a "CFG only in the first k steps" policy returns ``step < k``."""
+        return True
+
+    def condition_rows(self, kwargs: dict, rows: list[int], req: "Request") -> Optional[dict]:
+        """``prepare_condition``'s kwargs of one branch narrowed to ``rows``, so the unconditional call runs
+        only for the rows that still need it; None (the default) runs it for the whole batch instead."""
+        return None
+
     def guidance_scale_at(self, t: torch.Tensor, req: "Request", expert: int):
         """The CFG scale for this step and denoiser: a float, or one per row (``row_scale``) in a batch."""
         return row_scale(req.per_row("true_cfg_scale" if self.cfg == "true_cfg" else "guidance_scale"))

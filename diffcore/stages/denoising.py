@@ -10,6 +10,7 @@ from .. import parallel
 from ..configs.engine_args import EngineArgs
 from ..request import Request
 from .base import In, Out, PipelineStage
+from .guidance import combine_rows, guided_rows, row_view, take_rows, uncond_kwargs_for
 
 
 class DenoisingStage(PipelineStage):
@@ -21,7 +22,8 @@ class DenoisingStage(PipelineStage):
     requests. Engine settings arrive through ``engine_args``: ``progress``, ``compile`` (the denoisers'
     forward is compiled here) and the step-cache policy (a fresh cache per request).
     Under CFG parallelism (the pipeline's parallel groups are current) each rank predicts one branch;
-    the two predictions are all-gathered, then combined exactly as in one process.
+    the two predictions are all-gathered, then combined exactly as in one process. Which rows run the
+    unconditional branch at a step is the config's per-step guidance policy (``guidance.py``).
     """
 
     inputs = (In("latents", torch.Tensor), In("timesteps", torch.Tensor), In("scheduler"), In("condition", dict),
@@ -50,6 +52,15 @@ class DenoisingStage(PipelineStage):
             out = model(hidden_states=x, timestep=timestep, **kwargs)
         return self.config.model_output(out, req)
 
+    def _predict_uncond(self, req: Request, model, latents, t, kwargs, step: int, rows: list[int]) -> torch.Tensor:
+        """The unconditional prediction of ``rows`` only: called for just those rows where the config can
+        select them (``condition_rows``), else for the whole batch and narrowed."""
+        narrowed = uncond_kwargs_for(self.config, kwargs, rows, req)
+        if narrowed is None:
+            return take_rows(self._predict(req, model, latents, t, kwargs, step, "uncond"), rows, req.batch_size)
+        view = row_view(req, rows)
+        return self._predict(view, model, take_rows(latents, rows, req.batch_size), t, narrowed, step, "uncond")
+
     @torch.inference_mode()
     def forward(self, req: Request) -> Request:
         scheduler, latents = req.scheduler, req.latents
@@ -63,17 +74,19 @@ class DenoisingStage(PipelineStage):
         for i, t in enumerate(bar):
             expert = self.config.select_denoiser(t, req, len(self.transformers))
             model = self.transformers[expert]
-            if req.do_cfg and groups is not None and groups.cfg_parallel:
+            rows = guided_rows(self.config, req, i, t)  # the per-step guidance policy (stages/guidance.py)
+            if rows and groups is not None and groups.cfg_parallel:
                 # CFG parallel: this rank runs one branch; its partner rank runs the other
                 branch = ("cond", "uncond")[groups.cfg_rank]
                 mine = self._predict(req, model, latents, t, (cond_kwargs, uncond_kwargs)[groups.cfg_rank], i, branch)
                 pred, uncond = groups.gather_branches(mine)
+                uncond = take_rows(uncond, rows, req.batch_size)
             else:
                 pred = self._predict(req, model, latents, t, cond_kwargs, i, "cond")
-                if req.do_cfg:
-                    uncond = self._predict(req, model, latents, t, uncond_kwargs, i, "uncond")
-            if req.do_cfg:
-                pred = self.config.combine_guidance(pred, uncond, self.config.guidance_scale_at(t, req, expert), req)
+                if rows:
+                    uncond = self._predict_uncond(req, model, latents, t, uncond_kwargs, i, rows)
+            if rows:
+                pred = combine_rows(self.config, pred, uncond, rows, t, req, expert)
             latents = scheduler.step(pred, t, latents)
             if req.callback is not None:
                 req.callback(i, t, latents)

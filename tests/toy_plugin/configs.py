@@ -1,7 +1,7 @@
 """Toy PipelineConfig / SamplingParams: CLIP text features, packed 2x2 latents, CFG with an empty negative."""
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import attrs
 import torch
@@ -20,6 +20,17 @@ class ToyConfig(PipelineConfig):
     component_dtypes: dict = attrs.field(factory=lambda: {"vae": "float32"})
     cfg: str = "cfg"
     default_negative_prompt: str = ""
+    select_rows: bool = True  # condition_rows narrows the unconditional call to the rows that need it
+
+    def guidance_active(self, params, step, t) -> bool:
+        """A "CFG only in the first ``cfg_steps`` steps" policy (per row), to test the core's per-step hook."""
+        return params.cfg_steps is None or step < params.cfg_steps
+
+    def condition_rows(self, kwargs, rows, req):
+        if not self.select_rows:
+            return None
+        index = torch.tensor(rows)
+        return {k: v[index] for k, v in kwargs.items()}
 
     def default_size(self, components) -> tuple[int, int]:
         return 32, 32
@@ -56,6 +67,7 @@ class ToySamplingParams(SamplingParams):
     guidance_scale: float = 3.0
     max_sequence_length: int = 16
     max_sequence_length_limit: ClassVar[int] = 77
+    cfg_steps: Optional[int] = None  # run the unconditional branch only in the first cfg_steps steps
 
 
 @attrs.define(kw_only=True)
