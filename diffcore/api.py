@@ -247,6 +247,8 @@ class DiffGenerator:
             output = req.output.float().cpu().numpy()
         fps = params.fps if params.fps is not None else getattr(self.config, "default_fps", None)
         stats = getattr(req.step_cache, "stats", None)
+        audio = req.audio.float().cpu().numpy() if req.audio is not None and output is not None else None
         return GenerationResult(output=output, latents=req.latents, timings=dict(req.timings),
                                 is_video=self.config.is_video, fps=fps, output_type=params.output_type,
-                                cache_stats=dict(stats) if stats is not None else None)
+                                cache_stats=dict(stats) if stats is not None else None, audios=audio,
+                                audio_sample_rate=req.audio_sample_rate if audio is not None else None)

@@ -1,4 +1,4 @@
-"""Generation results and writing them to disk (images, and H.264 mp4 for videos)."""
+"""Generation results and writing them to disk (images, H.264 mp4 for videos with their sound, .wav)."""
 from __future__ import annotations
 
 import os
@@ -8,9 +8,11 @@ from typing import Any, Optional
 import attrs
 import numpy as np
 
+from .audio import mux_into_mp4, write_wav
 from .errors import InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+MEDIA_SUFFIXES = IMAGE_SUFFIXES | {".mp4", ".wav"}
 
 
 def to_pil(array):
@@ -65,7 +67,9 @@ class GenerationResult:
     ``output``: float32 in [0, 1], (B, H, W, 3) for images or (B, F, H, W, 3) for videos: numpy, or a
     torch tensor for output_type="pt" (None when output_type="latent"); ``images`` / ``frames``: PIL
     views of it; ``latents``: the final latents; ``timings``: seconds per stage; ``cache_stats``: the
-    step cache's counters for this request (None without a cache).
+    step cache's counters for this request (None without a cache); ``audios``: the sound track of each
+    item, float32 (B, channels, samples) in [-1, 1] at ``audio_sample_rate`` Hz (None for silent models);
+    ``audio``: the first item's, (channels, samples).
     """
 
     output: Optional[np.ndarray]
@@ -75,6 +79,8 @@ class GenerationResult:
     fps: Optional[int] = None
     output_type: str = "pil"
     cache_stats: Optional[dict] = None
+    audios: Optional[np.ndarray] = None
+    audio_sample_rate: Optional[int] = None
     _pil: Optional[list] = None
 
     @property
@@ -88,6 +94,10 @@ class GenerationResult:
         return self._pil
 
     @property
+    def audio(self) -> Optional[np.ndarray]:
+        return None if self.audios is None else self.audios[0]
+
+    @property
     def frames(self) -> list[list]:
         if self.output is None:
             return []
@@ -96,17 +106,23 @@ class GenerationResult:
         return [[to_pil(f) for f in video] for video in self.output]
 
     def save(self, path: str | Path, index: int = 0) -> Path:
-        """Save item ``index``: an image (.png/.jpg/.webp) or, for videos, .mp4 (or the first frame as image)."""
+        """Save item ``index``: an image (.png/.jpg/.webp) or, for videos, .mp4 with its sound track if it has one
+        (or the first frame as image); .wav writes the sound alone."""
         path = Path(path)
         suffix = path.suffix.lower()
+        if suffix == ".wav":
+            if self.audios is None:
+                raise InputError(f"cannot save {str(path)!r}: this result has no sound track; save .mp4 or an image")
+            return write_wav(self.audios[self._index(index, len(self.audios))], self.audio_sample_rate, path)
         if self.output is None:
             raise InputError("this result holds latents only (output_type='latent'); nothing to save as media")
-        if isinstance(index, bool) or not isinstance(index, int) or not -len(self.output) <= index < len(self.output):
-            raise InputError(f"index={index!r}: this result holds {len(self.output)} item(s) (0 to {len(self.output) - 1})")
+        index = self._index(index, len(self.output))
         if suffix == ".mp4":
             item = np.asarray(self.output[index])
             frames = item if self.is_video else item[None]
             write_video(frames, path, self.fps or 16)
+            if self.audios is not None:
+                mux_into_mp4(path, self.audios[index], self.audio_sample_rate)
         elif suffix in IMAGE_SUFFIXES:
             item = np.asarray(self.output[index])
             to_pil(item[0] if self.is_video else item).save(path)
@@ -114,14 +130,20 @@ class GenerationResult:
             check_save_path(path)
         return path
 
+    @staticmethod
+    def _index(index, n: int) -> int:
+        if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
+            raise InputError(f"index={index!r}: this result holds {n} item(s) (0 to {n - 1})")
+        return index
+
 
 def check_save_path(path: str | Path, writable: bool = False) -> Path:
     """Refuse a file name ``GenerationResult.save`` cannot write. With ``writable`` (the CLI, before it
     loads a model) also refuse a path that is a directory, whose folder does not exist (it is not
     created: a typo should not make folders), or where no file can be created."""
     path = Path(path)
-    if path.suffix.lower() not in IMAGE_SUFFIXES | {".mp4"}:
-        raise InputError(f"cannot save {str(path)!r}: use one of {', '.join(sorted(IMAGE_SUFFIXES | {'.mp4'}))}")
+    if path.suffix.lower() not in MEDIA_SUFFIXES:
+        raise InputError(f"cannot save {str(path)!r}: use one of {', '.join(sorted(MEDIA_SUFFIXES))}")
     if not writable:
         return path
     folder = path.parent

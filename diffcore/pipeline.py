@@ -101,6 +101,9 @@ class ComposedPipelineBase:
                     raise PipelineDataflowError(self.pipeline_name, stage.name, field.name, sorted(available))
             available.update(f.name for f in stage.outputs)
             available.difference_update(stage.consumes)
+        for field in ("audio", "audio_sample_rate") if self.config.has_audio else ():
+            if field not in available:  # the config promises a sound track: some stage must write it
+                raise PipelineDataflowError(self.pipeline_name, "(result)", field, sorted(available))
 
     # -- execution ---------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -48,6 +48,8 @@ class Request:
     scheduler: Any = None  # a per-request copy, so requests never share solver state
     latents: Optional[torch.Tensor] = None
     output: Optional[torch.Tensor] = None  # decoded pixels in [0, 1], (B, H, W, C) or (B, F, H, W, C)
+    audio: Optional[torch.Tensor] = None  # decoded sound track, (B, channels, samples) in [-1, 1]
+    audio_sample_rate: Optional[int] = None  # Hz, set by the stage that writes ``audio``
     step_cache: Any = None  # this request's step cache (its per-branch memory and counters), if the engine has one
     timings: dict = attrs.field(factory=dict)
     callback: Any = None  # per-step callback(step, timestep, latents) for this request

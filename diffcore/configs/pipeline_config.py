@@ -46,6 +46,9 @@ class PipelineConfig:
     # The model's transformer(s) shard their token sequence under sequence parallelism (sp_degree > 1):
     # they call diffcore.parallel.sequence_shard and pass the shard to the attention dispatch.
     sequence_parallel: ClassVar[bool] = False
+    # The pipeline writes a sound track beside its frames: some stage must produce ``audio`` and
+    # ``audio_sample_rate`` (the dataflow proof checks), and results, mp4s and the server carry it.
+    has_audio: ClassVar[bool] = False
     # The denoiser components (what quantization and layer offload apply to).
     denoiser_components: ClassVar[tuple[str, ...]] = ("transformer",)
 

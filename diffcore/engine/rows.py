@@ -30,7 +30,7 @@ CONCAT = ("prompts", "negative_prompts", "latents", "image_latents", "image_embe
 EMBEDS = ("prompt_embeds", "negative_prompt_embeds")
 # Fields a batch sets for itself when it is formed (or that never carry over from its parts).
 _OWN = ("params", "prompts", "batch_size", "device", "generator", "row_params", "callback", "block_callback",
-        "timings", "step_cache", "condition", "output", "extra")
+        "timings", "step_cache", "condition", "output", "audio", "audio_sample_rate", "extra")
 
 
 def batch_key(pipeline, req: Request) -> tuple:
@@ -130,4 +130,6 @@ def split(batch: Request, parts: list[Request]) -> None:
     for r, (a, b) in zip(parts, row_spans(parts)):
         r.latents = batch.latents[a:b] if batch.latents is not None else None
         r.output = batch.output[a:b] if batch.output is not None else None
+        r.audio = batch.audio[a:b] if batch.audio is not None else None
+        r.audio_sample_rate = batch.audio_sample_rate
         r.timings.update(batch.timings)

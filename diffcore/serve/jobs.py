@@ -30,12 +30,13 @@ class VideoJob:
     file_id: Optional[str] = None
     future: Optional[cf.Future] = None
     deleted: bool = False
+    has_audio: bool = False  # the mp4 carries a sound track (the model generates one)
 
     def to_json(self) -> dict:
         return {"id": self.id, "object": "video", "model": self.model, "status": self.status,
                 "progress": self.progress, "created_at": self.created_at, "completed_at": self.completed_at,
                 "expires_at": None, "size": self.size, "seconds": self.seconds, "error": self.error,
-                "remixed_from_video_id": None}
+                "remixed_from_video_id": None, "has_audio": self.has_audio}
 
 
 class VideoJobs:
@@ -101,6 +102,7 @@ class VideoJobs:
     def _write(self, job: VideoJob, result) -> None:
         try:
             file_id = self.files.write(lambda path: self.encode(result, path), "video/mp4", ".mp4")
+            job.has_audio = getattr(result, "audios", None) is not None
             if job.deleted:
                 self.files.remove(file_id)
                 return

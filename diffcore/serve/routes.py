@@ -262,7 +262,7 @@ async def playground_info(request: Request):
     state = ready_state(request)
     gen = state.generator
     params = gen.sampling_params_cls()
-    return {"model": state.model_name, "video": bool(gen.config.is_video),
+    return {"model": state.model_name, "video": bool(gen.config.is_video), "audio": bool(gen.config.has_audio),
             "max_images": gen.sampling_params_cls.max_images, "min_images": gen.sampling_params_cls.min_images,
             "defaults": {"num_inference_steps": params.num_inference_steps, "guidance_scale": params.guidance_scale,
                          "height": params.height, "width": params.width}}

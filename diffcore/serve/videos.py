@@ -14,7 +14,7 @@ router = APIRouter()
 
 
 def encode_video(result, path) -> None:
-    result.save(path)  # H.264 mp4 at the model's fps
+    result.save(path)  # H.264 mp4 at the model's fps, with the model's sound track (AAC) if it makes one
 
 
 @router.post("/v1/videos")
@@ -45,6 +45,7 @@ async def create_video(request: Request):
         job = state.jobs.create(spec.kwargs, spec.size, spec.seconds)
     except QueueFullError as exc:
         raise from_exception(exc) from None
+    job.has_audio = bool(gen.config.has_audio)
     return job.to_json()
 
 

@@ -32,7 +32,7 @@ async function connect() {
     setTimeout(connect, 1000);
     return;
   }
-  $("model").textContent = info.model + (info.video ? " (video)" : "");
+  $("model").textContent = info.model + (info.video ? (info.audio ? " (video with sound)" : " (video)") : "");
   const d = info.defaults;
   if (d.width) $("width").value = d.width;
   if (d.height) $("height").value = d.height;
@@ -87,7 +87,7 @@ async function generateVideo(p, file) {
   if (job.status !== "completed") throw new Error("video failed: " + (job.error ? job.error.message : job.status));
   const blob = await (await api("/v1/videos/" + job.id + "/content")).blob();
   const video = document.createElement("video");
-  video.src = URL.createObjectURL(blob); video.controls = true; video.loop = true; video.autoplay = true; video.muted = true;
+  video.src = URL.createObjectURL(blob); video.controls = true; video.loop = true; video.autoplay = true; video.muted = !job.has_audio;  // a sound track plays (autoplay may wait for a click)
   return { element: video, seed: p.seed };
 }
 
