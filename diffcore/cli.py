@@ -6,6 +6,8 @@ import json
 import sys
 from typing import Optional
 
+from .configs.engine_flags import add_engine_flags, add_lora_flag, engine_kwargs, gguf_files, parse_lora_flag
+
 DEFAULT_MODEL = "demo"
 
 
@@ -44,14 +46,9 @@ def _plugins(args) -> int:
 
 
 def parse_lora(text: str) -> tuple[str, float]:
-    """``PATH[:WEIGHT]`` -> ``(path, weight)``; a suffix that is not a number belongs to the path."""
-    path, sep, weight = text.rpartition(":")
-    if sep:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return text, 1.0
+    """``[NAME=]PATH[:WEIGHT]`` -> ``(path, weight)`` (weight 1.0 when not given)."""
+    flag = parse_lora_flag(text)
+    return flag.path, 1.0 if flag.weight is None else flag.weight
 
 
 def _generate(args) -> int:
@@ -62,16 +59,11 @@ def _generate(args) -> int:
         from .outputs import check_save_path
 
         check_save_path(args.output, writable=True)  # before minutes of loading and generating
-        gen = DiffGenerator.from_pretrained(args.model, device=args.device, dtype=args.dtype, variant=args.variant,
-                                            allow_pickle=args.allow_pickle, progress=not args.quiet,
-                                            quantization=args.quantization, gguf=_gguf_files(args.gguf),
-                                            offload=args.offload, max_pixels=args.max_pixels,
-                                            max_frames=args.max_frames, max_steps=args.max_steps,
-                                            **parallel_args(args))
+        gen = DiffGenerator.from_pretrained(args.model, progress=not args.quiet, **engine_kwargs(args))
         loras = {}
         for spec in args.lora or ():
-            path, weight = parse_lora(spec)
-            loras[gen.load_lora(path, name=f"lora{len(loras)}")] = weight
+            name = gen.load_lora(spec.path, name=spec.name or f"lora{len(loras)}")
+            loras[name] = 1.0 if spec.weight is None else spec.weight
         images = args.image if args.image else None
         if images is not None and len(images) == 1:
             images = images[0]
@@ -120,15 +112,7 @@ def _generate_streaming(gen, output: str, kwargs: dict):
     return result, Path(output)
 
 
-def _gguf_files(values):
-    """``--gguf PATH`` (the transformer) or ``--gguf NAME=PATH`` (any diffcore model component)."""
-    if not values:
-        return None
-    files = {}
-    for v in values:
-        name, sep, path = v.partition("=")
-        files[name if sep else "transformer"] = path if sep else v
-    return files
+_gguf_files = gguf_files  # the --gguf values as EngineArgs.gguf
 
 
 def _serve(args) -> int:
@@ -153,14 +137,8 @@ def _serve(args) -> int:
         print(f"error: diffcore serve needs the serve extra ({exc.name} is missing): pip install 'diffcore[serve]'",
               file=sys.stderr)
         return 2
-    engine = dict(device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle, progress=False,
-                  attention_backend=args.attention_backend, cache=args.cache, compile=args.compile,
-                  **parallel_args(args))
-    if args.cache_threshold is not None:
-        engine["cache_threshold"] = args.cache_threshold
-    if args.num_threads is not None:
-        engine["num_threads"] = args.num_threads
-    loras = [(n if sep else None, path if sep else n) for n, sep, path in (v.partition("=") for v in args.lora or ())]
+    engine = dict(progress=False, **engine_kwargs(args))
+    loras = list(args.lora or ())
     if args.replicas < 1:
         print(f"error: --replicas must be >= 1, got {args.replicas}", file=sys.stderr)
         return 2
@@ -204,21 +182,10 @@ def _add_serve(sub) -> None:
     s.add_argument("--max-upload-pixels", type=int, help="largest uploaded image, in pixels (default: the engine's max_pixels)")
     s.add_argument("--file-ttl", type=float, default=3600.0, help="seconds `url` images and videos are kept")
     s.add_argument("--cors-origin", action="append", help="allow browser requests from this origin (repeatable; default: none)")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default=None, help="force a dtype for every component (e.g. float32)")
-    s.add_argument("--attention-backend", help="attention backend name")
-    s.add_argument("--cache", help="step-cache policy, e.g. fbcache or teacache")
-    s.add_argument("--cache-threshold", type=float)
-    s.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
-    s.add_argument("--num-threads", type=int)
-    s.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin/.pt) weights: runs code from the file")
-    s.add_argument("--lora", action="append", metavar="[NAME=]PATH",
-                   help="load a LoRA at startup (repeatable); requests pick it with loras={name: weight}")
+    add_lora_flag(s, "load a LoRA at startup (repeatable): requests pick it with loras={NAME: weight}; with :WEIGHT "
+                     "it is fused into the weights for every request instead")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p = s.add_argument_group(
-        "parallel (launch with torchrun --nproc-per-node SP_DEGREE x (2 with --cfg-parallel); rank 0 serves HTTP, "
-        "every rank computes each batch; docs/scale.md)")
-    add_parallel_flags(p)
+    add_engine_flags(s)
     r = s.add_argument_group("replicas (Ray Serve, the diffcore[ray] extra; docs/scale.md)")
     r.add_argument("--replicas", type=int, default=1, help="serve N replicas behind Ray Serve's router")
     r.add_argument("--ray-address", help="'local' (start Ray here), 'auto' (join the running cluster) or ray://HOST:PORT")
@@ -227,19 +194,6 @@ def _add_serve(sub) -> None:
     r.add_argument("--replica-max-requests", type=int,
                    help="requests Ray hands one replica at a time (default: --max-batch-size)")
     s.set_defaults(func=_serve)
-
-
-def parallel_args(args) -> dict:
-    """EngineArgs of ``add_parallel_flags``; only the ones given, so defaults stay EngineArgs'."""
-    return {"sp_degree": args.sp_degree, "cfg_parallel": True} if args.cfg_parallel else {"sp_degree": args.sp_degree}
-
-
-def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
-    """Sequence / CFG parallel flags (shared by generate and serve); launch the ranks with torchrun."""
-    parser.add_argument("--sp-degree", type=int, default=1,
-                        help="Ulysses sequence-parallel degree (launch sp-degree x (2 with --cfg-parallel) ranks)")
-    parser.add_argument("--cfg-parallel", action="store_true",
-                        help="run the conditional and unconditional CFG branches on two ranks")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,24 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timesteps", type=float, nargs="+", help="few-step (DMD) models: the timesteps to sample at")
     g.add_argument("--flow-shift", type=float, help="flow shift of the schedule (default: the checkpoint's)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default=None, help="force a dtype for every component (e.g. float32)")
-    g.add_argument("--quantization", help="quantize the transformer(s) with torchao: int8_weight_only, int8_dynamic, "
-                   "fp8_weight_only, fp8 (GPU)")
-    g.add_argument("--gguf", nargs="+", metavar="[NAME=]PATH",
-                   help="load the transformer (or NAME) from a .gguf (or single-file .safetensors) file, in Diffusers "
-                        "names or the model's original layout (community files; docs/api.md lists the layouts); the rest comes from --model")
-    g.add_argument("--offload", choices=["model", "layers"],
-                   help="keep weights in CPU memory, on the device only while they run (whole components / transformer blocks)")
-    g.add_argument("--variant", help="load the weight files of this variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)")
-    g.add_argument("--allow-pickle", action="store_true", help="allow loading pickle (.bin/.pt) weights: runs code from the file")
-    g.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
-                   help="apply a LoRA (file, folder or Hub id) with a weight (default 1.0); repeatable")
+    add_lora_flag(g, "apply a LoRA (file, folder or Hub id) with a weight (default 1.0); repeatable")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--max-pixels", type=int, help="budget: most pixels per frame (default 4096*4096 or DIFFCORE_MAX_PIXELS)")
-    g.add_argument("--max-frames", type=int, help="budget: most video frames (default 257 or DIFFCORE_MAX_FRAMES)")
-    g.add_argument("--max-steps", type=int, help="budget: most denoising steps (default 1000 or DIFFCORE_MAX_STEPS)")
-    add_parallel_flags(g)
+    add_engine_flags(g)
     g.add_argument("--output", required=True, help="output file: .png/.jpg/.webp, or .mp4 for videos")
     g.set_defaults(func=_generate)
     _add_serve(sub)

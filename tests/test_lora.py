@@ -221,6 +221,23 @@ def test_cli_lora_flag(global_manager, toy_manager, toy_folder, gen, files, tmp_
         np.testing.assert_array_equal(np.asarray(img), np.asarray(want))
 
 
+def test_serve_lora_flag_loads_unapplied_or_fuses_its_weight(global_manager, toy_manager, toy_folder, gen, files):
+    """``diffcore serve --lora [NAME=]PATH[:WEIGHT]``: the same syntax as generate's; without a weight the adapter
+    waits for requests to pick it, with one it is fused into the weights for every request."""
+    from diffcore.cli import build_parser
+    from diffcore.configs.engine_flags import engine_kwargs
+    from diffcore.serve.server import load_generator
+
+    global_manager(toy_manager)
+    args = build_parser().parse_args(["serve", "--dtype", "float32", "--lora", f"s={files['style']}:0.8",
+                                      "--lora", f"d={files['detail']}"])
+    served = load_generator(str(toy_folder), {"progress": False, **engine_kwargs(args)}, args.lora)
+    assert served.loras["s"].fused == 0.8 and served.loras["d"].fused is None
+    gen.load_lora(files["style"]), gen.load_lora(files["detail"])
+    np.testing.assert_allclose(_run(served), _run(gen, loras={"style": 0.8}), atol=1e-5)
+    np.testing.assert_allclose(_run(served, loras={"d": 0.5}), _run(gen, loras={"style": 0.8, "detail": 0.5}), atol=1e-5)
+
+
 def test_per_row_weights_give_each_row_its_own_adapters(gen, files):
     """A batch whose rows come from requests with different adapters runs once, each row scaled by its
     own weights (the batching engine's case), equal to running the rows alone."""

@@ -41,12 +41,18 @@ def _uvicorn_server():
 
 
 def load_generator(model: str, engine_kwargs: dict, loras=()):
-    """The model, with the operator's LoRA files (``[(name or None, path)]``) loaded, unapplied."""
+    """The model, with the operator's ``--lora`` adapters (LoraFlag records) loaded: unapplied, for requests
+    to pick, or fused into the weights for every request when the flag gives a weight."""
     from ..api import DiffGenerator
 
     gen = DiffGenerator.from_pretrained(model, **engine_kwargs)
-    for name, path in loras:
-        gen.load_lora(path, name=name)
+    fused = {}
+    for flag in loras:
+        name = gen.load_lora(flag.path, name=flag.name)
+        if flag.weight is not None:
+            fused[name] = flag.weight
+    if fused:
+        gen.fuse_lora(fused)
     return gen
 
 
