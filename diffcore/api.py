@@ -74,7 +74,7 @@ class DiffGenerator:
         alias_rec = registry.config_for_alias(model)
         location = _resolve_source(alias_rec) or model
         folder = loader.resolve_model_path(location, revision=engine.revision, allow_pickle=engine.allow_pickle,
-                                           variant=engine.variant)
+                                           variant=engine.variant, allow_external_links=engine.allow_external_links)
         index = loader.read_model_index(folder)
         if engine.variant:
             loader.check_variant(folder, index.components, engine.variant)

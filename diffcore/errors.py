@@ -37,6 +37,10 @@ class PipelineDataflowError(DiffcoreError):
         )
 
 
+class NonFiniteError(DiffcoreError, ArithmeticError):
+    """A generation produced NaN or inf values (it would be a black picture); names the likely cause."""
+
+
 class PluginError(DiffcoreError):
     """A plugin failed to load or register, or conflicts with another plugin."""
 
@@ -68,6 +72,15 @@ class CorruptCheckpointError(LoaderError):
 
 class WeightMismatchError(LoaderError):
     """Checkpoint keys or shapes do not fit the module built from its config."""
+
+
+class UnsafePathError(LoaderError):
+    """A model folder refers to a file outside itself (an absolute path, '..', or a link leaving the folder);
+    ``file`` is where the reference is, ``entry`` the JSON key or folder entry that makes it."""
+
+    def __init__(self, message: str, *, file=None, entry=None):
+        self.file, self.entry = (str(file) if file is not None else None), entry
+        super().__init__(message)
 
 
 class PickleRefusedError(LoaderError):

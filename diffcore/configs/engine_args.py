@@ -99,7 +99,9 @@ class EngineArgs:
     offload: Optional[str] = attrs.field(default=None, converter=parse_mode)
     # GGUF weight files replacing a component's weights, e.g. {"transformer": "flux1-dev-Q4_K.gguf"}
     gguf: Optional[dict] = attrs.field(default=None, converter=parse_weight_files)
-    allow_pickle: bool = False  # executing pickle checkpoints must be an explicit choice
+    allow_pickle: bool = attrs.field(default=False, validator=_bool)  # executing pickle: an explicit True only
+    # links in the model folder that lead out of it (refused by default: diffcore.loader.containment)
+    allow_external_links: bool = attrs.field(default=False, validator=_bool)
     revision: Optional[str] = None
     variant: Optional[str] = attrs.field(default=None, validator=_variant)  # load *.<variant>.safetensors (diffusers)
     num_threads: Optional[int] = attrs.field(default=None, validator=_optional_positive_int)

@@ -21,9 +21,10 @@ import torch
 from ..errors import ConfigError, DiffcoreError, LoaderError, MissingFileError, RegistryError, WeightMismatchError
 from . import key_layouts as layouts
 from .config_types import build, check_config
+from .containment import explicit_bool
 from .model_index import ComponentSpec, read_json
 from .required_files import check_transformers_folder
-from .safetensors_io import file_keys, find_weight_files, load_into_module, skip_init
+from .safetensors_io import check_pickle_consent, file_keys, find_weight_files, load_into_module, skip_init
 from .transformers_models import load_fast
 
 log = logging.getLogger(__name__)
@@ -159,8 +160,11 @@ def load_component(
     ``*.<variant>.safetensors`` weights, as in diffusers. ``on_module`` (diffcore models only; others
     ignore it) is called with each submodule as soon as its weights are in place (``assign_weights``).
     """
+    explicit_bool("allow_pickle", allow_pickle)
     folder = Path(folder)
     path = folder / spec.name
+    if weight_files:
+        check_pickle_consent(weight_files, allow_pickle, spec.name)
     custom = custom_loaders or {}
     loader = custom.get(spec.name) or custom.get(spec.class_name)
     if loader is not None:

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from ..errors import ConfigFileError, LoaderError, MissingFileError
+from .containment import check_folder, explicit_bool
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,12 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _check_local_folder(path: Path) -> Path:
+def _check_local_folder(path: Path, allow_external_links: bool) -> Path:
     if not path.is_dir():
         raise MissingFileError(f"{path} is a file, not a folder; {FOLDER_LAYOUT}")
     if not (path / "model_index.json").is_file():
         raise MissingFileError(f"{path} has no model_index.json, so it is not a Diffusers folder; {FOLDER_LAYOUT}")
+    check_folder(path, allow_external_links=allow_external_links)
     return path.resolve()
 
 
@@ -140,17 +142,19 @@ def resolve_model_path(
     *,
     allow_pickle: bool = False,
     variant: str | None = None,
+    allow_external_links: bool = False,
 ) -> Path:
     """Return the local Diffusers folder for ``model``: an existing folder, or a Hub repo id fetched
     with ``snapshot_download`` (uses the HF cache; honours ``HF_HUB_OFFLINE``, ``revision``). Precision
     variant files are fetched only for the ``variant`` asked for (with the plain files, which components
-    without that variant use)."""
+    without that variant use). Every entry of the folder must resolve inside it (``containment``)."""
+    explicit_bool("allow_pickle", allow_pickle)
     text = os.fspath(model)
     path = Path(text).expanduser()
     if path.exists():
         if revision is not None:
             log.warning("revision=%r is ignored for the local folder %s", revision, path)
-        return _check_local_folder(path)
+        return _check_local_folder(path, allow_external_links)
     if not _REPO_ID.match(text) or text.startswith(".") or "\\" in text:
         raise MissingFileError(
             f"local folder {path} does not exist (and {text!r} is not a Hugging Face repo id like 'org/name'); "
@@ -194,4 +198,5 @@ def resolve_model_path(
         raise MissingFileError(
             f"Hub repo {text!r} (downloaded to {folder}) has no model_index.json: it is not a Diffusers pipeline repo"
         )
+    check_folder(folder, allow_external_links=allow_external_links)
     return folder

@@ -20,8 +20,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import CorruptCheckpointError, LoaderError, MissingFileError, PickleRefusedError, WeightMismatchError
+from ..finite import check_weight
 from ..memory import map_file, release_pages
 from . import key_layouts as _layouts
+from .containment import check_name, explicit_bool
 from .model_index import read_json
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,12 @@ def _sharded(index: Path, *, check_keys: bool) -> list[Path]:
         raise CorruptCheckpointError(f"weight index {index} has no 'weight_map' object; re-download it")
     by_shard: dict[str, list[str]] = {}
     for key, shard in weight_map.items():
+        if not isinstance(shard, str):
+            check_name(index.parent, shard, source=index, entry=f"weight_map[{key!r}]")  # raises: not a file name
         by_shard.setdefault(shard, []).append(key)
     shards = []
     for name, keys in by_shard.items():
-        shard = index.parent / name
+        shard = check_name(index.parent, name, source=index, entry=f"weight_map[{keys[0]!r}]")
         if not shard.is_file():
             raise MissingFileError(
                 f"shard {shard.name} listed in {index} does not exist (needed for {len(keys)} tensors, e.g. {keys[0]}); "
@@ -125,8 +129,9 @@ def find_weight_files(folder: Path, allow_pickle: bool = False, variant: str | N
     ``*.safetensors.index.<variant>.json``), falling back to the plain files for a component that has
     none; ``diffusion_pytorch_model.safetensors`` / ``model.safetensors``; a sharded
     ``*.safetensors.index.json``; pickle files, which raise :class:`PickleRefusedError` unless
-    ``allow_pickle``.
+    ``allow_pickle`` is exactly True.
     """
+    explicit_bool("allow_pickle", allow_pickle)
     folder = Path(folder)
     if not folder.is_dir():
         raise MissingFileError(f"component folder {folder} does not exist")
@@ -165,6 +170,18 @@ def find_weight_files(folder: Path, allow_pickle: bool = False, variant: str | N
         f"no weights in {folder}: expected {' or '.join(SAFETENSORS_NAMES)}, or a sharded "
         f"*.safetensors.index.json with its shards (found: {_listing(folder)}){hint}"
     )
+
+
+def check_pickle_consent(files: Sequence[Path], allow_pickle: bool, what: str) -> None:
+    """A weight file given by path (``gguf=``, a single file) that is not .gguf / .safetensors would be
+    unpickled: the same explicit ``allow_pickle=True`` as a folder's pickle weights."""
+    pickles = [str(f) for f in files if Path(f).suffix not in (".gguf", ".safetensors")]
+    if pickles and explicit_bool("allow_pickle", allow_pickle) is not True:
+        raise PickleRefusedError(
+            f"{what}: {', '.join(pickles)} is not a .gguf or .safetensors file, so reading it means unpickling it, "
+            "which can run code hidden in the file. If you trust the source, opt in with allow_pickle=True "
+            "(CLI: --allow-pickle), or convert the weights to safetensors."
+        )
 
 
 # ---- reading ----------------------------------------------------------------------------------
@@ -505,6 +522,7 @@ def assign_weights(
                 if t.dtype != target or t.device != device:
                     source, t = t, _converted(t, target, device)
                     release_pages(source)  # the file's pages of a converted tensor are not needed again
+                check_weight(name, t, path)  # a NaN weight would make every picture black
                 owner = _assign_one(module, owners, name, t)
                 prefix = name.rpartition(".")[0]
                 pending[prefix] -= 1

@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from ..errors import LoraFormatError
+from ..errors import LoraFormatError, UnsafePathError
+from ..loader.containment import check_name
 from ..loader.model_index import _REPO_ID, _offline
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -23,7 +24,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 def _pick_in_folder(folder: Path, weight_name: Optional[str], label: str) -> Path:
     if weight_name is not None:
-        path = folder / weight_name
+        try:
+            path = check_name(folder, weight_name, source=folder, entry="weight_name")
+        except UnsafePathError as e:
+            raise LoraFormatError(label, str(e)) from e
         if not path.is_file():
             raise LoraFormatError(label, f"{folder} has no file {weight_name!r}")
         return path
