@@ -125,11 +125,13 @@ def _serve(args) -> int:
         from .serve.settings import ServeSettings
 
         settings = ServeSettings(
-            host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DIFFCORE_API_KEY"),
+            host=args.host, port=args.port,
+            api_key=args.api_key if args.api_key is not None else os.environ.get("DIFFCORE_API_KEY"),
             served_model_name=args.served_model_name, max_batch_size=args.max_batch_size,
             batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, request_timeout=args.request_timeout,
             max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
-            max_upload_pixels=args.max_upload_pixels, file_ttl=args.file_ttl, cors_origins=args.cors_origin or ())
+            max_upload_pixels=args.max_upload_pixels, file_ttl=args.file_ttl, cors_origins=args.cors_origin or (),
+            allowed_hosts=args.allowed_host or ())
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -182,6 +184,9 @@ def _add_serve(sub) -> None:
     s.add_argument("--max-upload-pixels", type=int, help="largest uploaded image, in pixels (default: the engine's max_pixels)")
     s.add_argument("--file-ttl", type=float, default=3600.0, help="seconds `url` images and videos are kept")
     s.add_argument("--cors-origin", action="append", help="allow browser requests from this origin (repeatable; default: none)")
+    s.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable; '*': any; default: 127.0.0.1, "
+                        "localhost, [::1] and --host)")
     add_lora_flag(s, "load a LoRA at startup (repeatable): requests pick it with loras={NAME: weight}; with :WEIGHT "
                      "it is fused into the weights for every request instead")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -152,7 +152,7 @@ def test_a_lora_change_the_ranks_disagree_on_breaks_the_leader_and_health_says_s
     with pytest.raises(distributed.RanksDisagreeError, match="disagree on load_lora"):
         leader.load_lora(path, name="style")
     toy_gen.unload_lora("style")  # (rank 0 loaded it; the fixture's model is shared)
-    with TestClient(create_app(generator=leader)) as client:
+    with TestClient(create_app(generator=leader), base_url="http://127.0.0.1") as client:  # a Host the server answers
         health = client.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "out_of_step"
         assert "disagree on load_lora" in health.json()["detail"]

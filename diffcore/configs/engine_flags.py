@@ -55,6 +55,8 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
     Flag("variant", "load the weight files of this variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)"),
     Flag("revision", "Hugging Face Hub revision (branch, tag or commit) of --model"),
     Flag("allow_pickle", "allow loading pickle (.bin/.pt) weights: runs code from the file", {"action": "store_true"}),
+    Flag("allow_external_links", "follow links in the model folder that lead outside it (refused by default: "
+                                 "docs/api.md)", {"action": "store_true"}),
     Flag("num_threads", "torch CPU threads (default: torch's)", {"type": int}),
     Flag("max_pixels", "budget: most pixels per frame (default 4096*4096 or DIFFCORE_MAX_PIXELS)", {"type": int}),
     Flag("max_frames", "budget: most video frames (default 257 or DIFFCORE_MAX_FRAMES)", {"type": int}),

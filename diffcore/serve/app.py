@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Callable, Optional
 
+from . import origin
 from .errors import APIError
 from .files import FileStore
 from .metrics import Metrics
@@ -110,6 +111,7 @@ class Guard:
         self.app, self.state = app, state
         key = state.settings.api_key
         self.key = None if key is None else f"Bearer {key}".encode()
+        self.hosts = origin.allowed_hosts(state.settings)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -150,6 +152,9 @@ class Guard:
             self.state.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
     def _refuse(self, scope) -> Optional[APIError]:
+        error = origin.refuse(scope, self.state.settings, self.hosts)  # other web sites (docs/serve.md)
+        if error is not None:
+            return error
         path = scope["path"]
         if self.key is None or scope["method"] == "OPTIONS" or not (path.startswith("/v1") or path == "/metrics"):
             return None

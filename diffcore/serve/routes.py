@@ -52,11 +52,16 @@ async def read_body(request: Request) -> tuple[dict, dict[str, list], bool]:
             else:
                 fields[key] = value
         return fields, files, True
+    if ctype != "application/json":  # text/plain JSON is what a cross-site form sends (serve.origin)
+        raise APIError(415, f"send the body as JSON with 'Content-Type: application/json' (got {ctype or 'none'!r}), "
+                            "or as multipart/form-data where the route takes files", code="unsupported_media_type")
     raw = await request.body()
     try:
         body = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the body is not valid JSON ({exc})", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the body is nested too deeply to be a request", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
     return body, {}, False

@@ -1,6 +1,7 @@
 """Server options (what `diffcore serve` flags set): network, limits, batching, security."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import attrs
@@ -8,11 +9,25 @@ import attrs
 from ..errors import ConfigError
 
 
+def _flag(attribute) -> str:
+    return f"serve option {attribute.name} (--{attribute.name.replace('_', '-')})"
+
+
 def _positive(inst, attribute, value):
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"serve option {attribute.name}={value!r}: must be a positive number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ConfigError(f"{_flag(attribute)} {value!r}: must be a positive finite number")
+
+
+def _non_negative(inst, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
+        raise ConfigError(f"{_flag(attribute)} {value!r}: must be a finite number >= 0")
+
+
+def _port(inst, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError(f"--port {value!r}: must be a TCP port number, 1 to 65535")
 
 
 @attrs.define(kw_only=True)
@@ -20,11 +35,11 @@ class ServeSettings:
     """Defaults are the safe ones: loopback only, no CORS, bounded bodies, queues and uploads."""
 
     host: str = "127.0.0.1"
-    port: int = attrs.field(default=30010, validator=_positive)
+    port: int = attrs.field(default=30010, validator=_port)
     api_key: Optional[str] = None  # when set, every /v1 route and /metrics need "Authorization: Bearer KEY"
     served_model_name: Optional[str] = None  # the id /v1/models shows and `model` must match (default: --model)
     max_batch_size: int = attrs.field(default=8, validator=_positive)
-    batch_wait_ms: float = attrs.field(default=20.0, validator=attrs.validators.ge(0))
+    batch_wait_ms: float = attrs.field(default=20.0, validator=_non_negative)
     max_queue: int = attrs.field(default=64, validator=_positive)
     request_timeout: float = attrs.field(default=600.0, validator=_positive)  # seconds, per request
     max_body_bytes: int = attrs.field(default=32 * 2**20, validator=_positive)  # whole request body
@@ -33,7 +48,10 @@ class ServeSettings:
     file_ttl: float = attrs.field(default=3600.0, validator=_positive)  # seconds a `url` result / video is kept
     max_jobs: int = attrs.field(default=256, validator=_positive)  # video jobs remembered (oldest finished dropped)
     cors_origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)  # () = CORS off
+    # Host header names served besides 127.0.0.1 / localhost / [::1] / --host ("*": any); see serve.origin
+    allowed_hosts: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
     def __attrs_post_init__(self):
         if self.api_key is not None and not self.api_key.strip():
-            raise ConfigError("--api-key must not be empty; leave it out to serve without a key")
+            raise ConfigError("--api-key (or DIFFCORE_API_KEY) must not be empty: an empty key is no key; set a real "
+                              "one, or leave both unset to serve without a key")
