@@ -14,7 +14,7 @@ REQUIRED = {"generate": ["--prompt", "x", "--output", "o.png"], "serve": []}
 # one value per flag, other than EngineArgs' default, so a flag that does not reach its field is seen
 GIVEN = ["--device", "cpu:0", "--dtype", "bf16", "--attention-backend", "sdpa", "--compile", "--cache", "fbcache",
          "--cache-threshold", "0.25", "--quantization", "int8", "--gguf", "t.gguf", "vae=v.safetensors",
-         "--offload", "layers", "--variant", "fp16", "--revision", "v2", "--allow-pickle", "--num-threads", "3",
+         "--offload", "layers", "--variant", "fp16", "--revision", "v2", "--allow-pickle", "--allow-external-links", "--num-threads", "3",
          "--max-pixels", "4096", "--max-frames", "9", "--max-steps", "7", "--sp-degree", "2", "--cfg-parallel"]
 
 
