@@ -171,6 +171,15 @@ class PipelineConfig:
         """Which of the denoising stage's models serves timestep ``t`` (a multi-expert model overrides this)."""
         return 0
 
+    def wants_cfg(self, params) -> bool:
+        """Whether a request runs the unconditional branch at all: ``guidance_scale > 1`` ("cfg"),
+        ``true_cfg_scale > 1`` ("true_cfg", which also needs a negative prompt). Z-Image: ``guidance_scale > 0``."""
+        if self.cfg == "cfg":
+            return params.guidance_scale > 1.0
+        if self.cfg == "true_cfg":
+            return params.true_cfg_scale > 1.0
+        return False
+
     def guidance_active(self, params, step: int, t: torch.Tensor) -> bool:
         """The per-step guidance policy: whether a row with these sampling parameters runs the unconditional
         branch at ``step`` (timestep ``t``), asked only when its request runs CFG. Every step by default;

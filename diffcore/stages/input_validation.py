@@ -117,12 +117,7 @@ class InputValidationStage(PipelineStage):
         limits.check_size(req.height, req.width, req.num_frames if cfg.is_video else None)
         images = p.images
         req.images = [load_image(im, i) for i, im in enumerate(images)] if images else None
-        if cfg.cfg == "cfg":
-            want = p.guidance_scale > 1.0
-        elif cfg.cfg == "true_cfg":
-            want = p.true_cfg_scale > 1.0
-        else:
-            want = False
+        want = cfg.wants_cfg(p)
         negatives = p.negative_prompts(req.batch_size, cfg.default_negative_prompt)
         if cfg.cfg == "true_cfg" and want and negatives is None:
             want = False  # diffusers: true CFG needs a negative prompt

@@ -1,4 +1,4 @@
-"""diffcore entry point for zimage: hook implementations only.
+"""diffcore entry point for Z-Image: hook implementations only.
 
 diffcore imports this module at start-up to list the plugin, so it must stay cheap: no torch, and
 classes are named by import strings that diffcore resolves when a model is loaded.
@@ -8,28 +8,33 @@ from diffcore.records import ConfigRegistration, ModuleRegistration, PipelineReg
 
 _P = "diffcore_zimage.pipelines:"
 _C = "diffcore_zimage.configs:"
+TURBO, BASE = "Tongyi-MAI/Z-Image-Turbo", "Tongyi-MAI/Z-Image"
 
 
 @hookimpl
 def register_pipelines():
     return [
-        PipelineRegistration("ZImagePipeline", _P + "ZImagePipeline", "zimage"),
-        PipelineRegistration("ZImageImg2ImgPipeline", _P + "ZImageImg2ImgPipeline", "zimage"),
+        PipelineRegistration("ZImagePipeline", _P + "ZImagePipeline", "Z-Image / Z-Image-Turbo text-to-image"),
+        PipelineRegistration("ZImageImg2ImgPipeline", _P + "ZImageImg2ImgPipeline", "Z-Image image-to-image (strength)"),
     ]
 
 
 @hookimpl
 def register_configs():
-    # Add the Hub ids of real checkpoints (hf_ids=["org/name"]) so they select these configs.
+    # The base model is the pipeline's default (diffusers' defaults: 50 steps, CFG 5); Turbo is chosen by its
+    # Hub id, its alias or a local folder named like it (``is_zimage_turbo``).
     return [
-        ConfigRegistration("zimage", "ZImagePipeline", _C + "ZImageConfig",
-                           _C + "ZImageSamplingParams", default_for_pipeline=True),
-        ConfigRegistration("zimage-2", "ZImageImg2ImgPipeline", _C + "ZImageConfig",
-                           _C + "ZImageSamplingParams", default_for_pipeline=True),
+        ConfigRegistration("z-image-turbo", "ZImagePipeline", _C + "ZImageTurboConfig", _C + "ZImageTurboSamplingParams",
+                           hf_ids=[TURBO], aliases=["z-image-turbo"], detector=_C + "is_zimage_turbo", source=TURBO),
+        ConfigRegistration("z-image", "ZImagePipeline", _C + "ZImageConfig", _C + "ZImageSamplingParams",
+                           hf_ids=[BASE], aliases=["z-image"], default_for_pipeline=True, source=BASE),
+        ConfigRegistration("z-image-turbo-img2img", "ZImageImg2ImgPipeline", _C + "ZImageTurboConfig",
+                           _C + "ZImageTurboImg2ImgSamplingParams", detector=_C + "is_zimage_turbo"),
+        ConfigRegistration("z-image-img2img", "ZImageImg2ImgPipeline", _C + "ZImageConfig",
+                           _C + "ZImageImg2ImgSamplingParams", default_for_pipeline=True),
     ]
 
 
 @hookimpl
 def register_modules():
-    return [ModuleRegistration("ZImageTransformer2DModel",
-                               "diffcore_zimage.transformer:ZImageTransformer2DModel")]
+    return [ModuleRegistration("ZImageTransformer2DModel", "diffcore_zimage.transformer:ZImageTransformer2DModel")]

@@ -1,207 +1,305 @@
-"""ZImageTransformer2DModel: a small diffusion transformer (DiT) over VAE latents.
+"""ZImageTransformer2DModel: Z-Image's single-stream DiT (parameter names equal diffusers').
 
-    latents (B, C, H, W) --pos_embed--> tokens (B, H/p * W/p, D) + fixed 2-D sin-cos positions
-    t, pooled text --time_text_embed--> temb (B, D)
-    text states (B, L, joint_attention_dim) --context_embedder--> (B, L, D)
-    transformer_blocks: AdaLN-Zero self-attention, cross-attention to the text, AdaLN-Zero MLP
-    norm_out (AdaLN) -> proj_out -> unpatchify -> velocity prediction (B, C, H, W)
+    latents (B, 16, H, W) -> 2x2 patches -> all_x_embedder -> image tokens, padded to a multiple of 32 with the
+        learned x_pad_token -> noise_refiner (modulated blocks, image tokens only)
+    caption states (L_i, 2560) per row -> cap_embedder (RMSNorm + Linear) -> padded to a multiple of 32 with
+        cap_pad_token -> context_refiner (unmodulated blocks, caption only)
+    [image, caption] per row (rows padded to the longest, masked) -> layers -> all_final_layer -> unpatchify
 
-Parameter names follow Diffusers' DiT / PixArt / FLUX modules (``pos_embed.proj``,
-``time_text_embed.timestep_embedder.linear_1``, ``attn1.to_q``, ``ff.net.0.proj``, ``norm_out.linear``,
-``proj_out``), so checkpoints look like Diffusers ones. Attention goes through diffcore's dispatch,
-so attention backends (and sequence parallelism) apply to this model unchanged.
+Blocks: sandwich RMSNorms around attention and the SwiGLU MLP, scale-only adaLN from a 256-d timestep embedding
+with tanh gates, QK RMSNorm, 3-axis complex RoPE (caption position 1+i; image (L_cap_padded + 1, h, w); image
+padding (0, 0, 0)). The model's time runs 0 = noise -> 1 = clean (the pipeline passes 1 - sigma).
+
+Everything that depends only on the request (caption lengths, RoPE rows, masks) is built once per request by
+``layout`` and passed in at every step; the block-cache protocol (``cache_embed`` / ``cache_blocks`` /
+``cache_tail``) runs the main layers, with the refiners in the embedding.
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
+import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffcore.cache.base import CacheState
+from diffcore.errors import SamplingParamError
 from diffcore.models.attention import attention
 from diffcore.models.base import ModelMixin
-from diffcore.models.embeddings import TimestepEmbedding, timestep_embedding
-from diffcore.models.linear import Linear  # nn.Linear with the CPU fast path; LoRA adapters apply to these
+from diffcore.models.dit import rotate
+from diffcore.models.embeddings import timestep_embedding
+from diffcore.models.linear import Linear
+from diffcore.parallel import sequence_shard
+
+from .key_layouts import LAYOUTS
+
+ADALN_EMBED_DIM = 256
+SEQ_MULTI_OF = 32
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale) + shift
+def padded(n: int) -> int:
+    return n + (-n) % SEQ_MULTI_OF
 
 
-def sincos_positions(dim: int, h: int, w: int, device=None) -> torch.Tensor:
-    """Fixed 2-D sin-cos table (h * w, dim), as in MAE / DiT: half the channels encode the row, half the column."""
-    quarter = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
-    rows = torch.arange(h, dtype=torch.float64, device=device).repeat_interleave(w)
-    cols = torch.arange(w, dtype=torch.float64, device=device).repeat(h)
-    parts = []
-    for pos in (rows, cols):
-        angles = torch.outer(pos, omega)
-        parts += [angles.sin(), angles.cos()]
-    return torch.cat(parts, dim=1).float()
+class RMSNorm(nn.Module):
+    """diffusers' RMSNorm: statistics in fp32, cast to a half weight's dtype before scaling."""
 
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> tokens, plus positions (cached per grid size: computed once, not per step)."""
-
-    def __init__(self, in_channels: int, dim: int, patch_size: int):
+    def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
-        if dim % 4:
-            raise ValueError(f"the model width ({dim}) must be a multiple of 4 for 2-D sin-cos positions")
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
-        self._positions: dict = {}
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)
-        _, d, h, w = x.shape
-        key = (h, w, x.device, x.dtype)
-        if key not in self._positions:
-            self._positions[key] = sincos_positions(d, h, w, x.device).to(x.dtype)
-        return x.flatten(2).transpose(1, 2) + self._positions[key]
+        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return x * self.weight
 
 
-class TimeTextEmbedding(nn.Module):
-    """``temb = MLP(sinusoid(t)) + MLP(pooled text)`` (Diffusers' CombinedTimestepTextProjEmbeddings)."""
+class TimestepEmbedder(nn.Module):
+    """Sinusoid (cos, sin) of 256 channels -> MLP 256 -> 1024 -> ``out_size`` (``mlp.0`` / ``mlp.2``)."""
 
-    def __init__(self, dim: int, pooled_dim: int):
+    def __init__(self, out_size: int, mid_size: int = 1024):
         super().__init__()
-        self.timestep_embedder = TimestepEmbedding(256, dim)
-        self.text_embedder = TimestepEmbedding(pooled_dim, dim)  # same linear_1 / act / linear_2 layout
+        self.mlp = nn.Sequential(Linear(256, mid_size), nn.SiLU(), Linear(mid_size, out_size))
 
-    def forward(self, timestep: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        freqs = timestep_embedding(timestep, 256, flip_sin_to_cos=True, downscale_freq_shift=0).to(pooled.dtype)
-        return self.timestep_embedder(freqs) + self.text_embedder(pooled)
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        freqs = timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        return self.mlp(freqs.to(dtype))
 
 
 class Attention(nn.Module):
-    """Multi-head attention with QK-RMSNorm (keeps logits bounded, as in FLUX / SD3); self-attention
-    when ``context`` is None, cross-attention to ``context`` otherwise."""
+    """Self-attention with QK RMSNorm (eps 1e-5, as diffusers builds it) and complex RoPE; no biases."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int):
+    def __init__(self, dim: int, heads: int):
         super().__init__()
-        inner = heads * head_dim
-        self.heads = heads
-        self.norm_q = nn.RMSNorm(head_dim, eps=1e-6)
-        self.norm_k = nn.RMSNorm(head_dim, eps=1e-6)
-        self.to_q = Linear(dim, inner)
-        self.to_k = Linear(dim, inner)
-        self.to_v = Linear(dim, inner)
-        self.to_out = nn.ModuleList([Linear(inner, dim), nn.Identity()])  # Diffusers: [linear, dropout]
+        self.heads, head_dim = heads, dim // heads
+        self.to_q, self.to_k, self.to_v = (Linear(dim, dim, bias=False) for _ in range(3))
+        self.norm_q, self.norm_k = RMSNorm(head_dim, eps=1e-5), RMSNorm(head_dim, eps=1e-5)
+        self.to_out = nn.ModuleList([Linear(dim, dim, bias=False)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        kv = x if context is None else context
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor], shard=None) -> torch.Tensor:
         q = self.norm_q(self.to_q(x).unflatten(-1, (self.heads, -1)))
-        k = self.norm_k(self.to_k(kv).unflatten(-1, (self.heads, -1)))
-        v = self.to_v(kv).unflatten(-1, (self.heads, -1))
-        return self.to_out[0](attention(q, k, v).flatten(2).to(x.dtype))
-
-
-class GELU(nn.Module):
-    """Linear + tanh-GELU (Diffusers' ``GELU`` activation module, the ``proj`` in ``net.0.proj``)."""
-
-    def __init__(self, dim: int, inner: int):
-        super().__init__()
-        self.proj = Linear(dim, inner)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
+        k = self.norm_k(self.to_k(x).unflatten(-1, (self.heads, -1)))
+        v = self.to_v(x).unflatten(-1, (self.heads, -1))
+        q, k = rotate(q, rope), rotate(k, rope)
+        return self.to_out[0](attention(q, k, v, attn_mask=mask, shard=shard).flatten(2).to(x.dtype))
 
 
 class FeedForward(nn.Module):
-    """MLP named like Diffusers' FeedForward: ``net.0.proj``, ``net.2`` (``net.1`` is a parameter-free dropout)."""
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``."""
 
-    def __init__(self, dim: int, inner: int):
+    def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.net = nn.ModuleList([GELU(dim, inner), nn.Identity(), Linear(inner, dim)])
+        self.w1, self.w2, self.w3 = Linear(dim, hidden_dim, bias=False), Linear(hidden_dim, dim, bias=False), \
+            Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
-
-
-class AdaLNModulation(nn.Module):
-    """``linear(silu(temb))`` split into ``n`` per-sample (B, 1, D) shift / scale / gate vectors."""
-
-    def __init__(self, dim: int, n: int):
-        super().__init__()
-        self.n = n
-        self.linear = Linear(dim, n * dim)
-
-    def forward(self, temb_act: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.linear(temb_act).unsqueeze(1).chunk(self.n, dim=-1)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class ZImageTransformerBlock(nn.Module):
-    """DiT block: AdaLN-Zero self-attention, cross-attention to the text, AdaLN-Zero MLP."""
+    """Sandwich-normed attention + SwiGLU; with ``modulation``, scale-only adaLN and tanh gates from the timestep."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float):
+    def __init__(self, dim: int, n_heads: int, norm_eps: float, modulation: bool = True):
         super().__init__()
-        self.norm1 = AdaLNModulation(dim, 6)
-        self.attn1 = Attention(dim, heads, head_dim)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn2 = Attention(dim, heads, head_dim)
-        self.ff = FeedForward(dim, int(dim * mlp_ratio))
+        self.attention = Attention(dim, n_heads)
+        self.feed_forward = FeedForward(dim, int(dim / 3 * 8))
+        self.attention_norm1, self.ffn_norm1 = RMSNorm(dim, eps=norm_eps), RMSNorm(dim, eps=norm_eps)
+        self.attention_norm2, self.ffn_norm2 = RMSNorm(dim, eps=norm_eps), RMSNorm(dim, eps=norm_eps)
+        self.modulation = modulation
+        if modulation:
+            self.adaLN_modulation = nn.Sequential(Linear(min(dim, ADALN_EMBED_DIM), 4 * dim))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb_act)
-        x = x + gate_msa * self.attn1(_modulate(x, shift_msa, scale_msa))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + gate_mlp * self.ff(_modulate(x, shift_mlp, scale_mlp))
+    def modulations(self, adaln: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=2)
+        return 1.0 + scale_msa, gate_msa.tanh(), 1.0 + scale_mlp, gate_mlp.tanh()
+
+    def forward(self, x, rope, mask, adaln: Optional[torch.Tensor] = None, shard=None) -> torch.Tensor:
+        if not self.modulation:
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask, shard))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.modulations(adaln)
+        x = x + gate_msa * self.attention_norm2(self.attention(self.attention_norm1(x) * scale_msa, rope, mask, shard))
+        return x + gate_mlp * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.linear = Linear(dim, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(min(dim, ADALN_EMBED_DIM), dim))
+
+    def forward(self, x: torch.Tensor, adaln: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 + self.adaLN_modulation(adaln).unsqueeze(1)
+        return self.linear(F.layer_norm(x, (x.shape[-1],), eps=1e-6) * scale)
+
+
+@attrs.frozen
+class RopeSpec:
+    """The checkpoint's RoPE: per-axis dims, table lengths (``axes_lens``: the largest position) and theta."""
+
+    axes_dims: tuple[int, ...]
+    axes_lens: tuple[int, ...]
+    theta: float
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(N, 3) integer positions -> per-pair [cos, sin] (N, D/2, 2): diffusers' tables indexed by ``ids``."""
+        parts = []
+        for axis, (d, n) in enumerate(zip(self.axes_dims, self.axes_lens)):
+            pos = ids[:, axis]
+            if int(pos.max()) >= n:
+                param, what = (("max_sequence_length", "caption"), ("height", "image height"),
+                               ("width", "image width"))[axis]
+                raise SamplingParamError(param, f"the {what} needs RoPE position {int(pos.max())}, beyond this "
+                                                f"checkpoint's axes_lens[{axis}] = {n}; use a smaller size or prompt")
+            freqs = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d))
+            angles = torch.outer(pos.to(torch.float64), freqs).float()
+            parts.append(torch.stack([angles.cos(), angles.sin()], dim=-1))
+        return torch.cat(parts, dim=1)
+
+
+@attrs.frozen
+class ZImageLayout:
+    """Per-request constants of one branch: caption lengths, RoPE tables and masks of every sequence."""
+
+    spec: RopeSpec
+    cap_lens: tuple[int, ...]
+    grid: tuple[int, int]  # (H/2, W/2) image tokens
+    x_rope: torch.Tensor  # (B, Nx, 1, D/2, 2): image tokens (the same grid for every row, its frame index per row)
+    cap_rope: torch.Tensor  # (B, Lc, 1, D/2, 2): the longest padded caption
+    cap_mask: Optional[torch.Tensor]  # (B, 1, 1, Lc) bool; None when every padded caption has the same length
+    rope: torch.Tensor  # (B, Nx + Lc, 1, D/2, 2): [image, caption] per row
+    mask: Optional[torch.Tensor]  # (B, 1, 1, Nx + Lc) bool
+
+    def rows(self, index: Sequence[int]) -> "ZImageLayout":
+        """The layout of a subset of the rows (their own longest caption)."""
+        return build_layout(self.spec, [self.cap_lens[i] for i in index], self.grid, self.x_rope.device)
+
+
+def build_layout(spec: RopeSpec, cap_lens: Sequence[int], grid: tuple[int, int], device=None) -> ZImageLayout:
+    """RoPE tables and masks for rows with these caption lengths and an image grid of (H/2, W/2) tokens.
+
+    Positions as diffusers': caption token i (padding included) at (1 + i, 0, 0); image token (h, w) at
+    (L_cap_padded + 1, h, w); image padding at (0, 0, 0). Rows are right-padded to the longest and masked."""
+    gh, gw = grid
+    n_img = gh * gw
+    nx = padded(n_img)
+    cap_padded = [padded(n) for n in cap_lens]
+    lc = max(cap_padded)
+    hw = torch.stack(torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device),
+                                    indexing="ij"), dim=-1).reshape(n_img, 2)
+    x_rope, cap_rope, rope = [], [], []
+    for lp in cap_padded:
+        img = torch.cat([torch.full((n_img, 1), lp + 1, device=device), hw], dim=1)
+        img = torch.cat([img, torch.zeros(nx - n_img, 3, dtype=img.dtype, device=device)])
+        cap = torch.zeros(lp, 3, dtype=img.dtype, device=device)
+        cap[:, 0] = torch.arange(1, lp + 1, device=device)
+        x_rows, cap_rows = spec.rows(img), spec.rows(cap)
+        x_rope.append(x_rows)
+        cap_rope.append(F.pad(cap_rows, (0, 0, 0, 0, 0, lc - lp)))
+        rope.append(F.pad(torch.cat([x_rows, cap_rows]), (0, 0, 0, 0, 0, lc - lp)))
+    cap_mask = mask = None
+    if any(lp != lc for lp in cap_padded):
+        keys = torch.arange(lc, device=device)[None, :] < torch.tensor(cap_padded, device=device)[:, None]
+        cap_mask = keys[:, None, None, :]
+        mask = torch.cat([torch.ones(len(cap_lens), nx, dtype=torch.bool, device=device), keys], dim=1)[:, None, None]
+    return ZImageLayout(spec=spec, cap_lens=tuple(cap_lens), grid=(gh, gw), x_rope=torch.stack(x_rope)[:, :, None],
+                        cap_rope=torch.stack(cap_rope)[:, :, None], cap_mask=cap_mask,
+                        rope=torch.stack(rope)[:, :, None], mask=mask)
 
 
 class ZImageTransformer2DModel(ModelMixin):
-    """Velocity prediction for flow matching. ``timestep`` is ``t / 1000`` in [0, 1] (diffcore's default
-    ``model_timestep``); the model scales it back to [0, 1000] for the sinusoidal embedding."""
-
     diffusers_class_name = "ZImageTransformer2DModel"
+    checkpoint_layouts = LAYOUTS
 
-    def __init__(
-        self,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        out_channels: int | None = None,
-        num_layers: int = 4,
-        num_attention_heads: int = 4,
-        attention_head_dim: int = 64,
-        joint_attention_dim: int = 768,
-        pooled_projection_dim: int = 768,
-        mlp_ratio: float = 4.0,
-    ):
+    def __init__(self, all_patch_size=(2,), all_f_patch_size=(1,), in_channels: int = 16, dim: int = 3840,
+                 n_layers: int = 30, n_refiner_layers: int = 2, n_heads: int = 30, n_kv_heads: int = 30,
+                 norm_eps: float = 1e-5, qk_norm: bool = True, cap_feat_dim: int = 2560, rope_theta: float = 256.0,
+                 t_scale: float = 1000.0, axes_dims=(32, 48, 48), axes_lens=(1024, 512, 512)):
         super().__init__()
-        self.patch_size = patch_size
-        self.out_channels = out_channels or in_channels
-        dim = num_attention_heads * attention_head_dim
-        self.pos_embed = PatchEmbed(in_channels, dim, patch_size)
-        self.time_text_embed = TimeTextEmbedding(dim, pooled_projection_dim)
-        self.context_embedder = Linear(joint_attention_dim, dim)
-        self.transformer_blocks = nn.ModuleList(
-            [ZImageTransformerBlock(dim, num_attention_heads, attention_head_dim, mlp_ratio)
-             for _ in range(num_layers)]
-        )
-        self.norm_out = AdaLNModulation(dim, 2)  # (scale, shift), Diffusers' AdaLayerNormContinuous order
-        self.proj_out = Linear(dim, patch_size * patch_size * self.out_channels)
-        self._zero_init()
+        if tuple(all_patch_size) != (2,) or tuple(all_f_patch_size) != (1,):
+            raise ValueError(f"only 2x2 (frame 1) patches are supported, got all_patch_size={all_patch_size}, "
+                             f"all_f_patch_size={all_f_patch_size}")
+        if n_kv_heads != n_heads or not qk_norm:
+            raise ValueError("Z-Image checkpoints use n_kv_heads == n_heads and qk_norm (as diffusers' class does)")
+        if dim // n_heads != sum(axes_dims):
+            raise ValueError(f"head dim {dim // n_heads} must equal sum(axes_dims) = {sum(axes_dims)}")
+        self.in_channels, self.dim, self.n_heads = in_channels, dim, n_heads
+        self.t_scale = t_scale
+        self.rope_spec = RopeSpec(tuple(axes_dims), tuple(axes_lens), float(rope_theta))
+        self.all_x_embedder = nn.ModuleDict({"2-1": Linear(4 * in_channels, dim)})
+        self.all_final_layer = nn.ModuleDict({"2-1": FinalLayer(dim, 4 * in_channels)})
+        self.noise_refiner = nn.ModuleList([ZImageTransformerBlock(dim, n_heads, norm_eps) for _ in range(n_refiner_layers)])
+        self.context_refiner = nn.ModuleList([ZImageTransformerBlock(dim, n_heads, norm_eps, modulation=False)
+                                              for _ in range(n_refiner_layers)])
+        self.t_embedder = TimestepEmbedder(min(dim, ADALN_EMBED_DIM), mid_size=1024)
+        self.cap_embedder = nn.Sequential(RMSNorm(cap_feat_dim, eps=norm_eps), Linear(cap_feat_dim, dim))
+        self.x_pad_token = nn.Parameter(torch.zeros((1, dim)))
+        self.cap_pad_token = nn.Parameter(torch.zeros((1, dim)))
+        self.layers = nn.ModuleList([ZImageTransformerBlock(dim, n_heads, norm_eps) for _ in range(n_layers)])
 
-    def _zero_init(self) -> None:
-        """adaLN-Zero (DiT): residual gates and the output start at zero, so training starts from identity."""
-        if self.proj_out.weight.is_meta:  # built by the loader: the checkpoint supplies every weight
-            return
-        for layer in [*(b.norm1.linear for b in self.transformer_blocks), self.proj_out]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+    def layout(self, cap_lens: Sequence[int], grid: tuple[int, int], device=None) -> ZImageLayout:
+        """Per-request RoPE tables and masks (``build_layout``), built once and passed in at every step."""
+        return build_layout(self.rope_spec, cap_lens, grid, device)
 
+    # ---- forward = tail(blocks(embed)) --------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                pooled_projections: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = hidden_states.shape
-        p = self.patch_size
-        if h % p or w % p:
-            raise ValueError(f"latent size {h}x{w} is not a multiple of the patch size {p}")
-        x = self.pos_embed(hidden_states)
-        t = timestep.to(x.dtype).reshape(-1).expand(b) * 1000
-        temb_act = F.silu(self.time_text_embed(t, pooled_projections.to(x.dtype)))
-        context = self.context_embedder(encoder_hidden_states.to(x.dtype))
-        for block in self.transformer_blocks:
-            x = block(x, context, temb_act)
-        scale, shift = self.norm_out(temb_act)
-        x = self.proj_out(_modulate(x, shift, scale))
-        # unpatchify: (B, h*w, p*p*C) -> (B, C, h*p, w*p)
-        x = x.view(b, h // p, w // p, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(b, self.out_channels, h, w)
+                layout: ZImageLayout) -> torch.Tensor:
+        """``hidden_states`` (B, C, H, W) latents; ``timestep`` (B,) in [0, 1] (1 = clean);
+        ``encoder_hidden_states`` (B, L, cap_feat_dim), row i's first ``layout.cap_lens[i]`` rows real.
+        Returns the model output (B, C, H, W), in diffusers' sign (the pipeline negates it)."""
+        state = self.cache_embed(hidden_states, timestep, encoder_hidden_states, layout)
+        return self.cache_tail(self.cache_blocks(state, 0, self.cache_num_blocks))
+
+    def cache_embed(self, hidden_states, timestep, encoder_hidden_states, layout: ZImageLayout) -> CacheState:
+        """Patchify and embed both streams, run the refiners, build the unified [image, caption] sequence."""
+        b, c, h, w = hidden_states.shape
+        gh, gw = h // 2, w // 2
+        n_img, nx = gh * gw, padded(gh * gw)
+        dtype = self.x_pad_token.dtype
+        adaln = self.t_embedder(timestep.float().reshape(-1).expand(b) * self.t_scale, dtype)
+        patches = hidden_states.to(dtype).view(b, c, gh, 2, gw, 2).permute(0, 2, 4, 3, 5, 1).reshape(b, n_img, 4 * c)
+        x = self.all_x_embedder["2-1"](patches)
+        x = torch.cat([x, self.x_pad_token.expand(b, nx - n_img, -1)], dim=1)
+        for block in self.noise_refiner:
+            x = block(x, layout.x_rope, None, adaln)
+
+        lc = layout.cap_rope.shape[1]
+        cap = self.cap_embedder(encoder_hidden_states.to(dtype)[:, : max(layout.cap_lens)])
+        keep = torch.arange(lc, device=cap.device)[None, :] < torch.tensor(layout.cap_lens, device=cap.device)[:, None]
+        cap = torch.where(keep[..., None], F.pad(cap, (0, 0, 0, lc - cap.shape[1])), self.cap_pad_token)
+        for block in self.context_refiner:
+            cap = block(cap, layout.cap_rope, layout.cap_mask)
+
+        unified = torch.cat([x, cap], dim=1)
+        rope, shard = layout.rope, sequence_shard(unified.shape[1])
+        if shard is not None:  # sequence parallelism: this rank runs a shard of the unified sequence
+            unified, rope = shard.split(unified), shard.split(rope)
+        return CacheState(hidden=unified, extra={"adaln": adaln, "rope": rope, "mask": layout.mask,
+                                                 "size": (c, h, w)}, shard=shard)
+
+    @property
+    def cache_num_blocks(self) -> int:
+        return len(self.layers)
+
+    def cache_blocks(self, state: CacheState, start: int, stop: int) -> CacheState:
+        e = state.extra
+        for block in self.layers[start:stop]:
+            state.hidden = block(state.hidden, e["rope"], e["mask"], e["adaln"], shard=state.shard)
+        return state
+
+    def cache_probe(self, state: CacheState) -> torch.Tensor:
+        """TeaCache's signal: the first layer's timestep-scaled input."""
+        scale_msa = self.layers[0].modulations(state.extra["adaln"])[0]
+        return self.layers[0].attention_norm1(state.hidden) * scale_msa
+
+    def cache_tail(self, state: CacheState) -> torch.Tensor:
+        out = self.all_final_layer["2-1"](state.hidden, state.extra["adaln"])
+        if state.shard is not None:
+            out = state.shard.gather(out)
+        c, h, w = state.extra["size"]
+        b, gh, gw = out.shape[0], h // 2, w // 2
+        out = out[:, : gh * gw].reshape(b, gh, gw, 2, 2, c).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(b, c, h, w)

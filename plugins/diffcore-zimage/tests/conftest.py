@@ -1,6 +1,7 @@
-"""A tiny zimage checkpoint in Diffusers format, and a generator loaded from it.
+"""Tiny Z-Image checkpoints (diffusers' names and configs, diffcore's own modules) and generators loaded from them.
 
 Fixtures from diffcore's pytest plugin (installed with diffcore): ``isolated_plugin_manager``.
+The folder name picks the config as for real checkpoints: ``...-turbo`` is Z-Image-Turbo, else Z-Image (base).
 """
 from __future__ import annotations
 
@@ -10,44 +11,42 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is offline
 
-PIPELINE = "ZImagePipeline"
-# Small enough to run in well under a second; width 32 matches the tiny CLIP text encoder.
-TINY_TRANSFORMER = dict(patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=16,
-                        joint_attention_dim=32, pooled_projection_dim=32)
 
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    """{"turbo": ..., "base": ..., "img2img": ...}: the same tiny weights under each pipeline / name."""
+    from diffcore_zimage.testing import write_tiny_zimage
 
-def write_tiny_checkpoint(folder, pipeline: str = PIPELINE, seed: int = 0):
-    """Random, perturbed weights (norm scales and biases off their init values, so every weight matters)."""
-    from diffcore.testing.checkpoints import flow_match_scheduler, tiny_autoencoder_kl, tiny_clip, write_checkpoint
-    from diffcore.testing.weights import perturb_
-    from diffcore_zimage.transformer import ZImageTransformer2DModel
-
-    tokenizer, text_encoder = tiny_clip(seed=seed)
-    transformer = ZImageTransformer2DModel.from_config(TINY_TRANSFORMER)
-    return write_checkpoint(folder, pipeline, {
-        "transformer": perturb_(transformer, seed=seed + 1),
-        "vae": tiny_autoencoder_kl(latent_channels=4, seed=seed + 2),
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": flow_match_scheduler(shift=3.0),
-    })
-
-
-@pytest.fixture
-def tiny_transformer_config():
-    return dict(TINY_TRANSFORMER)
+    root = tmp_path_factory.mktemp("zimage")
+    return {"turbo": write_tiny_zimage(root / "tiny-z-image-turbo"),
+            "base": write_tiny_zimage(root / "tiny-z-image", shift=6.0),
+            "img2img": write_tiny_zimage(root / "tiny-z-image-img2img", pipeline="ZImageImg2ImgPipeline")}
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("zimage") / "model")
+def tiny_checkpoint(folders):
+    return folders["turbo"]
 
 
 @pytest.fixture
-def generator(isolated_plugin_manager, tiny_checkpoint):
-    """The checkpoint loaded by diffcore's real loader, with only this plugin registered."""
+def load(isolated_plugin_manager):
+    """``load(folder, **engine_args)``: a DiffGenerator in fp32, with only this plugin registered."""
     import diffcore_zimage.plugin
     from diffcore import DiffGenerator
 
-    isolated_plugin_manager(diffcore_zimage.plugin)
-    return DiffGenerator.from_pretrained(tiny_checkpoint, dtype="float32", progress=False)
+    manager = isolated_plugin_manager(diffcore_zimage.plugin)
+
+    def make(folder, **kwargs):
+        return DiffGenerator.from_pretrained(folder, dtype="float32", progress=False, plugin_manager=manager, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def generator(load, folders):
+    return load(folders["turbo"])
+
+
+@pytest.fixture
+def base(load, folders):
+    return load(folders["base"])
