@@ -123,6 +123,7 @@ def _serve(args) -> int:
     try:
         from .serve.server import serve
         from .serve.settings import ServeSettings
+        from .serve.store import default_state_dir
 
         settings = ServeSettings(
             host=args.host, port=args.port,
@@ -131,7 +132,8 @@ def _serve(args) -> int:
             batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, request_timeout=args.request_timeout,
             max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
             max_upload_pixels=args.max_upload_pixels, file_ttl=args.file_ttl, cors_origins=args.cors_origin or (),
-            allowed_hosts=args.allowed_host or ())
+            allowed_hosts=args.allowed_host or (),
+            state_dir=args.state_dir or str(default_state_dir(args.port)))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -183,6 +185,8 @@ def _add_serve(sub) -> None:
     s.add_argument("--max-upload-bytes", type=int, default=16 * 2**20, help="largest uploaded image file")
     s.add_argument("--max-upload-pixels", type=int, help="largest uploaded image, in pixels (default: the engine's max_pixels)")
     s.add_argument("--file-ttl", type=float, default=3600.0, help="seconds `url` images and videos are kept")
+    s.add_argument("--state-dir", help="folder for video jobs and kept files (SQLite + files; survives restarts; one "
+                                       "server per folder; default: ~/.cache/diffcore/serve/port-PORT)")
     s.add_argument("--cors-origin", action="append", help="allow browser requests from this origin (repeatable; default: none)")
     s.add_argument("--allowed-host", action="append", metavar="NAME",
                    help="also answer requests whose Host header is NAME (repeatable; '*': any; default: 127.0.0.1, "

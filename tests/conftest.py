@@ -26,6 +26,19 @@ def _plugin_env(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _serve_state_home(tmp_path_factory):
+    """`diffcore serve` processes started by tests keep their state folders (default: one per port under
+    $DIFFCORE_STATE_HOME) in this session's temporary folder, not in the user's cache."""
+    previous = os.environ.get("DIFFCORE_STATE_HOME")
+    os.environ["DIFFCORE_STATE_HOME"] = str(tmp_path_factory.mktemp("serve-state"))
+    yield
+    if previous is None:
+        os.environ.pop("DIFFCORE_STATE_HOME", None)
+    else:
+        os.environ["DIFFCORE_STATE_HOME"] = previous
+
+
 @pytest.fixture
 def machine_fastpaths(monkeypatch):
     """The fast paths this machine allows, whatever an outer ``DIFFCORE_PORTABLE`` says: for the tests

@@ -94,17 +94,20 @@ def test_dataflow_proof_covers_audio():
 def test_video_job_says_it_has_audio(tmp_path):
     from diffcore.serve.files import FileStore
     from diffcore.serve.jobs import VideoJob, VideoJobs
-    from diffcore.serve.videos import encode_video
+    from diffcore.serve.store import StateStore
+    from diffcore.serve.videos import ENCODERS
 
-    files = FileStore(ttl=60)
-    jobs = VideoJobs(runner=None, files=files, model="m", max_jobs=4, encode=encode_video)
+    store = StateStore(tmp_path / "state")
+    files = FileStore(store, ttl=60)
+    jobs = VideoJobs(runner=None, files=files, store=store, model="m", max_jobs=4, ttl=60,
+                     encoders={"video": ENCODERS["video"]})
     try:
         for audio in (True, False):
-            job = VideoJob(id="video_x", model="m", size=None, seconds=None, created_at=0)
+            job = VideoJob(id="video_x", model="m", prompt="p", size=None, seconds=None, created_at=0)
             jobs._write(job, _result(audio=audio))
             assert job.status == "completed" and job.to_json()["has_audio"] is audio
             if audio:  # the served file itself carries the track
-                assert read_audio(files.get(job.file_id).path)[1] == RATE
+                assert read_audio(files.get(job.files["video"]).path)[1] == RATE
     finally:
         jobs.close()
-        files.close()
+        store.close()

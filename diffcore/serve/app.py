@@ -14,6 +14,7 @@ from .errors import APIError
 from .files import FileStore
 from .metrics import Metrics
 from .settings import ServeSettings
+from .store import StateStore
 
 log = logging.getLogger("diffcore.serve")
 
@@ -31,7 +32,11 @@ class ServerState:
         self.closing = False
         self.created = int(time.time())
         self.metrics = Metrics()
-        self.files = FileStore(settings.file_ttl)
+        self.store = StateStore(settings.state_dir)  # the lock: a second server on this folder stops here
+        self.files = FileStore(self.store, settings.file_ttl)
+        self.store.remove_orphans()
+        self.files.sweep()
+        self._stop_sweeper = threading.Event()
         self.ready = threading.Event()
         self.loading: Optional[threading.Thread] = None  # the loader's thread, once started
 
@@ -39,7 +44,7 @@ class ServerState:
         """Start serving ``generator``: the runner (batching scheduler) and the video job table."""
         from .jobs import VideoJobs
         from .runner import make_runner
-        from .videos import encode_video
+        from .videos import ENCODERS
 
         s = self.settings
         self.model_name = self.model_name or str(generator.model)
@@ -48,8 +53,20 @@ class ServerState:
         runner.on_batch = self.metrics.batch_size.observe
         self.metrics.queue_depth.set_function(lambda: runner.queue_depth)
         self.generator, self.runner = generator, runner
-        self.jobs = VideoJobs(runner, self.files, self.model_name, s.max_jobs, encode_video, self.step_timer())
+        self.jobs = VideoJobs(runner, self.files, self.store, self.model_name, s.max_jobs, s.file_ttl, ENCODERS,
+                              self.step_timer())
+        threading.Thread(target=self._sweep_loop, name="diffcore-serve-sweeper", daemon=True).start()
         self.ready.set()
+
+    def _sweep_loop(self) -> None:
+        """Delete expired files and jobs every so often (lookups also skip what has expired)."""
+        period = min(60.0, max(self.settings.file_ttl / 4, 0.5))
+        while not self._stop_sweeper.wait(period):
+            try:
+                self.jobs.sweep()
+                self.files.sweep()
+            except Exception:  # noqa: BLE001 (a failed sweep is retried next period; serving goes on)
+                log.exception("sweeping expired files failed")
 
     def load(self, loader: Callable[[], object]) -> None:
         """Load in this thread (the server answers 503 meanwhile); a failure is kept for /health."""
@@ -83,13 +100,15 @@ class ServerState:
         return on_step
 
     def close(self) -> None:
-        """Stop taking work, finish what the engine holds, drop the kept files."""
+        """Stop taking work, finish what the engine holds (its videos are written), release the state folder.
+        Finished content stays in the folder for the next server (a temporary folder is deleted)."""
         self.closing = True
+        self._stop_sweeper.set()
         if self.runner is not None:
             self.runner.shutdown(wait=True)
         if self.jobs is not None:
             self.jobs.close()
-        self.files.close()
+        self.store.close()
 
 
 def _json(status: int, body: dict, headers: dict) -> tuple[dict, bytes]:
@@ -203,7 +222,7 @@ def create_app(settings: Optional[ServeSettings] = None, generator=None, loader:
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
-    from . import loras, routes, videos
+    from . import chat, loras, routes, videos
 
     settings = settings or ServeSettings()
     state = ServerState(settings, model_name)
@@ -247,6 +266,7 @@ def create_app(settings: Optional[ServeSettings] = None, generator=None, loader:
     app.include_router(routes.router)
     app.include_router(videos.router)
     app.include_router(loras.router)
+    app.include_router(chat.router)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

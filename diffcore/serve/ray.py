@@ -62,7 +62,10 @@ def deployment(model: str, settings: Optional[ServeSettings] = None, engine_kwar
     """
     from ray import serve
 
-    settings = settings or ServeSettings()
+    import attrs
+
+    # each replica keeps its jobs and files in a temporary folder of its own (one state folder, one server)
+    settings = attrs.evolve(settings or ServeSettings(), state_dir=None)
     engine_kwargs = dict(engine_kwargs or {})
 
     loras = list(loras)

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import logging
+import secrets
 import time
 from importlib import resources
 from typing import Optional
@@ -17,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import QueueFullError
 from . import schemas
 from .errors import APIError, bad_param, from_exception
+from .peers import warning_headers
 
 log = logging.getLogger("diffcore.serve")
 router = APIRouter()
@@ -126,7 +128,13 @@ async def wait_all(request: Request, state, futures: list) -> list:
     return results
 
 
-async def run_images(request: Request, state, job: schemas.ImageJob) -> Response:
+def has_alpha(state) -> bool:
+    """Whether the served model makes pictures with an alpha channel (its config says ``has_alpha``)."""
+    return bool(getattr(state.generator.config, "has_alpha", False))
+
+
+async def render_images(request: Request, state, job: schemas.ImageJob) -> tuple[list[tuple[bytes, int]], str]:
+    """Run an images request: ([(encoded image, seed)], "WxH"). Raises ClientGone when the client left."""
     if state.generator.config.is_video:
         raise bad_param("model", f"model {state.model_name!r} generates videos; use POST /v1/videos")
     prevalidate(state, job.kwargs[0])
@@ -134,34 +142,46 @@ async def run_images(request: Request, state, job: schemas.ImageJob) -> Response
         futures = submit_all(state, job.kwargs)
     except QueueFullError as exc:
         raise from_exception(exc) from None
+    results = await wait_all(request, state, futures)
+
+    def encode():
+        out = [(schemas.encode_image(r.images[0], job.output_format, job.output_compression), kw["seed"])
+               for kw, r in zip(job.kwargs, results)]
+        image = results[0].images[0]
+        return out, f"{image.width}x{image.height}"
+
+    return await run_in_threadpool(encode)
+
+
+async def run_images(request: Request, state, job: schemas.ImageJob) -> Response:
     try:
-        results = await wait_all(request, state, futures)
+        encoded, size = await render_images(request, state, job)
     except ClientGone:
         return Response(status_code=499)
     media = schemas.IMAGE_FORMATS[job.output_format]
 
-    def encode():
+    def items():
         out = []
-        for kwargs, result in zip(job.kwargs, results):
-            image = result.images[0]
-            data = schemas.encode_image(image, job.output_format, job.output_compression)
+        for data, seed in encoded:
             if job.response_format == "url":
                 file_id = state.files.put(data, media, "." + job.output_format)
                 item = {"url": str(request.url_for("get_image_file", file_id=file_id))}
             else:
                 item = {"b64_json": base64.b64encode(data).decode()}
-            out.append({**item, "revised_prompt": None, "seed": kwargs["seed"]})
-        return out, f"{image.width}x{image.height}"
+            out.append({**item, "revised_prompt": None, "seed": seed})
+        return out
 
-    data, size = await run_in_threadpool(encode)
-    return JSONResponse({"created": int(time.time()), "data": data, "output_format": job.output_format, "size": size})
+    body = {"id": "img_" + secrets.token_hex(12), "created": int(time.time()), "data": await run_in_threadpool(items),
+            "output_format": job.output_format, "size": size}
+    return JSONResponse(body, headers=warning_headers(job.warnings))
 
 
 @router.post("/v1/images/generations")
 async def images_generations(request: Request):
     state = ready_state(request)
     body, _, form = await read_body(request)
-    job = schemas.image_job(body, state.model_name, state.generator.sampling_params_cls, form=form)
+    job = schemas.image_job(body, state.model_name, state.generator.sampling_params_cls, form=form,
+                            alpha=has_alpha(state))
     return await run_images(request, state, job)
 
 
@@ -199,7 +219,7 @@ async def images_edits(request: Request):
         raise bad_param("image", f"model {state.model_name!r} takes at most {limit} input image(s), got {len(raw)}")
     images = await run_in_threadpool(upload_images, state, raw)
     job = schemas.image_job({k: v for k, v in body.items() if k not in ("image", "image[]")}, state.model_name,
-                            state.generator.sampling_params_cls, form=form, images=images)
+                            state.generator.sampling_params_cls, form=form, images=images, alpha=has_alpha(state))
     return await run_images(request, state, job)
 
 
@@ -230,7 +250,27 @@ async def get_model(request: Request, model_id: str):
     return model_card(state)
 
 
-@router.get("/health")
+def model_info_body(state) -> dict:
+    """``GET /v1/model_info``: SGLang's fields that apply (``model_path``: what --model named; clients such as
+    SGLang's bench_serving read it), and what the model takes."""
+    gen = state.generator
+    params = gen.sampling_params_cls
+    video, images = bool(gen.config.is_video), params.max_images
+    task = ("image" if images else "text") + ("-to-video" if video else "-to-image")
+    defaults = params()
+    return {"model_path": str(gen.model), "served_model_name": state.model_name, "task_type": task,
+            "pipeline_tag": task, "pipeline_name": type(gen.pipeline).__name__, "is_video": video,
+            "max_images": images, "min_images": params.min_images, "has_alpha": has_alpha(state),
+            "default_height": defaults.height, "default_width": defaults.width,
+            "default_num_inference_steps": defaults.num_inference_steps}
+
+
+@router.get("/v1/model_info")
+async def model_info(request: Request):
+    return model_info_body(ready_state(request))
+
+
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(request: Request):
     state = state_of(request)
     try:
@@ -254,6 +294,11 @@ def _static(name: str) -> str:
 @router.get("/", response_class=HTMLResponse)
 async def playground():
     return HTMLResponse(_static("index.html"))
+
+
+@router.get("/favicon.ico")
+async def favicon():
+    return Response(_static("favicon.svg"), media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
 
 @router.get("/playground.js")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import math
 import re
 from typing import Any, Optional
@@ -16,6 +17,9 @@ import attrs
 
 from .errors import APIError, bad_param
 from .extras import convert, diffusion_extras, extra_kinds
+from .peers import normalize
+
+log = logging.getLogger("diffcore.serve")
 
 IMAGE_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 RESPONSE_FORMATS = ("b64_json", "url")
@@ -23,7 +27,8 @@ MAX_N = 10
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 
 # OpenAI fields that mean nothing for a diffusion model: accepted and ignored, so clients work unchanged.
-IGNORED = ("user", "quality", "style", "background", "moderation", "partial_images", "input_fidelity", "mask")
+IGNORED = ("user", "quality", "style", "moderation", "partial_images", "input_fidelity", "mask")
+BACKGROUNDS = ("auto", "opaque", "transparent")
 
 
 @attrs.define
@@ -34,6 +39,7 @@ class ImageJob:
     response_format: str = "b64_json"
     output_format: str = "png"
     output_compression: Optional[int] = None
+    warnings: list = attrs.field(factory=list)  # peer fields accepted and ignored (peers.py)
 
 
 @attrs.define
@@ -41,6 +47,7 @@ class VideoSpec:
     kwargs: dict
     size: Optional[str]
     seconds: Optional[str]
+    warnings: list = attrs.field(factory=list)
 
 
 def parse_size(value: Any) -> tuple[Optional[int], Optional[int]]:
@@ -83,18 +90,34 @@ def _prompt(body: dict) -> str:
 
 def check_model(body: dict, served: str) -> None:
     model = body.get("model")
-    if model is not None and model != served:
-        raise APIError(404, f"model {model!r} is not served here; this server serves {served!r} (or leave model out)",
+    if model is not None and model != served:  # a bad request field: 400 (GET /v1/models/{id} answers 404)
+        raise APIError(400, f"model {model!r} is not served here; this server serves {served!r} (or leave model out)",
                        param="model", code="model_not_found")
 
 
 IMAGE_FIELDS = ("prompt", "n", "size", "response_format", "output_format", "output_compression", "model", "image",
-                "image[]", "stream")
+                "image[]", "stream", "background")
 
 
-def image_job(body: dict, served: str, params_cls, form: bool = False, images: Optional[list] = None) -> ImageJob:
+def check_background(body: dict, alpha: bool, output_format: str) -> None:
+    """``background="transparent"`` needs a model that makes an alpha channel, and a format that keeps it."""
+    value = body.get("background")
+    if value is None:
+        return
+    if value not in BACKGROUNDS:
+        raise bad_param("background", f"background must be one of {', '.join(BACKGROUNDS)}, got {value!r}")
+    if value == "transparent" and not alpha:
+        raise bad_param("background", "background='transparent' needs a model that makes transparent images; this "
+                                      "one makes opaque RGB pictures: leave background out (or 'auto' / 'opaque')")
+    if value == "transparent" and output_format == "jpeg":
+        raise bad_param("output_format", "jpeg has no transparency: use png or webp with background='transparent'")
+
+
+def image_job(body: dict, served: str, params_cls, form: bool = False, images: Optional[list] = None,
+              alpha: bool = False) -> ImageJob:
     """Validate an images/generations (JSON) or images/edits (form) body for a model whose parameters are
-    ``params_cls`` (its SamplingParams class)."""
+    ``params_cls`` (its SamplingParams class); ``alpha``: the model makes RGBA pictures."""
+    body, warnings = normalize(body, form, video=False)
     check_fields(body, IMAGE_FIELDS, params_cls)
     check_model(body, served)
     prompt = _prompt(body)
@@ -107,6 +130,7 @@ def image_job(body: dict, served: str, params_cls, form: bool = False, images: O
     if output_format not in IMAGE_FORMATS:
         raise bad_param("output_format", f"output_format must be one of {', '.join(IMAGE_FORMATS)}, got {output_format!r}")
     compression = _int_field(body, "output_compression", form, lo=0, hi=100)
+    check_background(body, alpha, output_format)
     extras = diffusion_extras(body, params_cls, form)
     stream = body.get("stream")
     if stream not in (None, False, "false"):
@@ -124,7 +148,7 @@ def image_job(body: dict, served: str, params_cls, form: bool = False, images: O
         kw = {k: v for k, v in base.items() if v is not None}
         kw["seed"] = seed + i if isinstance(seed, int) and not isinstance(seed, bool) else seed
         kwargs.append(kw)
-    return ImageJob(kwargs, response_format, output_format, compression)
+    return ImageJob(kwargs, response_format, output_format, compression, warnings)
 
 
 VIDEO_FIELDS = ("prompt", "model", "seconds", "size", "input_reference")
@@ -132,7 +156,9 @@ VIDEO_FIELDS = ("prompt", "model", "seconds", "size", "input_reference")
 
 def video_spec(body: dict, served: str, params_cls, fps: int, form: bool = False, image=None) -> VideoSpec:
     """Validate a POST /v1/videos body. ``seconds`` becomes round(seconds * fps) + 1 frames (the model may
-    round it further, as Wan does to 4k+1); ``num_frames`` sets the count directly."""
+    round it further, as Wan does to 4k+1); ``num_frames`` sets the count directly and wins over ``seconds``
+    when both are given (the job still reports the ``seconds`` asked for; the log says when they disagree)."""
+    body, warnings = normalize(body, form, video=True)
     check_fields(body, VIDEO_FIELDS, params_cls)
     check_model(body, served)
     prompt = _prompt(body)
@@ -146,9 +172,14 @@ def video_spec(body: dict, served: str, params_cls, fps: int, form: bool = False
             raise bad_param("seconds", f"seconds must be a number, got {seconds!r}") from None
         if not math.isfinite(value) or value <= 0:
             raise bad_param("seconds", f"seconds must be a positive number, got {seconds!r}")
-        if kwargs.get("num_frames") is not None:
-            raise bad_param("seconds", "give seconds or num_frames, not both")
-        kwargs["num_frames"] = round(value * fps) + 1
+        rate = kwargs.get("fps")  # the request's own frame rate, when it gives a usable one
+        rate = rate if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0 else fps
+        frames = round(value * rate) + 1
+        if kwargs.get("num_frames") is None:
+            kwargs["num_frames"] = frames
+        elif kwargs["num_frames"] != frames:
+            warnings.append(f"seconds={seconds} ignored: num_frames={kwargs['num_frames']} sets the length")
+            log.warning("request field %s", warnings[-1])
     if image is not None:
         kwargs["image"] = image
     if kwargs.get("seed") is None:
@@ -157,7 +188,7 @@ def video_spec(body: dict, served: str, params_cls, fps: int, form: bool = False
         kwargs["seed"] = secrets.randbelow(2**31)
     size = body.get("size") if body.get("size") not in (None, "auto") else None
     return VideoSpec({k: v for k, v in kwargs.items() if v is not None}, size,
-                     None if seconds is None else str(seconds))
+                     None if seconds is None else str(seconds), warnings)
 
 
 def decode_data_url(value: str, field: str) -> bytes:

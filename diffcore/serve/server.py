@@ -73,7 +73,15 @@ def serve(model: str, settings: ServeSettings, engine_kwargs: dict, log_level: s
         if int(os.environ.get("RANK", "0")) != 0:
             return torchrun.follow_main(load)
         load = leader = torchrun.LeaderLoader(load)
-    app = create_app(settings, loader=load, model_name=model)
+    from ..errors import ConfigError
+
+    try:
+        app = create_app(settings, loader=load, model_name=model)
+    except ConfigError as exc:  # the state folder: in use by another server, not writable, too new
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        if leader is not None:
+            leader.close(loading=False)
+        return 2
     state = app.state.diffcore
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=int(settings.request_timeout) + 1)

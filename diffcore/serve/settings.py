@@ -46,6 +46,9 @@ class ServeSettings:
     max_upload_bytes: int = attrs.field(default=16 * 2**20, validator=_positive)  # one uploaded image
     max_upload_pixels: Optional[int] = attrs.field(default=None, validator=_positive)  # None: the engine's max_pixels
     file_ttl: float = attrs.field(default=3600.0, validator=_positive)  # seconds a `url` result / video is kept
+    # the durable state (SQLite + files, store.py); None: a private temporary folder deleted when the app closes
+    # (`diffcore serve` passes --state-dir, default store.default_state_dir(port))
+    state_dir: Optional[str] = None
     max_jobs: int = attrs.field(default=256, validator=_positive)  # video jobs remembered (oldest finished dropped)
     cors_origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)  # () = CORS off
     # Host header names served besides 127.0.0.1 / localhost / [::1] / --host ("*": any); see serve.origin

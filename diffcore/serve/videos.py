@@ -1,14 +1,20 @@
 """Video job routes: create, poll, list, download, delete (the OpenAI Videos API shapes)."""
 from __future__ import annotations
 
+import secrets
+import time
+from typing import Optional
+
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import QueueFullError
 from . import schemas
 from .errors import APIError, bad_param, from_exception
-from .routes import prevalidate, read_body, ready_state, upload_images
+from .jobs import LIST_LIMIT
+from .peers import warning_headers
+from .routes import ClientGone, prevalidate, read_body, ready_state, submit_all, upload_images, wait_all
 
 router = APIRouter()
 
@@ -17,9 +23,35 @@ def encode_video(result, path) -> None:
     result.save(path)  # H.264 mp4 at the model's fps, with the model's sound track (AAC) if it makes one
 
 
-@router.post("/v1/videos")
-async def create_video(request: Request):
-    state = ready_state(request)
+def encode_thumbnail(result, path) -> None:
+    """The first frame, as webp (OpenAI's ``variant="thumbnail"``)."""
+    result.frames[0][0].save(path, format="WEBP", quality=90)
+
+
+SPRITES = 8  # frames in a spritesheet, evenly spaced (all of them when the video has fewer)
+
+
+def encode_spritesheet(result, path) -> None:
+    """Frames evenly spaced through the video side by side in one row, as jpeg (``variant="spritesheet"``)."""
+    from PIL import Image
+
+    frames = result.frames[0]
+    count = min(SPRITES, len(frames))
+    picks = [frames[round(i * (len(frames) - 1) / max(count - 1, 1))] for i in range(count)]
+    width, height = picks[0].size
+    sheet = Image.new("RGB", (width * count, height))
+    for i, frame in enumerate(picks):
+        sheet.paste(frame, (i * width, 0))
+    sheet.save(path, format="JPEG", quality=90)
+
+
+# content variant -> (writer, media type, suffix): what a finished job keeps (GET /v1/videos/{id}/content)
+ENCODERS = {"video": (encode_video, "video/mp4", ".mp4"), "thumbnail": (encode_thumbnail, "image/webp", ".webp"),
+            "spritesheet": (encode_spritesheet, "image/jpeg", ".jpg")}
+
+
+async def video_request(request: Request, state) -> schemas.VideoSpec:
+    """A POST /v1/videos (or /v1/videos/sync) body, checked as far as the engine can before any compute."""
     gen = state.generator
     if not gen.config.is_video:
         raise bad_param("model", f"model {state.model_name!r} generates images; use /v1/images/generations")
@@ -41,19 +73,59 @@ async def create_video(request: Request):
     fps = getattr(gen.config, "default_fps", None) or 16
     spec = schemas.video_spec(body, state.model_name, gen.sampling_params_cls, fps, form=form, image=image)
     prevalidate(state, spec.kwargs, image_field="input_reference")
+    return spec
+
+
+@router.post("/v1/videos")
+async def create_video(request: Request):
+    state = ready_state(request)
+    spec = await video_request(request, state)
     try:
-        job = state.jobs.create(spec.kwargs, spec.size, spec.seconds)
+        job = state.jobs.create(spec.kwargs, spec.size, spec.seconds, has_audio=bool(state.generator.config.has_audio))
     except QueueFullError as exc:
         raise from_exception(exc) from None
-    job.has_audio = bool(gen.config.has_audio)
-    return job.to_json()
+    return JSONResponse(job.to_json(), headers=warning_headers(spec.warnings))
+
+
+@router.post("/v1/videos/sync")
+async def create_video_sync(request: Request):
+    """vLLM-Omni's blocking form: the same body as POST /v1/videos; the answer is the mp4 itself (no job is kept)."""
+    state = ready_state(request)
+    spec = await video_request(request, state)
+    started = time.perf_counter()
+    try:
+        futures = submit_all(state, [spec.kwargs])
+    except QueueFullError as exc:
+        raise from_exception(exc) from None
+    try:
+        result, = await wait_all(request, state, futures)
+    except ClientGone:
+        return Response(status_code=499)
+
+    def encode() -> bytes:
+        path = state.store.files_dir / f"sync-{secrets.token_hex(8)}.partial.mp4"  # never announced; orphan-swept
+        try:
+            encode_video(result, path)
+            return path.read_bytes()
+        finally:
+            path.unlink(missing_ok=True)
+
+    data = await run_in_threadpool(encode)
+    headers = {"x-inference-time-s": f"{time.perf_counter() - started:.3f}", **warning_headers(spec.warnings)}
+    return Response(data, media_type="video/mp4", headers=headers)
 
 
 @router.get("/v1/videos")
-async def list_videos(request: Request):
+async def list_videos(request: Request, after: Optional[str] = None, order: str = "desc", limit: Optional[str] = None):
     state = ready_state(request)
-    data = [job.to_json() for job in state.jobs.list()]
-    return {"object": "list", "data": data, "has_more": False,
+    if limit is not None:
+        try:
+            limit = int(limit)
+        except ValueError:
+            raise bad_param("limit", f"limit must be an integer from 1 to {LIST_LIMIT}, got {limit!r}") from None
+    jobs, more = state.jobs.list(limit=limit, after=after, order=order)
+    data = [job.to_json() for job in jobs]
+    return {"object": "list", "data": data, "has_more": more,
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 
@@ -73,12 +145,16 @@ async def delete_video(request: Request, video_id: str):
 async def video_content(request: Request, video_id: str, variant: str = "video"):
     state = ready_state(request)
     job = state.jobs.get(video_id)
-    if variant != "video":
-        raise bad_param("variant", f"only variant 'video' is available, got {variant!r}")
-    entry = state.files.get(job.file_id) if job.file_id else None
-    if job.status != "completed" or entry is None:
-        raise APIError(404 if job.status == "completed" else 409,
-                       f"video {video_id} is {job.status}" + ("" if job.status == "failed" else
-                                                              "; poll GET /v1/videos/{id} until it is completed"),
+    if variant not in ENCODERS:
+        raise bad_param("variant", f"variant must be one of {', '.join(ENCODERS)}, got {variant!r}")
+    if job.status != "completed":
+        raise APIError(409, f"video {video_id} is {job.status}" + ("" if job.status == "failed" else
+                                                                   "; poll GET /v1/videos/{id} until it is completed"),
                        param="video_id", code="video_not_ready")
-    return FileResponse(entry.path, media_type="video/mp4", filename=f"{video_id}.mp4")
+    file_id = job.files.get(variant)
+    entry = state.files.get(file_id) if file_id else None
+    if entry is None:
+        raise APIError(404, f"the {variant} of video {video_id} is no longer kept (expired or removed)",
+                       param="video_id", code="not_found")
+    _, media_type, suffix = ENCODERS[variant]
+    return FileResponse(entry.path, media_type=media_type, filename=f"{video_id}{suffix}")

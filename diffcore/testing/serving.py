@@ -99,3 +99,27 @@ def png_bytes(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def serve_process(*flags: str, timeout: float = 120.0):
+    """``diffcore serve FLAGS --port P`` as a child process; returns ``(process, base_url)`` once it prints that
+    it is ready (its output is drained in a thread from then on). Raises RuntimeError, with what the process
+    printed, when it exits first."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "diffcore.cli", "serve", "--port", str(port), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    lines = []
+    for line in proc.stdout:  # blocks until the server prints; ends if it dies
+        lines.append(line)
+        if "ready at" in line or time.monotonic() > deadline:
+            break
+    if not lines or "ready at" not in lines[-1]:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError("diffcore serve did not get ready:\n" + "".join(lines))
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining its output
+    return proc, f"http://127.0.0.1:{port}"
