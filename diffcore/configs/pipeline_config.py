@@ -148,6 +148,12 @@ class PipelineConfig:
     def image_seq_len(self, req: "Request") -> int:
         return req.latents.shape[1]
 
+    def schedule_mu(self, scheduler, req: "Request") -> float:
+        """The dynamic-shift ``mu`` of a scheduler with ``use_dynamic_shifting``: by default the scheduler's
+        own rule over ``image_seq_len`` (base/max shift); a model with another rule (FLUX.2's empirical mu,
+        which also depends on the step count) overrides this."""
+        return scheduler.compute_mu(self.image_seq_len(req))
+
     # ---- condition images ------------------------------------------------------------------
     def encode_condition_images(self, components: dict, req: "Request") -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement encode_condition_images")

@@ -48,13 +48,15 @@ class Timesteps(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    """Two-layer MLP over a sinusoidal embedding; parameter names ``linear_1`` / ``linear_2``."""
+    """Two-layer MLP over a sinusoidal embedding; parameter names ``linear_1`` / ``linear_2``.
+    ``bias=False``: diffusers' ``sample_proj_bias=False`` (bias-free models such as FLUX.2)."""
 
-    def __init__(self, in_channels: int, time_embed_dim: int, out_dim: int | None = None, act: str = "silu"):
+    def __init__(self, in_channels: int, time_embed_dim: int, out_dim: int | None = None, act: str = "silu",
+                 bias: bool = True):
         super().__init__()
-        self.linear_1 = Linear(in_channels, time_embed_dim)
+        self.linear_1 = Linear(in_channels, time_embed_dim, bias=bias)
         self.act = nn.SiLU() if act == "silu" else nn.GELU(approximate="tanh")
-        self.linear_2 = Linear(time_embed_dim, out_dim or time_embed_dim)
+        self.linear_2 = Linear(time_embed_dim, out_dim or time_embed_dim, bias=bias)
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(sample)))

@@ -34,7 +34,7 @@ class TimestepPreparationStage(PipelineStage):
             kwargs["sigmas"] = np.linspace(1.0, 1 / n, n)
         sched_cfg = getattr(scheduler, "config", {})
         if sched_cfg.get("use_dynamic_shifting"):
-            kwargs["mu"] = scheduler.compute_mu(self.config.image_seq_len(req))
+            kwargs["mu"] = self.config.schedule_mu(scheduler, req)
         scheduler.set_timesteps(n, device=req.device, **kwargs)
         req.scheduler, req.timesteps = scheduler, scheduler.timesteps
         return req

@@ -39,40 +39,49 @@ def _param(suffix: str) -> str:
     return "weight" if suffix == "scale" else suffix  # the RMSNorm scales are diffusers' norm weights
 
 
-def convert_bfl(keys, shape) -> dict[str, Piece]:
-    """BFL names -> Diffusers names (the mapping of diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``,
-    with the single blocks' width read from the file instead of assumed to be FLUX.1's 3072)."""
-    out: dict[str, Piece] = {}
-    present = set(keys)
-    for key in keys:
-        m = _BLOCK.fullmatch(key)
-        if m is None:
-            stem, _, param = key.rpartition(".")
-            if stem == "final_layer.adaLN_modulation.1":
-                out[f"norm_out.linear.{param}"] = swap_halves(key, shape(key)[0])
-            elif stem in TOP:
-                out[f"{TOP[stem]}.{param}"] = Piece(key)
-            continue
-        kind, i, stem, param = m.groups()
-        if kind == "double_blocks":
-            prefix = f"transformer_blocks.{i}."
-            if stem in QKV:
-                rows = shape(key)[0] // 3
-                for name, piece in zip(QKV[stem], split_rows(key, (rows,) * 3)):
-                    out[f"{prefix}{name}.{param}"] = piece
-            elif stem in DOUBLE:
-                out[f"{prefix}{DOUBLE[stem]}.{_param(param)}"] = Piece(key)
-        else:
+def bfl_converter(top: dict, double: dict, single: dict, qkv: dict, split_linear1: bool):
+    """The BFL -> Diffusers key conversion shared by FLUX.1 and FLUX.2 (their tables differ): fused ``qkv``
+    split per stream, the final AdaLN halves swapped, and (FLUX.1) ``linear1`` split into q, k, v, MLP."""
+
+    def convert(keys, shape) -> dict[str, Piece]:
+        out: dict[str, Piece] = {}
+        present = set(keys)
+        for key in keys:
+            m = _BLOCK.fullmatch(key)
+            if m is None:
+                stem, _, param = key.rpartition(".")
+                if stem == "final_layer.adaLN_modulation.1":
+                    out[f"norm_out.linear.{param}"] = swap_halves(key, shape(key)[0])
+                elif stem in top:
+                    out[f"{top[stem]}.{param}"] = Piece(key)
+                continue
+            kind, i, stem, param = m.groups()
+            if kind == "double_blocks":
+                prefix = f"transformer_blocks.{i}."
+                if stem in qkv:
+                    rows = shape(key)[0] // 3
+                    for name, piece in zip(qkv[stem], split_rows(key, (rows,) * 3)):
+                        out[f"{prefix}{name}.{param}"] = piece
+                elif stem in double:
+                    out[f"{prefix}{double[stem]}.{_param(param)}"] = Piece(key)
+                continue
             prefix = f"single_transformer_blocks.{i}."
-            if stem == "linear1":
+            if stem == "linear1" and split_linear1:
                 linear2 = f"single_blocks.{i}.linear2.weight"
                 dim = shape(linear2)[0] if linear2 in present else shape(key)[-1]  # the width; linear1's input too
                 sizes = (dim, dim, dim, shape(key)[0] - 3 * dim)
                 for name, piece in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), split_rows(key, sizes)):
                     out[f"{prefix}{name}.{param}"] = piece
-            elif stem in SINGLE:
-                out[f"{prefix}{SINGLE[stem]}.{_param(param)}"] = Piece(key)
-    return out
+            elif stem in single:
+                out[f"{prefix}{single[stem]}.{_param(param)}"] = Piece(key)
+        return out
+
+    return convert
+
+
+# BFL names -> Diffusers names (the mapping of diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``,
+# with the single blocks' width read from the file instead of assumed to be FLUX.1's 3072).
+convert_bfl = bfl_converter(TOP, DOUBLE, SINGLE, QKV, split_linear1=True)
 
 
 DIFFUSERS = CheckpointLayout("FLUX Diffusers names", (r"transformer_blocks\.\d+\.attn\.to_q\.weight",

@@ -33,3 +33,33 @@ class FluxKontextPipeline(FluxPipeline):
 
     pipeline_name = "FluxKontextPipeline"
     encodes_image = True
+
+
+class Flux2Pipeline(ComposedPipelineBase):
+    """FLUX.2 [dev]: text-to-image, or editing with 1-10 reference images (``image=[...]``) appended as tokens."""
+
+    pipeline_name = "Flux2Pipeline"
+    _required_config_modules = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
+
+    def create_pipeline_stages(self, engine_args) -> None:
+        c, cfg = self.components, self.config
+        self.add_stage("input_validation", InputValidationStage(cfg, c))
+        self.add_stage("text_encoding", TextEncodingStage(cfg, c))
+        self.add_stage("image_vae_encoding", ImageVAEEncodingStage(cfg, c, required=False))
+        self.add_stage("timestep_preparation", TimestepPreparationStage(cfg, c["scheduler"]))
+        self.add_stage("latent_preparation", LatentPreparationStage(cfg, c))
+        self.add_stage("conditioning", ConditioningStage(cfg, c))
+        self.add_stage("denoising", DenoisingStage(cfg, [c["transformer"]], engine_args))
+        self.add_stage("decoding", DecodingStage(cfg, c))
+
+
+class Flux2KleinPipeline(Flux2Pipeline):
+    """FLUX.2 [klein] 4B / 9B, distilled (one pass) or base (CFG against the empty prompt)."""
+
+    pipeline_name = "Flux2KleinPipeline"
+
+
+class Flux2KleinKVPipeline(Flux2Pipeline):
+    """FLUX.2 [klein] 9B-KV: the reference tokens run in the first step only; later steps reuse their K/V."""
+
+    pipeline_name = "Flux2KleinKVPipeline"

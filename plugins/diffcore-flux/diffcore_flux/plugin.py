@@ -1,8 +1,9 @@
-"""diffcore entry point for FLUX.1: hook implementations only, no torch import."""
+"""diffcore entry point for FLUX.1 and FLUX.2: hook implementations only, no torch import."""
 from diffcore.hookspecs import hookimpl
 from diffcore.records import ConfigRegistration, LoraFormatRegistration, ModuleRegistration, PipelineRegistration
 
 _C = "diffcore_flux.configs:"
+_F2 = "diffcore_flux.flux2_configs:"
 
 
 @hookimpl
@@ -10,6 +11,12 @@ def register_pipelines():
     return [
         PipelineRegistration("FluxPipeline", "diffcore_flux.pipelines:FluxPipeline", "FLUX.1 text-to-image"),
         PipelineRegistration("FluxKontextPipeline", "diffcore_flux.pipelines:FluxKontextPipeline", "FLUX.1 Kontext image editing"),
+        PipelineRegistration("Flux2Pipeline", "diffcore_flux.pipelines:Flux2Pipeline",
+                             "FLUX.2 [dev] text-to-image and multi-reference editing"),
+        PipelineRegistration("Flux2KleinPipeline", "diffcore_flux.pipelines:Flux2KleinPipeline",
+                             "FLUX.2 [klein] 4B/9B (distilled or base) text-to-image and editing"),
+        PipelineRegistration("Flux2KleinKVPipeline", "diffcore_flux.pipelines:Flux2KleinKVPipeline",
+                             "FLUX.2 [klein] 9B-KV (reference K/V cached per request)"),
     ]
 
 
@@ -25,12 +32,27 @@ def register_configs():
         ConfigRegistration("flux-kontext-dev", "FluxKontextPipeline", _C + "FluxKontextConfig",
                            _C + "FluxKontextSamplingParams", hf_ids=["black-forest-labs/FLUX.1-Kontext-dev"],
                            aliases=["flux-kontext"], default_for_pipeline=True),
+        ConfigRegistration("flux2-dev", "Flux2Pipeline", _F2 + "Flux2DevConfig", _F2 + "Flux2DevSamplingParams",
+                           hf_ids=["black-forest-labs/FLUX.2-dev"], aliases=["flux2-dev"], default_for_pipeline=True),
+        ConfigRegistration("flux2-klein", "Flux2KleinPipeline", _F2 + "Flux2KleinConfig",
+                           _F2 + "Flux2KleinSamplingParams",
+                           hf_ids=["black-forest-labs/FLUX.2-klein-4B", "black-forest-labs/FLUX.2-klein-9B"],
+                           aliases=["flux2-klein-4b", "flux2-klein-9b"], detector=_F2 + "is_klein_distilled"),
+        ConfigRegistration("flux2-klein-base", "Flux2KleinPipeline", _F2 + "Flux2KleinConfig",
+                           _F2 + "Flux2KleinBaseSamplingParams",
+                           hf_ids=["black-forest-labs/FLUX.2-klein-base-4B", "black-forest-labs/FLUX.2-klein-base-9B"],
+                           aliases=["flux2-klein-base-4b", "flux2-klein-base-9b"], default_for_pipeline=True),
+        ConfigRegistration("flux2-klein-kv", "Flux2KleinKVPipeline", _F2 + "Flux2KleinKVConfig",
+                           _F2 + "Flux2KleinSamplingParams", hf_ids=["black-forest-labs/FLUX.2-klein-9b-kv"],
+                           aliases=["flux2-klein-9b-kv"], default_for_pipeline=True),
     ]
 
 
 @hookimpl
 def register_modules():
-    return [ModuleRegistration("FluxTransformer2DModel", "diffcore_flux.transformer:FluxTransformer2DModel")]
+    return [ModuleRegistration("FluxTransformer2DModel", "diffcore_flux.transformer:FluxTransformer2DModel"),
+            ModuleRegistration("Flux2Transformer2DModel", "diffcore_flux.flux2_transformer:Flux2Transformer2DModel"),
+            ModuleRegistration("AutoencoderKLFlux2", "diffcore_flux.flux2_vae:AutoencoderKLFlux2")]
 
 
 @hookimpl
