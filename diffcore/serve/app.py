@@ -68,6 +68,12 @@ class ServerState:
             except Exception:  # noqa: BLE001 (a failed sweep is retried next period; serving goes on)
                 log.exception("sweeping expired files failed")
 
+    @property
+    def model_names(self) -> tuple:
+        """The names a request's ``model`` may give: the served name, then what --model named."""
+        path = str(getattr(self.generator, "model", None) or self.model_name)
+        return (self.model_name,) if path == self.model_name else (self.model_name, path)
+
     def load(self, loader: Callable[[], object]) -> None:
         """Load in this thread (the server answers 503 meanwhile); a failure is kept for /health."""
         try:

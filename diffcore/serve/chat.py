@@ -68,7 +68,7 @@ async def chat_completions(request: Request):
     if not raw and params.min_images > 0:
         raise bad_param("messages", f"model {state.model_name!r} edits images: add an image_url part to the message")
     images = await run_in_threadpool(upload_images, state, raw, "messages") if raw else None
-    job = schemas.image_job({**body, "prompt": prompt}, state.model_name, params, images=images,
+    job = schemas.image_job({**body, "prompt": prompt}, state.model_names, params, images=images,
                             alpha=has_alpha(state))
     if job.response_format != "b64_json":
         raise bad_param("response_format", "chat completions answer with data URLs; leave response_format out")

@@ -1,7 +1,7 @@
 """Request fields other diffusion servers' clients send (SGLang, vLLM-Omni), mapped onto diffcore's.
 
 Those clients work unchanged against diffcore: what a field means is honoured (``num_outputs_per_prompt`` is
-``n``; ``height`` + ``width`` are ``size``; a nested ``extra_body`` object, which clients posting raw JSON
+``n``, and wins over ``n=1``, OpenAI's default; ``height`` + ``width`` are ``size``; a nested ``extra_body`` object, which clients posting raw JSON
 send as it is, is read as top-level fields). A field that cannot change the result is accepted, and a
 warning names it (the server log and the ``x-diffcore-warnings`` response header). A field diffcore does not
 know and that would change the result is refused by the routes as an unknown parameter (400 naming it).
@@ -70,7 +70,8 @@ def normalize(body: dict, form: bool, video: bool) -> tuple[dict, list[str]]:
             if not _same(outputs, 1):
                 raise bad_param("num_outputs_per_prompt", "a video job makes one video: send num_outputs_per_prompt=1 "
                                                           f"(or leave it out) and create one job per video, got {outputs!r}")
-        elif body.get("n") is not None and not _same(body["n"], outputs):
+        elif body.get("n") is not None and not _same(body["n"], outputs) and not _same(body["n"], 1):
+            # n=1 is OpenAI's default, which SGLang's bench_serving always sends beside num_outputs_per_prompt
             raise bad_param("num_outputs_per_prompt", f"n={body['n']!r} and num_outputs_per_prompt={outputs!r} disagree; "
                                                       "give one of them")
         else:

@@ -180,7 +180,7 @@ async def run_images(request: Request, state, job: schemas.ImageJob) -> Response
 async def images_generations(request: Request):
     state = ready_state(request)
     body, _, form = await read_body(request)
-    job = schemas.image_job(body, state.model_name, state.generator.sampling_params_cls, form=form,
+    job = schemas.image_job(body, state.model_names, state.generator.sampling_params_cls, form=form,
                             alpha=has_alpha(state))
     return await run_images(request, state, job)
 
@@ -218,7 +218,7 @@ async def images_edits(request: Request):
     if len(raw) > limit:
         raise bad_param("image", f"model {state.model_name!r} takes at most {limit} input image(s), got {len(raw)}")
     images = await run_in_threadpool(upload_images, state, raw)
-    job = schemas.image_job({k: v for k, v in body.items() if k not in ("image", "image[]")}, state.model_name,
+    job = schemas.image_job({k: v for k, v in body.items() if k not in ("image", "image[]")}, state.model_names,
                             state.generator.sampling_params_cls, form=form, images=images, alpha=has_alpha(state))
     return await run_images(request, state, job)
 

@@ -88,10 +88,14 @@ def _prompt(body: dict) -> str:
     return prompt
 
 
-def check_model(body: dict, served: str) -> None:
+def check_model(body: dict, served) -> None:
+    """``model`` may be left out, or name the served model: its served name, or what --model gave (the path
+    SGLang's clients read from /v1/model_info and send back). ``served``: a name, or a tuple of accepted names
+    (the first is the one shown)."""
+    names = (served,) if isinstance(served, str) else tuple(served)
     model = body.get("model")
-    if model is not None and model != served:  # a bad request field: 400 (GET /v1/models/{id} answers 404)
-        raise APIError(400, f"model {model!r} is not served here; this server serves {served!r} (or leave model out)",
+    if model is not None and model not in names:  # a bad request field: 400 (GET /v1/models/{id} answers 404)
+        raise APIError(400, f"model {model!r} is not served here; this server serves {names[0]!r} (or leave model out)",
                        param="model", code="model_not_found")
 
 

@@ -71,7 +71,7 @@ async def video_request(request: Request, state) -> schemas.VideoSpec:
             raise bad_param("input_reference", f"model {state.model_name!r} is text-to-video; it takes no input image")
         image = (await run_in_threadpool(upload_images, state, raw, "input_reference"))[0]
     fps = getattr(gen.config, "default_fps", None) or 16
-    spec = schemas.video_spec(body, state.model_name, gen.sampling_params_cls, fps, form=form, image=image)
+    spec = schemas.video_spec(body, state.model_names, gen.sampling_params_cls, fps, form=form, image=image)
     prevalidate(state, spec.kwargs, image_field="input_reference")
     return spec
 

@@ -67,3 +67,34 @@ def test_edit_equals_generate_and_uploads_are_capped(kontext):
         with pytest.raises(openai.BadRequestError) as info:  # an edit model needs its image
             client.images.generate(prompt="x", extra_body={"num_inference_steps": 1})
         assert info.value.body["param"] == "image"
+
+
+def test_peer_image_to_image_shapes(kontext):
+    """SGLang's bench_serving (multipart edits, extras str()-ed, num_outputs_per_prompt) and vLLM-Omni (chat
+    completions with an image_url part; edits carrying bot_task) get the edit generate(image=...) makes."""
+    import base64
+
+    from diffcore.testing.peers import SGLangBenchServing, VLLMOmni
+    from diffcore.testing.serving import decode_image
+
+    source = np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    want = np.asarray(kontext.generate(prompt="make it red", image=source, height=32, width=32, num_inference_steps=2,
+                                       guidance_scale=2.5, seed=4).images[0])
+    extra = {"seed": 4, "num_inference_steps": 2, "guidance_scale": 2.5}
+    with running_server(kontext, ServeSettings(served_model_name="kontext")) as (base, _):
+        sglang = SGLangBenchServing(base)
+        assert sglang.model_info()["task_type"] == "image-to-image"
+        response = sglang.image("kontext", "make it red", 32, 32, extra, images=[png_bytes(source)])
+        assert response.status_code == 200, response.text
+        np.testing.assert_array_equal(decode_image(base64.b64decode(response.json()["data"][0]["b64_json"])), want)
+
+        vllm = VLLMOmni(base)
+        response, images = vllm.chat_image("kontext", "make it red", {"height": 32, "width": 32, **extra},
+                                           images=[png_bytes(source)])
+        assert response.status_code == 200, response.text
+        np.testing.assert_array_equal(decode_image(images[0]), want)
+        response = vllm.edit("make it red", png_bytes(source), {"size": "32x32", "bot_task": "image_edit", **extra})
+        assert response.status_code == 200 and "bot_task ignored" in response.headers["x-diffcore-warnings"]
+        np.testing.assert_array_equal(decode_image(base64.b64decode(response.json()["data"][0]["b64_json"])), want)
+        response, _ = vllm.chat_image("kontext", "make it red", {"height": 32, "width": 32, **extra})  # no image
+        assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
