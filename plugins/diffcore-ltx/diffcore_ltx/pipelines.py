@@ -1,34 +1,49 @@
-"""ltx pipelines: short compositions of diffcore's standard stages.
+"""LTX-2 pipelines: the core stages plus three of the family's own (``stages.py``).
 
-The model-specific work happens in the config's hooks (LTX2Config); the
-stages are the same for every family. diffcore proves at build time that each stage's inputs are
-produced by the request or an earlier stage.
+    input_validation -> text_encoding -> timestep_preparation -> latent_preparation [-> image_conditioning]
+      -> conditioning -> denoising (core loop, guided LTX2Denoiser) -> decoding (video) -> audio_decoding
+
+The audio decoding stage declares ``audio`` / ``audio_sample_rate`` outputs, which the config's ``has_audio``
+makes the build-time dataflow proof require.
 """
 from __future__ import annotations
 
 from diffcore.pipeline import ComposedPipelineBase
-from diffcore.stages import (ConditioningStage, DecodingStage, DenoisingStage, InputValidationStage,
-                             LatentPreparationStage, TextEncodingStage, TimestepPreparationStage)
+from diffcore.stages import ConditioningStage, DecodingStage, DenoisingStage, TextEncodingStage
+
+from .guidance import LTX2Denoiser
+from .stages import (AudioDecodingStage, ImageConditioningStage, LTX2InputValidationStage, LTX2LatentPreparationStage,
+                     LTX2TimestepPreparationStage)
 
 
 class LTX2Pipeline(ComposedPipelineBase):
-    """Text-to-image: encode the prompt, draw noise, denoise with CFG, decode with the VAE."""
+    """Text-to-video with a synchronized stereo sound track."""
 
     pipeline_name = "LTX2Pipeline"
-    _required_config_modules = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
+    _required_config_modules = ("text_encoder", "tokenizer", "connectors", "transformer", "vae", "audio_vae",
+                                "vocoder", "scheduler")
 
     def create_pipeline_stages(self, engine_args) -> None:
         c, cfg = self.components, self.config
-        self.add_stage("input_validation", InputValidationStage(cfg, c))
+        self.denoiser = LTX2Denoiser(c["transformer"])
+        self.add_stage("input_validation", LTX2InputValidationStage(cfg, c))
         self.add_stage("text_encoding", TextEncodingStage(cfg, c))
-        self.add_stage("timestep_preparation", TimestepPreparationStage(cfg, c["scheduler"]))
-        self.add_stage("latent_preparation", LatentPreparationStage(cfg, c))
+        self.add_stage("timestep_preparation", LTX2TimestepPreparationStage(cfg, c["scheduler"]))
+        self.add_stage("latent_preparation", LTX2LatentPreparationStage(cfg, c))
+        self.add_image_stages()
         self.add_stage("conditioning", ConditioningStage(cfg, c))
-        self.add_stage("denoising", DenoisingStage(cfg, [c["transformer"]], engine_args))
+        self.add_stage("denoising", DenoisingStage(cfg, [self.denoiser], engine_args))
         self.add_stage("decoding", DecodingStage(cfg, c))
+        self.add_stage("audio_decoding", AudioDecodingStage(cfg, c))
+
+    def add_image_stages(self) -> None:
+        """Text-to-video has none."""
 
 
 class LTX2ImageToVideoPipeline(LTX2Pipeline):
-    """Serves LTX2ImageToVideoPipeline checkpoints; adapt its stages (e.g. add ImageVAEEncodingStage for image inputs)."""
+    """Image-to-video with sound: the first latent frame is the encoded image, kept clean (timestep 0)."""
 
     pipeline_name = "LTX2ImageToVideoPipeline"
+
+    def add_image_stages(self) -> None:
+        self.add_stage("image_conditioning", ImageConditioningStage(self.config, self.components))

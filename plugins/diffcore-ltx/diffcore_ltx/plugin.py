@@ -1,4 +1,4 @@
-"""diffcore entry point for ltx: hook implementations only.
+"""diffcore entry point for LTX-2: hook implementations only.
 
 diffcore imports this module at start-up to list the plugin, so it must stay cheap: no torch, and
 classes are named by import strings that diffcore resolves when a model is loaded.
@@ -8,28 +8,41 @@ from diffcore.records import ConfigRegistration, ModuleRegistration, PipelineReg
 
 _P = "diffcore_ltx.pipelines:"
 _C = "diffcore_ltx.configs:"
+_T2V, _I2V = "LTX2Pipeline", "LTX2ImageToVideoPipeline"
 
 
 @hookimpl
 def register_pipelines():
     return [
-        PipelineRegistration("LTX2Pipeline", _P + "LTX2Pipeline", "ltx"),
-        PipelineRegistration("LTX2ImageToVideoPipeline", _P + "LTX2ImageToVideoPipeline", "ltx"),
+        PipelineRegistration(_T2V, _P + "LTX2Pipeline", "LTX-2 text-to-video with synchronized audio"),
+        PipelineRegistration(_I2V, _P + "LTX2ImageToVideoPipeline", "LTX-2 image-to-video with synchronized audio"),
     ]
 
 
 @hookimpl
 def register_configs():
-    # Add the Hub ids of real checkpoints (hf_ids=["org/name"]) so they select these configs.
+    # Lightricks/LTX-2 holds the dev weights in diffusers format; a distilled folder is recognised by its
+    # scheduler (no dynamic shifting) and samples with the 8 distilled sigmas, without guidance.
     return [
-        ConfigRegistration("ltx", "LTX2Pipeline", _C + "LTX2Config",
-                           _C + "LTX2SamplingParams", default_for_pipeline=True),
-        ConfigRegistration("ltx-2", "LTX2ImageToVideoPipeline", _C + "LTX2Config",
-                           _C + "LTX2SamplingParams", default_for_pipeline=True),
+        ConfigRegistration("ltx-2-distilled", _T2V, _C + "LTX2Config", _C + "LTX2DistilledSamplingParams",
+                           hf_ids=["rootonchair/LTX-2-19b-distilled"], aliases=["ltx-2-distilled"],
+                           detector=_C + "is_distilled"),
+        ConfigRegistration("ltx-2", _T2V, _C + "LTX2Config", _C + "LTX2SamplingParams",
+                           hf_ids=["Lightricks/LTX-2"], aliases=["ltx-2", "ltx-2-dev"], default_for_pipeline=True),
+        ConfigRegistration("ltx-2-i2v-distilled", _I2V, _C + "LTX2Config", _C + "LTX2DistilledImageToVideoSamplingParams",
+                           detector=_C + "is_distilled"),
+        ConfigRegistration("ltx-2-i2v", _I2V, _C + "LTX2Config", _C + "LTX2ImageToVideoSamplingParams",
+                           default_for_pipeline=True),
     ]
 
 
 @hookimpl
 def register_modules():
-    return [ModuleRegistration("LTX2Transformer2DModel",
-                               "diffcore_ltx.transformer:LTX2Transformer2DModel")]
+    return [
+        ModuleRegistration("LTX2VideoTransformer3DModel", "diffcore_ltx.transformer:LTX2VideoTransformer3DModel"),
+        ModuleRegistration("AutoencoderKLLTX2Video", "diffcore_ltx.video_vae:AutoencoderKLLTX2Video"),
+        ModuleRegistration("AutoencoderKLLTX2Audio", "diffcore_ltx.audio_vae:AutoencoderKLLTX2Audio"),
+        # classes local to diffusers' LTX-2 pipelines: model_index.json names their library "ltx2"
+        ModuleRegistration("LTX2TextConnectors", "diffcore_ltx.connectors:LTX2TextConnectors", library="ltx2"),
+        ModuleRegistration("LTX2Vocoder", "diffcore_ltx.vocoder:LTX2Vocoder", library="ltx2"),
+    ]

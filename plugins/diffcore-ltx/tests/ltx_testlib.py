@@ -1,0 +1,108 @@
+"""Tiny LTX-2 pipelines built with diffusers' own classes (the oracle), perturbed so every weight matters.
+
+Traps handled (see shared NOTES "Newer families offline"): the video VAE's compression ratios are set
+explicitly (32 / 8), the audio VAE's base_channels is 128 (its latent statistics are sized by it), both VAEs'
+latent statistics are set off their no-op values, the vocoder's weights are scaled up so the sound depends on
+the prompt, the transformer has perturbed attention (so STG changes the result) and 2 blocks (STG on block 0).
+"""
+from __future__ import annotations
+
+import string
+
+import torch
+
+SMALL = dict(height=64, width=96, num_frames=9, frame_rate=24.0, num_inference_steps=2, max_sequence_length=32,
+             spatio_temporal_guidance_blocks=[0])
+VIDEO_VAE = dict(latent_channels=8, block_out_channels=(8, 8, 16, 16), decoder_block_out_channels=(8, 16, 32),
+                 layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1), spatial_compression_ratio=32,
+                 temporal_compression_ratio=8)
+AUDIO_VAE = dict(base_channels=128, ch_mult=(1, 1, 1), num_res_blocks=1, latent_channels=8, mel_bins=64)
+VOCODER = dict(in_channels=128, hidden_channels=64, out_channels=2, upsample_kernel_sizes=[16, 15, 8, 4, 4],
+               upsample_factors=[6, 5, 2, 2, 2], resnet_kernel_sizes=[3], resnet_dilations=[[1, 3]],
+               output_sampling_rate=24000)
+CONNECTORS = dict(caption_channels=16, text_proj_in_factor=3, video_connector_num_attention_heads=2,
+                  video_connector_attention_head_dim=8, video_connector_num_layers=1,
+                  video_connector_num_learnable_registers=8, audio_connector_num_attention_heads=2,
+                  audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+                  audio_connector_num_learnable_registers=8, rope_type="split")
+TRANSFORMER = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+                   audio_in_channels=128, audio_out_channels=128, audio_num_attention_heads=2,
+                   audio_attention_head_dim=8, audio_cross_attention_dim=16, num_layers=2, caption_channels=16,
+                   rope_type="split", perturbed_attn=True)
+SCHEDULER = dict(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
+                 max_image_seq_len=4096, shift_terminal=0.1)
+
+
+def tiny_gemma_tokenizer():
+    """A real GemmaTokenizer over characters (no merges): deterministic, offline."""
+    from transformers import GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for c in "▁" + string.ascii_letters + string.digits + string.punctuation:
+        vocab.setdefault(c, len(vocab))
+    return GemmaTokenizer(vocab=vocab, merges=[])
+
+
+def tiny_gemma3(vocab_size: int, seed: int):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from diffcore.testing.weights import perturb_
+
+    config = Gemma3Config(
+        text_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=8, intermediate_size=32, vocab_size=vocab_size, max_position_embeddings=256,
+                         sliding_window=16),
+        vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                           image_size=16, patch_size=8),
+        mm_tokens_per_image=4, image_token_index=4, boi_token_index=2, eoi_token_index=1)
+    torch.manual_seed(seed)
+    return perturb_(Gemma3ForConditionalGeneration(config).eval(), seed=seed)
+
+
+def diffusers_pipeline(image_to_video: bool = False, seed: int = 0, perturbed_attn: bool = True):
+    """The tiny LTX2Pipeline (or LTX2ImageToVideoPipeline) with perturbed random weights."""
+    from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler,
+                           LTX2ImageToVideoPipeline, LTX2Pipeline, LTX2VideoTransformer3DModel)
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    from diffcore.testing.weights import perturb_
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_gemma_tokenizer()
+    vae = perturb_(AutoencoderKLLTX2Video(**VIDEO_VAE).eval(), seed=seed + 1)
+    audio_vae = perturb_(AutoencoderKLLTX2Audio(**AUDIO_VAE).eval(), seed=seed + 2)
+    g = torch.Generator().manual_seed(seed + 3)
+    for module, n in ((vae, VIDEO_VAE["latent_channels"]), (audio_vae, 128)):
+        module.latents_mean.copy_(torch.randn(n, generator=g) * 0.3)
+        module.latents_std.copy_(torch.rand(n, generator=g) + 0.5)
+    vocoder = LTX2Vocoder(**VOCODER).eval()
+    with torch.no_grad():  # default-gain weights give a near-silent, prompt-independent waveform
+        for p in vocoder.parameters():
+            p.mul_(1.5)
+    perturb_(vocoder, seed=seed + 4)
+    transformer = perturb_(LTX2VideoTransformer3DModel(**{**TRANSFORMER, "perturbed_attn": perturbed_attn}).eval(),
+                           seed=seed + 5)
+    connectors = perturb_(LTX2TextConnectors(**CONNECTORS).eval(), seed=seed + 6)
+    cls = LTX2ImageToVideoPipeline if image_to_video else LTX2Pipeline
+    return cls(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=vae, audio_vae=audio_vae,
+               text_encoder=tiny_gemma3(len(tokenizer), seed + 7), tokenizer=tokenizer, connectors=connectors,
+               transformer=transformer, vocoder=vocoder)
+
+
+def write_checkpoint(folder, image_to_video: bool = False, **kw):
+    pipe = diffusers_pipeline(image_to_video, **kw)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def run_diffusers(folder, image_to_video: bool = False, seed: int = 0, **kwargs):
+    """diffusers' pipeline from the saved folder: (frames (B, F, H, W, 3) in [0, 1], waveform (B, C, S))."""
+    from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
+
+    cls = LTX2ImageToVideoPipeline if image_to_video else LTX2Pipeline
+    pipe = cls.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    args = {**SMALL, **kwargs}
+    frames, audio = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", return_dict=False, **args)
+    return frames, audio.float().numpy()
