@@ -26,9 +26,10 @@ def register_configs():
     return [
         ConfigRegistration("ltx-2-distilled", _T2V, _C + "LTX2Config", _C + "LTX2DistilledSamplingParams",
                            hf_ids=["rootonchair/LTX-2-19b-distilled"], aliases=["ltx-2-distilled"],
-                           detector=_C + "is_distilled"),
+                           detector=_C + "is_distilled", source="rootonchair/LTX-2-19b-distilled"),
         ConfigRegistration("ltx-2", _T2V, _C + "LTX2Config", _C + "LTX2SamplingParams",
-                           hf_ids=["Lightricks/LTX-2"], aliases=["ltx-2", "ltx-2-dev"], default_for_pipeline=True),
+                           hf_ids=["Lightricks/LTX-2"], aliases=["ltx-2", "ltx-2-dev"], default_for_pipeline=True,
+                           source="Lightricks/LTX-2"),
         ConfigRegistration("ltx-2-i2v-distilled", _I2V, _C + "LTX2Config", _C + "LTX2DistilledImageToVideoSamplingParams",
                            detector=_C + "is_distilled"),
         ConfigRegistration("ltx-2-i2v", _I2V, _C + "LTX2Config", _C + "LTX2ImageToVideoSamplingParams",

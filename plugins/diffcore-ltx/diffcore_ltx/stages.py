@@ -20,6 +20,11 @@ class LTX2InputValidationStage(InputValidationStage):
         if not req.do_cfg and p.audio("guidance_scale") > 1.0:
             req.do_cfg = True
             req.negative_prompts = p.negative_prompts(req.batch_size, self.config.default_negative_prompt)
+        registers = getattr(getattr(self.components.get("connectors"), "video_connector", None), "num_registers", None)
+        if registers and p.max_sequence_length % registers:
+            n = max(registers, p.max_sequence_length // registers * registers)
+            raise SamplingParamError("max_sequence_length", f"{p.max_sequence_length} is not a multiple of the text "
+                                                            f"connectors' {registers} registers; use e.g. {n}")
         blocks = self.components["transformer"].config.get("num_layers", 48)
         stg = p.stg_scale > 0 or p.audio("stg_scale") > 0
         if stg and any(b >= blocks for b in p.spatio_temporal_guidance_blocks):

@@ -101,7 +101,7 @@ def run_diffusers(folder, image_to_video: bool = False, seed: int = 0, **kwargs)
     from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
 
     cls = LTX2ImageToVideoPipeline if image_to_video else LTX2Pipeline
-    pipe = cls.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = cls.from_pretrained(folder, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     args = {**SMALL, **kwargs}
     frames, audio = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", return_dict=False, **args)
