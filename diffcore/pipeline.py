@@ -11,13 +11,25 @@ from .configs import budget
 from .configs.engine_args import EngineArgs
 from .configs.pipeline_config import PipelineConfig
 from .engine.context import EngineContext
-from .errors import PipelineDataflowError, RegistryError
+from .errors import ConfigError, PipelineDataflowError, RegistryError
 from .lora.manager import LoraManager
 from .lora.runtime import lora_scope
 from .notices import quiet
 from .parallel import ParallelGroups
 from .request import REQUEST_INPUTS, Request
 from .stages.base import PipelineStage
+
+
+def hook_reads(config: PipelineConfig, stage: PipelineStage) -> list:
+    """The fields ``config.hook_inputs()`` declares for ``stage``'s class (and its base classes)."""
+    reads = []
+    for cls, fields in config.hook_inputs().items():
+        if not (isinstance(cls, type) and issubclass(cls, PipelineStage)):
+            raise ConfigError(f"{type(config).__name__}.hook_inputs() keys its reads by stage class (e.g. "
+                              f"DenoisingLoopStage), got {cls!r}")
+        if isinstance(stage, cls):
+            reads.extend(f for f in fields if f.name not in {r.name for r in reads})
+    return reads
 
 
 class ComposedPipelineBase:
@@ -81,7 +93,7 @@ class ComposedPipelineBase:
         if any(s.name == name for s in self.stages):
             raise ValueError(f"{self.pipeline_name}: duplicate stage name {name!r}")
         stage.name = name
-        reads = tuple(f for f in self.config.hook_inputs(name) if f.name not in {i.name for i in stage.inputs})
+        reads = tuple(f for f in hook_reads(self.config, stage) if f.name not in {i.name for i in stage.inputs})
         if reads:  # what the config's hooks read in this stage joins the stage's contract
             stage.inputs = tuple(stage.inputs) + reads
         self.stages.append(stage)

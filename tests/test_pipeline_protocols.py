@@ -10,10 +10,11 @@ import torch
 
 from diffcore import DiffGenerator
 from diffcore.configs import PipelineConfig, SamplingParams
-from diffcore.errors import PipelineDataflowError, RegistryError, StageVerificationError
+from diffcore.errors import ConfigError, PipelineDataflowError, RegistryError, StageVerificationError
 from diffcore.pipeline import ComposedPipelineBase
 from diffcore.request import Request
-from diffcore.stages import ConditioningStage, DecodingStage, In, InputValidationStage, Out, PipelineStage
+from diffcore.stages import (ConditioningStage, DecodingStage, DenoisingLoopStage, DenoisingStage, In, InputValidationStage,
+                             Out, PipelineStage)
 
 
 def _request(**fields) -> Request:
@@ -207,8 +208,8 @@ def test_dataflow_covers_what_config_hooks_read_and_what_stages_consume(toy_gen)
 
     @attrs.define(kw_only=True)
     class ReadsImageLatents(type(toy_gen.config)):
-        def hook_inputs(self, stage):
-            return (In("image_latents", torch.Tensor),) if stage == "denoising" else ()
+        def hook_inputs(self):
+            return {DenoisingStage: (In("image_latents", torch.Tensor),)}
 
     with pytest.raises(PipelineDataflowError) as exc_info:
         ToyPipeline(components, ReadsImageLatents())
@@ -216,9 +217,38 @@ def test_dataflow_covers_what_config_hooks_read_and_what_stages_consume(toy_gen)
 
     @attrs.define(kw_only=True)
     class ReadsConditionWhenDecoding(type(toy_gen.config)):
-        def hook_inputs(self, stage):
-            return (In("condition", dict),) if stage == "decoding" else ()
+        def hook_inputs(self):
+            return {DecodingStage: (In("condition", dict),)}
 
     with pytest.raises(PipelineDataflowError) as exc_info:  # the denoising stage consumed it
         ToyPipeline(components, ReadsConditionWhenDecoding())
     assert (exc_info.value.stage, exc_info.value.field) == ("decoding", "condition")
+
+
+def test_config_hook_reads_follow_the_stage_class_not_its_name(toy_gen):
+    """``hook_inputs`` is keyed by stage class (a base class covers its subclasses): a pipeline that names its
+    denoising stage differently still proves the hook's reads; a name as key is refused, not ignored."""
+    import attrs
+
+    from toy_plugin.pipelines import ToyPipeline
+
+    class Renamed(ToyPipeline):
+        def add_stage(self, name, stage):
+            super().add_stage("denoise_it" if name == "denoising" else name, stage)
+
+    @attrs.define(kw_only=True)
+    class ReadsImageLatents(type(toy_gen.config)):
+        def hook_inputs(self):
+            return {DenoisingLoopStage: (In("image_latents", torch.Tensor),)}
+
+    with pytest.raises(PipelineDataflowError) as exc_info:
+        Renamed(toy_gen.components, ReadsImageLatents())
+    assert (exc_info.value.stage, exc_info.value.field) == ("denoise_it", "image_latents")
+
+    @attrs.define(kw_only=True)
+    class KeyedByName(type(toy_gen.config)):
+        def hook_inputs(self):
+            return {"denoising": (In("image_latents", torch.Tensor),)}
+
+    with pytest.raises(ConfigError, match="keys its reads by stage class"):
+        ToyPipeline(toy_gen.components, KeyedByName())

@@ -206,11 +206,12 @@ class PipelineConfig:
         scale = broadcast_rows(scale, cond)
         return uncond + scale * (cond - uncond)
 
-    def hook_inputs(self, stage: str) -> tuple:
-        """Request fields this config's hooks read inside stage ``stage`` beyond the stage's own inputs
-        (``In(...)`` fields): the pipeline adds them to the stage's contract, so the dataflow proof and
-        the run-time checks cover them."""
-        return ()
+    def hook_inputs(self) -> dict:
+        """``{stage class: (In(...), ...)}``: Request fields this config's hooks read inside stages of that class
+        (or a subclass, whatever the pipeline names them) beyond the stage's own inputs. The pipeline adds
+        them to the stage's contract, so the dataflow proof and the run-time checks cover them; keyed by
+        class, so renaming a stage cannot drop them."""
+        return {}
 
     # ---- batching --------------------------------------------------------------------------
     def batch_key(self, req: "Request") -> tuple:

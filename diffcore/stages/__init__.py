@@ -5,6 +5,7 @@ from .denoising import DecodingStage, DenoisingStage
 from .dmd import DmdDenoisingStage
 from .encoding import ImageEncodingStage, ImageVAEEncodingStage, TextEncodingStage
 from .input_validation import InputValidationStage, load_image
+from .loop import DenoisingLoopStage
 from .preparation import ConditioningStage, LatentPreparationStage, TimestepPreparationStage
 
 STANDARD_STAGES = {
@@ -14,5 +15,5 @@ STANDARD_STAGES = {
                 CausalDMDDenoisingStage, DecodingStage)
 }
 
-__all__ = ["PipelineStage", "StageField", "In", "Out", "load_image", "STANDARD_STAGES",
+__all__ = ["PipelineStage", "StageField", "In", "Out", "load_image", "STANDARD_STAGES", "DenoisingLoopStage",
            *STANDARD_STAGES]

@@ -40,6 +40,7 @@ class PipelineStage:
     batch: Optional[str] = None
 
     def __init__(self, name: Optional[str] = None):
+        # Stage names belong to the pipeline (``add_stage`` sets it); ``name`` only labels a stage run alone.
         self.name = name or type(self).__name__
 
     def forward(self, req: Request) -> Request:

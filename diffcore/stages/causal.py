@@ -20,37 +20,37 @@ import torch
 
 from ..errors import ConfigError
 from ..request import Request
-from .base import In, Out
-from .dmd import DmdDenoisingStage, dmd_schedule, predict
+from .base import Out
+from .dmd import DmdDenoisingStage, dmd_schedule
 
 
 class CausalDMDDenoisingStage(DmdDenoisingStage):
     """Block-causal DMD sampling; with ``components`` (the pipeline's, for its VAE) it also decodes each
-    finished block and writes ``output``, calling ``req.block_callback(block, latents, frames)``."""
+    finished block and writes ``output``, calling ``req.block_callback(block, latents, frames)``.
 
-    inputs = (In("latents", torch.Tensor), In("condition", dict), In("generator", torch.Generator))
+    The step cache is honoured: each block's DMD loop goes through it under a branch of its own (a block never
+    reuses another block's residual; the first step of every block is computed), and the pass that writes the
+    clean keys/values always runs in full."""
+
     outputs = (Out("latents", torch.Tensor), Out("output", torch.Tensor, required=False))
-    consumes = ("condition",)  # freed after the loop: per-request tensors must not outlive it
 
-    def __init__(self, config, transformers: list, components: dict | None = None, name: str = "denoising",
-                 progress: bool = True, callback=None):
-        super().__init__(config, transformers, name=name, progress=progress, callback=callback)
+    def __init__(self, config, transformers: list, engine_args=None, *, components: dict | None = None):
+        super().__init__(config, transformers, engine_args, components=components)
         if config.causal is None:
             raise ConfigError(f"{type(config).__name__} has no block-causal recipe (config.causal)")
         if len(self.transformers) != 1:
             raise ConfigError("block-causal generation runs one transformer (two-expert models are not causal)")
-        self.components = components
         if components is not None:
             self.outputs = (Out("latents", torch.Tensor), Out("output", torch.Tensor))
 
-    @torch.inference_mode()
-    def forward(self, req: Request) -> Request:
+    def loop(self, req: Request) -> torch.Tensor:
         causal, model = self.config.causal, self.transformers[0]
         timesteps, grid = dmd_schedule(self.config, req)
         latents = req.latents
         n, frames = causal.num_frames_per_block, latents.shape[2]
         if frames % n:
             raise ConfigError(f"{frames} latent frames do not split into blocks of {n}")
+        self.start_step_cache(req, len(timesteps))  # the steps of one block
         cache = model.new_kv_cache(latents.shape, causal.local_attn_size, causal.sink_size)
         decode = None
         if self.components is not None and req.params.output_type != "latent":
@@ -61,8 +61,9 @@ class CausalDMDDenoisingStage(DmdDenoisingStage):
             s = b * n
             kwargs = dict(cond, kv_cache=cache, start_frame=s)
             x0 = self.denoise(latents[:, :, s:s + n], timesteps, grid, kwargs, req,
-                              bar_desc=f"block {b + 1}/{num_blocks}")
-            predict(self.config, model, x0, causal.context_timestep, kwargs, req)  # writes the clean K/V
+                              bar_desc=f"block {b + 1}/{num_blocks}", branch=f"block{b}")
+            context_t = torch.tensor(causal.context_timestep, dtype=torch.float32, device=x0.device)
+            self.predict(req, model, x0, context_t, kwargs, 0, cached=False)  # writes the clean K/V
             out[:, :, s:s + n] = x0
             block_pixels = None
             if decode is not None:
@@ -72,7 +73,6 @@ class CausalDMDDenoisingStage(DmdDenoisingStage):
                 req.timings["block_decoding"] = req.timings.get("block_decoding", 0.0) + time.perf_counter() - start
             if req.block_callback is not None:
                 req.block_callback(b, x0, None if block_pixels is None else block_pixels.cpu().numpy())
-        req.latents, req.condition = out, None
         if self.components is not None:
             req.output = torch.cat(pixels, dim=1) if decode is not None else out
-        return req
+        return out

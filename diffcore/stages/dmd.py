@@ -14,12 +14,12 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..configs.fewstep import DmdConfig
 from ..errors import ConfigError
 from ..request import Request
-from .base import In, Out, PipelineStage
+from .base import In
+from .loop import DenoisingLoopStage
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -72,59 +72,30 @@ def renoise(x0: torch.Tensor, sigma: float, generator: torch.Generator) -> torch
     return ((1 - sigma) * x0 + sigma * eps).to(x0.dtype)
 
 
-def predict(config, model, x: torch.Tensor, t: float, kwargs: dict, req: Request, step_cache=None,
-            step: int = 0, branch: str = "cond") -> torch.Tensor:
-    """One model call through the config's input/timestep/output hooks (and an optional step cache)."""
-    inp = config.model_input(x, req)
-    timestep = config.model_timestep(torch.tensor(t, dtype=torch.float32, device=x.device), inp, req)
-    if step_cache is not None:
-        out = step_cache(model, step, branch, hidden_states=inp, timestep=timestep, **kwargs)
-    else:
-        out = model(hidden_states=inp, timestep=timestep, **kwargs)
-    return config.model_output(out, req)
-
-
-class DmdDenoisingStage(PipelineStage):
+class DmdDenoisingStage(DenoisingLoopStage):
     """Few-step DMD sampling over ``config.dmd.timesteps`` (or the request's ``timesteps``).
 
-    ``transformers``: one model, or several the config chooses between per timestep (``select_denoiser``). Reads
-    the same ``condition`` as DenoisingStage (only its ``cond`` branch: no CFG) and calls the same
+    Reads the same ``condition`` as DenoisingStage (only its ``cond`` branch: no CFG) and calls the same
     ``callback(step, timestep, latents)`` after every step.
     """
 
     inputs = (In("latents", torch.Tensor), In("condition", dict), In("generator", torch.Generator))
-    outputs = (Out("latents", torch.Tensor),)
-    consumes = ("condition",)  # freed after the loop: per-request tensors must not outlive it
 
-    def __init__(self, config, transformers: list, name: str = "denoising", progress: bool = True,
-                 callback=None, engine_args=None):
-        super().__init__(name)
-        self.config, self.transformers = config, [t for t in transformers if t is not None]
-        self.progress, self.callback = progress, callback
-        self.make_step_cache = engine_args.step_cache_factory() if engine_args is not None else None
-
-    @torch.inference_mode()
-    def forward(self, req: Request) -> Request:
+    def loop(self, req: Request) -> torch.Tensor:
         timesteps, grid = dmd_schedule(self.config, req)
-        if self.make_step_cache is not None and req.step_cache is None:
-            req.step_cache = self.make_step_cache()  # per request: concurrent requests never share one
-        if req.step_cache is not None:
-            req.step_cache.reset(len(timesteps))
-        latents = self.denoise(req.latents, timesteps, grid, req.condition["cond"], req)
-        req.latents = latents
-        req.condition = None  # per-request tensors must not outlive the loop into decoding
-        return req
+        self.start_step_cache(req, len(timesteps))
+        return self.denoise(req.latents, timesteps, grid, req.condition["cond"], req)
 
     def denoise(self, x: torch.Tensor, timesteps: list[float], grid: FlowGrid, kwargs: dict, req: Request,
-                bar_desc: str = "denoising") -> torch.Tensor:
-        """The DMD loop on ``x`` (pure noise at ``timesteps[0]``); returns the final ``x0``."""
-        callback = req.callback or self.callback
-        for i, t in enumerate(tqdm(timesteps, desc=bar_desc, disable=not self.progress, leave=False)):
+                bar_desc: str = "denoising", branch: str = "cond") -> torch.Tensor:
+        """The DMD loop on ``x`` (pure noise at ``timesteps[0]``); returns the final ``x0``. ``branch`` names
+        the step cache's memory of this loop."""
+        for i, t in enumerate(self.steps(timesteps, bar_desc)):
             model = self.transformers[self.config.select_denoiser(torch.tensor(t), req, len(self.transformers))]
-            v = predict(self.config, model, x, t, kwargs, req, req.step_cache, i)
+            v = self.predict(req, model, x, torch.tensor(t, dtype=torch.float32, device=x.device), kwargs, i, branch)
             x = to_x0(x, v, grid.sigma(t))
             if i < len(timesteps) - 1:
                 x = renoise(x, grid.sigma(timesteps[i + 1]), req.generator)
-            if callback is not None:
-                callback(i, torch.tensor(t), x)
+            if req.callback is not None:
+                req.callback(i, torch.tensor(t), x)
         return x

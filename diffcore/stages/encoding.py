@@ -21,8 +21,8 @@ class TextEncodingStage(PipelineStage):
     inputs = (In("prompts", list), In("do_cfg", bool), In("negative_prompts", list, required=False))
     outputs = (Out("prompt_embeds", PromptEmbeds), Out("negative_prompt_embeds", PromptEmbeds, required=False))
 
-    def __init__(self, config, components: dict, name: str = "text_encoding", needs_images: bool = False):
-        super().__init__(name)
+    def __init__(self, config, components: dict, needs_images: bool = False):
+        super().__init__()
         self.config, self.components = config, components
         if needs_images:  # each request with its own images; else all rows in one encoder call
             self.inputs = self.inputs + (In("images", list),)
@@ -44,8 +44,8 @@ class ImageEncodingStage(PipelineStage):
     outputs = (Out("image_embeds"),)
     batch = "each"
 
-    def __init__(self, config, components: dict, name: str = "image_encoding"):
-        super().__init__(name)
+    def __init__(self, config, components: dict):
+        super().__init__()
         self.config, self.components = config, components
 
     def forward(self, req: Request) -> Request:
@@ -60,8 +60,8 @@ class ImageVAEEncodingStage(PipelineStage):
     outputs = (Out("image_latents"),)
     batch = "each"
 
-    def __init__(self, config, components: dict, name: str = "image_vae_encoding", required: bool = True):
-        super().__init__(name)
+    def __init__(self, config, components: dict, required: bool = True):
+        super().__init__()
         self.config, self.components = config, components
         if not required:  # e.g. Wan TI2V: the image is optional
             self.inputs = (In("images", list, required=False), In("height", int), In("width", int))

@@ -98,7 +98,7 @@ class InputValidationStage(PipelineStage):
                Out("negative_prompts", list, required=False), Out("do_cfg", bool), Out("images", list, required=False))
 
     def __init__(self, config, components: dict):
-        super().__init__("input_validation")
+        super().__init__()
         self.config, self.components = config, components
 
     def forward(self, req: Request) -> Request:

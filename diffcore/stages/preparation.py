@@ -21,8 +21,8 @@ class TimestepPreparationStage(PipelineStage):
     outputs = (Out("timesteps", torch.Tensor), Out("scheduler"))
     batch = "each"  # equal for every request of a batch (the batch key); each gets its own copy
 
-    def __init__(self, config, scheduler, name: str = "timestep_preparation"):
-        super().__init__(name)
+    def __init__(self, config, scheduler):
+        super().__init__()
         self.config, self.scheduler = config, scheduler
 
     def forward(self, req: Request) -> Request:
@@ -47,8 +47,8 @@ class LatentPreparationStage(PipelineStage):
     outputs = (Out("latents", torch.Tensor),)
     batch = "each"  # every request's noise from its own generator, exactly as alone
 
-    def __init__(self, config, components: dict, name: str = "latent_preparation"):
-        super().__init__(name)
+    def __init__(self, config, components: dict):
+        super().__init__()
         self.config, self.components = config, components
 
     def forward(self, req: Request) -> Request:
@@ -67,8 +67,8 @@ class ConditioningStage(PipelineStage):
     outputs = (Out("condition", dict),)
     batch = "rows"
 
-    def __init__(self, config, components: dict, name: str = "conditioning"):
-        super().__init__(name)
+    def __init__(self, config, components: dict):
+        super().__init__()
         self.config, self.components = config, components
 
     def forward(self, req: Request) -> Request:

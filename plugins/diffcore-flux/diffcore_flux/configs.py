@@ -114,14 +114,13 @@ class FluxKontextConfig(FluxDevConfig):
             req.height, req.width = p.height, p.width
         req.height, req.width = self.round_size("height", req.height), self.round_size("width", req.width)
 
-    def hook_inputs(self, stage: str) -> tuple:
+    def hook_inputs(self) -> dict:
         """``prepare_condition`` sizes the condition tokens from ``images``; ``model_input`` appends ``image_latents``."""
         import torch
 
-        from diffcore.stages import In
+        from diffcore.stages import ConditioningStage, DenoisingLoopStage, In
 
-        return {"conditioning": (In("images", list),),
-                "denoising": (In("image_latents", torch.Tensor),)}.get(stage, ())
+        return {ConditioningStage: (In("images", list),), DenoisingLoopStage: (In("image_latents", torch.Tensor),)}
 
     def batch_key(self, req) -> tuple:
         """Rows share transformer calls only with the same condition-image token grid (its RoPE ids)."""

@@ -182,14 +182,13 @@ class QwenImageEditConfig(QwenImageConfig):
     def _inputs(self, req) -> list:
         return req.images[:1]
 
-    def hook_inputs(self, stage: str) -> tuple:
+    def hook_inputs(self) -> dict:
         """``prepare_condition`` sizes the input-image tokens from ``images``; ``model_input`` appends ``image_latents``."""
         import torch
 
-        from diffcore.stages import In
+        from diffcore.stages import ConditioningStage, DenoisingLoopStage, In
 
-        return {"conditioning": (In("images", list),),
-                "denoising": (In("image_latents", torch.Tensor),)}.get(stage, ())
+        return {ConditioningStage: (In("images", list),), DenoisingLoopStage: (In("image_latents", torch.Tensor),)}
 
     def batch_key(self, req) -> tuple:
         """Rows share transformer calls only with the same input-image token grids (``img_shapes``)."""

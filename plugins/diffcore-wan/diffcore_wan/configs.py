@@ -270,11 +270,11 @@ class WanConfig(PipelineConfig):
             condition["token_timestep_mask"] = token_t
         return condition
 
-    def hook_inputs(self, stage: str) -> tuple:
+    def hook_inputs(self) -> dict:
         """TI2V's ``model_input`` replaces the first latent frame with ``image_latents`` (when an image is given)."""
-        from diffcore.stages import In
+        from diffcore.stages import DenoisingLoopStage, In
 
-        return (In("image_latents", required=False),) if stage == "denoising" else ()
+        return {DenoisingLoopStage: (In("image_latents", required=False),)}
 
     def select_denoiser(self, t, req, num_denoisers: int) -> int:
         """Two experts: ``transformer`` for high noise, ``transformer_2`` below the boundary timestep."""

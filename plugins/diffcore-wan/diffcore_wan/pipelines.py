@@ -18,8 +18,8 @@ class FirstFrameStage(PipelineStage):
     outputs = (Out("latents", torch.Tensor),)
     batch = "rows"
 
-    def __init__(self, config, name: str = "first_frame"):
-        super().__init__(name)
+    def __init__(self, config):
+        super().__init__()
         self.config = config
 
     def forward(self, req: Request) -> Request:
@@ -100,8 +100,7 @@ class WanDMDPipeline(ComposedPipelineBase):
             self.add_stage("image_vae_encoding", ImageVAEEncodingStage(cfg, c, required=cfg.concat_condition))
         self.add_stage("latent_preparation", LatentPreparationStage(cfg, c))
         self.add_stage("conditioning", ConditioningStage(cfg, c))
-        self.add_stage("denoising", DmdDenoisingStage(cfg, [c.get("transformer"), c.get("transformer_2")],
-                                                      progress=engine_args.progress, engine_args=engine_args))
+        self.add_stage("denoising", DmdDenoisingStage(cfg, [c.get("transformer"), c.get("transformer_2")], engine_args))
         if cfg.expand_timesteps:
             self.add_stage("first_frame", FirstFrameStage(cfg))
         self.add_stage("decoding", DecodingStage(cfg, c))
@@ -120,5 +119,4 @@ class WanCausalDMDPipeline(ComposedPipelineBase):
         self.add_stage("text_encoding", TextEncodingStage(cfg, c))
         self.add_stage("latent_preparation", LatentPreparationStage(cfg, c))
         self.add_stage("conditioning", ConditioningStage(cfg, c))
-        self.add_stage("denoising", CausalDMDDenoisingStage(cfg, [c["transformer"]], components=c,
-                                                            progress=engine_args.progress))
+        self.add_stage("denoising", CausalDMDDenoisingStage(cfg, [c["transformer"]], engine_args, components=c))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from diffcore.cli import main
+from diffcore.configs.engine_args import EngineArgs
 from diffcore.configs.fewstep import CausalConfig
 from diffcore.errors import ConfigError
 from diffcore.models.kv_cache import CausalKVCache
@@ -79,7 +80,7 @@ def recompute_from_scratch(reference, embeds, x, timesteps, n, window, sink, gen
 
 def causal_stage(gen, **causal):
     config = attrs.evolve(gen.config, causal=CausalConfig(**causal))
-    return CausalDMDDenoisingStage(config, [gen.components["transformer"]], progress=False)
+    return CausalDMDDenoisingStage(config, [gen.components["transformer"]], EngineArgs(progress=False))
 
 
 @pytest.mark.parametrize("prompt,frames,window,sink", [
@@ -135,8 +136,8 @@ def test_one_block_equals_the_dmd_stage(fewstep_folders):
     twin = attrs.evolve(req, latents=req.latents.clone(), generator=clone_generator(req.generator))
     config = gen.config  # blocks of 2: the whole video is one block
     with torch.inference_mode():
-        got = CausalDMDDenoisingStage(config, [gen.components["transformer"]], progress=False)(req).latents
-        want = DmdDenoisingStage(config, [gen.components["transformer"]], progress=False)(twin).latents
+        got = CausalDMDDenoisingStage(config, [gen.components["transformer"]], EngineArgs(progress=False))(req).latents
+        want = DmdDenoisingStage(config, [gen.components["transformer"]], EngineArgs(progress=False))(twin).latents
     assert (got - want).abs().max().item() <= 1e-6
 
 
@@ -155,6 +156,26 @@ def test_pipeline_streams_blocks_that_equal_a_full_decode(fewstep_folders):
     assert np.abs(whole - streamed).max() <= 1e-6
     again = gen.generate(prompt="a red cat", num_frames=21, seed=2, output_type="np", **KW).output
     assert np.array_equal(again, result.output)
+
+
+def test_step_cache_runs_every_block_through_it(fewstep_folders):
+    """``cache=`` is honoured by the block-causal stage: each block's steps go through the request's step cache
+    (a threshold of 0 never skips: the video is unchanged), and skipping starts afresh in every block."""
+    from diffcore import DiffGenerator
+
+    folder, kw = fewstep_folders["causal"], dict(prompt="a red cat", num_frames=21, seed=2, output_type="np", **KW)
+    plain = ours(folder).generate(**kw)
+    steps = len(plain_steps := ours(folder).config.dmd.timesteps) * 3  # 6 latent frames: 3 blocks
+    assert plain.cache_stats is None and len(plain_steps) > 2
+    never = DiffGenerator.from_pretrained(folder, dtype="float32", progress=False, cache="fbcache",
+                                          cache_threshold=0.0).generate(**kw)
+    assert never.cache_stats == {"computed": steps, "skipped": 0}
+    assert np.abs(never.output - plain.output).max() <= 1e-5  # the protocol path, not forward: float rounding only
+    skips = DiffGenerator.from_pretrained(folder, dtype="float32", progress=False, cache="fbcache",
+                                          cache_threshold=1e9).generate(**kw)
+    # every block computes its first step (no memory of the block before), FBCache skips all the others
+    assert skips.cache_stats == {"computed": 3, "skipped": steps - 3}
+    assert np.isfinite(skips.output).all() and np.abs(skips.output - plain.output).max() > 1e-3
 
 
 def test_frames_that_do_not_fill_blocks_are_refused(fewstep_folders):
