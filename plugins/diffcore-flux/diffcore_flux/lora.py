@@ -39,28 +39,31 @@ def _single_linear1(rows: int) -> tuple[int, ...]:
     return (d, d, d, 4 * d)
 
 
-def _resolve_kohya(name: str, state_rows: dict) -> Optional[Target]:
-    key = flat(name)
+def resolve_bfl(key: str, double: dict, single: dict, globals_: dict, sizes=None) -> Optional[Target]:
+    """The diffusers module(s) of a flattened BFL layer name (FLUX.1 and FLUX.2 tables differ); ``sizes(rest)``
+    optionally gives the row split of a fused single-block layer (FLUX.1's ``linear1``)."""
     if key == "final_layer_adaLN_modulation_1":
         return Target(("norm_out.linear",), rows=swap_scale_shift)
-    if key in _GLOBAL:
-        return Target((_GLOBAL[key],))
+    if key in globals_:
+        return Target((globals_[key],))
     m = _BLOCK.fullmatch(key)
     if m is None:
         return None
     kind, i, rest = m.groups()
-    if kind == "double":
-        mods = _DOUBLE.get(rest)
-        if mods is None:
-            return Target(()) if "norm" in rest else None
-        return Target(tuple(f"transformer_blocks.{i}.{p}" for p in mods))
-    if rest == "linear1":
-        mods = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
-        return Target(tuple(f"single_transformer_blocks.{i}.{p}" for p in mods), sizes=_single_linear1(state_rows[name]))
-    mods = _SINGLE.get(rest)
+    table, prefix = (double, "transformer_blocks") if kind == "double" else (single, "single_transformer_blocks")
+    mods = table.get(rest)
     if mods is None:
         return Target(()) if "norm" in rest else None
-    return Target(tuple(f"single_transformer_blocks.{i}.{p}" for p in mods))
+    split = sizes(rest) if sizes is not None and kind == "single" else None
+    return Target(tuple(f"{prefix}.{i}.{p}" for p in mods), sizes=split)
+
+
+def _resolve_kohya(name: str, state_rows: dict) -> Optional[Target]:
+    def sizes(rest):
+        return _single_linear1(state_rows[name]) if rest == "linear1" else None
+
+    return resolve_bfl(flat(name), _DOUBLE, _SINGLE | {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")},
+                       _GLOBAL, sizes)
 
 
 def _rows(state: dict) -> dict:

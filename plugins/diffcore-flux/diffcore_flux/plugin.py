@@ -63,4 +63,7 @@ def register_lora_formats():
                                "kohya / sd-scripts and ComfyUI FLUX LoRAs (lora_unet_double_blocks_...)"),
         LoraFormatRegistration("flux-xlabs", ["FluxTransformer2DModel"], L + "is_xlabs", L + "convert_xlabs",
                                "XLabs FLUX LoRAs (double_blocks.N.processor.qkv_lora1...)"),
+        LoraFormatRegistration("flux2-bfl", ["Flux2Transformer2DModel"], "diffcore_flux.flux2_lora:is_bfl",
+                               "diffcore_flux.flux2_lora:convert_bfl",
+                               "FLUX.2 LoRAs with BFL names: kohya (lora_unet_...), ai-toolkit / ComfyUI (diffusion_model.)"),
     ]
