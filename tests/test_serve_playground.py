@@ -64,3 +64,47 @@ def test_playground_generates_in_a_browser(toy_gen, tmp_path):
     shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
     want = np.asarray(toy_gen.generate(prompt="a red circle", height=32, width=32, num_inference_steps=2, seed=11).images[0])
     np.testing.assert_array_equal(shown, want)
+
+
+def test_playground_api_key_messages_and_errors_in_user_words(toy_gen):
+    """Missing key: the page says where to type it; a wrong one: it says the server refused it; the key is
+    kept for this tab only unless "remember" is ticked; an engine refusal is shown with the page's labels and
+    what to do, not the Python API's text."""
+    exe = chromium()
+    settings = ServeSettings(served_model_name="toy", api_key="right-key")
+    with running_server(toy_gen, settings) as (base, _), sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(base + "/")
+            page.wait_for_selector("#key-box:not(.hidden)", timeout=20_000)
+            assert "type it in the API key field at the top of the form" in page.inner_text("#key-message")
+            assert page.inner_text("#model") == "API key needed"
+            page.fill("#api-key", "wrong-key")
+            page.dispatch_event("#api-key", "change")
+            page.wait_for_function("document.getElementById('key-message').textContent.includes('refused')",
+                                   timeout=20_000)
+            assert "--api-key or DIFFCORE_API_KEY" in page.inner_text("#key-message")
+            page.fill("#api-key", "right-key")
+            page.dispatch_event("#api-key", "change")
+            page.wait_for_function("document.getElementById('model').textContent === 'toy'", timeout=20_000)
+            assert page.inner_text("#key-message") == ""
+            stored = "[sessionStorage.getItem('diffcore-api-key'), localStorage.getItem('diffcore-api-key')]"
+            assert page.evaluate(stored) == ["right-key", None]  # this tab only
+            page.check("#remember-key")
+            assert page.evaluate(stored) == ["right-key", "right-key"]
+            page.uncheck("#remember-key")
+            assert page.evaluate(stored) == ["right-key", None]
+
+            page.fill("#prompt", "a red circle")
+            page.fill("#width", "8192")
+            page.fill("#height", "8192")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('error').textContent !== ''", timeout=20_000)
+            shown = page.inner_text("#error")
+        finally:
+            browser.close()
+    assert shown.startswith("Width x height: 8192 x 8192") and "over this server's limit of " in shown, shown
+    assert shown.endswith("Change it and try again."), shown
+    for python_text in ("invalid sampling parameter", "EngineArgs", "max_pixels", "DIFFCORE_MAX_PIXELS"):
+        assert python_text not in shown, shown

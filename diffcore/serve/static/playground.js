@@ -3,23 +3,65 @@
 const $ = (id) => document.getElementById(id);
 let info = null;
 
+// The API key lives in this tab's sessionStorage; localStorage only when "remember" is ticked.
+const KEY = "diffcore-api-key";
+const storedKey = () => sessionStorage.getItem(KEY) || localStorage.getItem(KEY) || "";
+
 function headers(extra) {
   const h = Object.assign({}, extra || {});
-  const key = $("api-key").value || localStorage.getItem("diffcore-api-key");
+  const key = $("api-key").value || storedKey();
   if (key) h["Authorization"] = "Bearer " + key;
   return h;
 }
 
+function saveKey() {
+  const key = $("api-key").value;
+  sessionStorage.setItem(KEY, key);
+  if ($("remember-key").checked && key) localStorage.setItem(KEY, key); else localStorage.removeItem(KEY);
+}
+
+function askForKey(sent) {
+  $("key-box").classList.remove("hidden");
+  $("key-message").textContent = sent
+    ? "The server refused this API key. Check it against the key the server was started with "
+      + "(--api-key or DIFFCORE_API_KEY), correct it in the API key field at the top of the form and press Enter."
+    : "This server needs an API key: type it in the API key field at the top of the form and press Enter.";
+  $("api-key").focus();
+}
+
+// Field names in the server's messages -> the labels on this page.
+const LABELS = { prompt: "Prompt", negative_prompt: "Negative prompt", size: "Width x height", height: "Height",
+  width: "Width", num_inference_steps: "Steps", guidance_scale: "Guidance", seed: "Seed", num_frames: "Frames",
+  image: "Input image", input_reference: "Input image", loras: "LoRA adapters" };
+
+// An error the server answered, in the page's words: which field, what is wrong, what to do.
+function userError(status, body) {
+  const e = (body && body.error) || {};
+  let text = (e.message || status + " error")
+    .replace(/^invalid sampling parameter '[^']*':\s*/, "").replace(/^[A-Z]\w+Error:\s*/, "")
+    .replace(/;?\s*raise it with .*$/, "").replace(/this engine's budget of ([\d,]+)(?: \(\w+\))?/, "this server's limit of $1");
+  for (const [name, label] of Object.entries(LABELS)) text = text.replace(new RegExp("\\b" + name + "\\b", "g"), label.toLowerCase());
+  let message = text;
+  if (status === 429) message = "The server is busy (its queue is full): try again in a moment.";
+  else if (status === 413) message = "The input image is too large: " + text + ". Use a smaller file.";
+  else if (status >= 500 && status !== 503) {
+    message = "Something went wrong on the server" + (e.request_id ? " (request " + e.request_id + ")" : "")
+      + "; its log has the details. Try again, or with other settings.";
+  } else if (e.param && LABELS[e.param]) message = LABELS[e.param] + ": " + text + ". Change it and try again.";
+  const error = new Error(message); error.status = status; return error;
+}
+
 async function api(path, options) {
-  const response = await fetch(path, Object.assign({}, options, { headers: headers((options || {}).headers) }));
+  const sent = headers((options || {}).headers);
+  const response = await fetch(path, Object.assign({}, options, { headers: sent }));
   if (response.status === 401) {
-    $("key-box").classList.remove("hidden");
-    throw new Error("this server needs an API key: enter it above");
+    askForKey(Boolean(sent.Authorization));
+    const error = new Error($("key-message").textContent); error.status = 401; throw error;
   }
   if (!response.ok) {
-    let message = response.status + " " + response.statusText;
-    try { message = (await response.json()).error.message; } catch (e) { /* not JSON */ }
-    const error = new Error(message); error.status = response.status; throw error;
+    let body = null;
+    try { body = await response.json(); } catch (e) { /* not JSON */ }
+    throw userError(response.status, body);
   }
   return response;
 }
@@ -28,10 +70,12 @@ async function connect() {
   try {
     info = await (await api("/v1/playground/info")).json();
   } catch (error) {
+    if (error.status === 401) { $("model").textContent = "API key needed"; return; }  // saveKey() reconnects
     $("model").textContent = error.status === 503 ? "loading the model..." : error.message;
     setTimeout(connect, 1000);
     return;
   }
+  $("key-message").textContent = "";
   $("model").textContent = info.model + (info.video ? (info.audio ? " (video with sound)" : " (video)") : "");
   const d = info.defaults;
   if (d.width) $("width").value = d.width;
@@ -104,7 +148,9 @@ function remember(result, prompt) {
   while ($("history").children.length > 12) $("history").lastChild.remove();
 }
 
-$("api-key").addEventListener("change", () => { localStorage.setItem("diffcore-api-key", $("api-key").value); connect(); });
+$("api-key").addEventListener("change", () => { saveKey(); connect(); });
+$("remember-key").addEventListener("change", saveKey);
+$("remember-key").checked = Boolean(localStorage.getItem(KEY));
 
 $("form").addEventListener("submit", async (event) => {
   event.preventDefault();
