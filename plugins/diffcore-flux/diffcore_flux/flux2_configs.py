@@ -129,13 +129,14 @@ class Flux2DevConfig(PipelineConfig):
         """Rows share transformer calls only with the same reference token grids (their position ids)."""
         return tuple(self.reference_grids(req))
 
-    def hook_inputs(self, stage: str) -> tuple:
+    def hook_inputs(self) -> dict:
+        """``prepare_condition`` reads the references and their latents; ``model_input`` appends the latents."""
         import torch
 
-        from diffcore.stages import In
+        from diffcore.stages import ConditioningStage, DenoisingLoopStage, In
 
-        return {"conditioning": (In("images", list, required=False), In("image_latents", torch.Tensor, required=False)),
-                "denoising": (In("image_latents", torch.Tensor, required=False),)}.get(stage, ())
+        return {ConditioningStage: (In("images", list, required=False), In("image_latents", torch.Tensor, required=False)),
+                DenoisingLoopStage: (In("image_latents", torch.Tensor, required=False),)}
 
     # ---- text ------------------------------------------------------------------------------
     def text_inputs(self, components, prompts, req) -> dict:
