@@ -3,7 +3,8 @@
 Real gloo process groups: each configuration is one ``torchrun`` launch of
 ``diffcore.testing.parallel`` running every case (FLUX dev and Kontext, Qwen-Image T2I and Edit,
 Wan 2.1 T2V and I2V (CLIP image context), Wan 2.2 A14B with two experts, Wan 2.2 TI2V-5B with an image,
-Qwen-Image-Edit-2509 (Edit Plus) with two input images of different sizes, and FBCache), on tiny
+Qwen-Image-Edit-2509 (Edit Plus) with two input images of different sizes, FLUX.2 [klein] base with CFG and
+two references, and FBCache), on tiny
 perturbed checkpoints built by the plugins' diffusers-based builders. Each rank's output must equal
 rank 0's bit for bit and the one-process output (this pytest process, same code without parallel
 options) to fp32 max |diff| <= 1e-4 and PSNR >= 60 dB. Token counts are odd so sequence
@@ -53,7 +54,8 @@ def cases(tmp_path_factory):
                 "qwen_t2i": lambda: qwen.build_qwen_pipeline("t2i"), "qwen_edit": lambda: qwen.build_qwen_pipeline("edit"),
                 "wan21": lambda: wan.build_wan_pipeline("t2v21"), "wan22_a14b": lambda: wan.build_wan_pipeline("t2v22"),
                 "wan22_ti2v": lambda: wan.build_wan_pipeline("ti2v"), "wan21_i2v": lambda: wan.build_wan_pipeline("i2v21"),
-                "qwen_edit_plus": lambda: qwen.build_qwen_pipeline("plus")}
+                "qwen_edit_plus": lambda: qwen.build_qwen_pipeline("plus"),
+                "flux2_klein_base": lambda: flux.build_flux2_pipeline("klein-base")}
     folders = {}
     for name, build in builders.items():
         build().save_pretrained(root / name)
@@ -79,6 +81,9 @@ def cases(tmp_path_factory):
         ("qwen_edit_plus", "qwen_edit_plus", dict(prompt="make it red", height=96, width=32, num_inference_steps=2,
                                                   true_cfg_scale=4.0, seed=5, **cfg),
          [[60, 40, 1], [40, 56, 4]]),  # Edit-2509: two inputs of different sizes, each its own latents / RoPE frame
+        ("flux2_klein_base", "flux2_klein_base", dict(prompt="make it red", height=48, width=48, num_inference_steps=2,
+                                                      guidance_scale=3.0, max_sequence_length=16, seed=3),
+         [[80, 64, 1], [64, 96, 2]]),  # FLUX.2: CFG vs the empty prompt, two references (t = 10, 20)
     ]
     out = [{"name": n, "model": folders[m], "engine": {}, "generate": g, "image": i} for n, m, g, i in specs]
     # the step cache takes the same skip decision on every rank (and as in one process)
