@@ -130,6 +130,7 @@ class DiffGenerator:
         hooks = offload.apply(components, engine.offload, engine.device, config.denoiser_components) if engine.offload else None
         pipeline = pipeline_cls(components, config, engine, components_checked=True)
         pipeline.offload_hooks = hooks
+        pipeline.add_compositions(registry.compositions_for(index.class_name))  # img2img, inpaint: same weights
         log.info("loaded %s (%s via %s) in %.2fs", model, index.class_name, rec.name, time.perf_counter() - start)
         return cls(pipeline, sampling_cls, model, folder, time.perf_counter() - start, registry=registry)
 
@@ -144,11 +145,11 @@ class DiffGenerator:
         latent frames is finished and decoded (``frames``: numpy (B, F, H, W, 3) in [0, 1]). ``loras``:
         ``{adapter name: weight}`` of loaded adapters to apply to this request only.
         """
-        params = self.sampling_params_cls.from_user(
+        params = self.params_from(dict(
             prompt=prompt, negative_prompt=negative_prompt, image=image, height=height, width=width,
             num_frames=num_frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             true_cfg_scale=true_cfg_scale,
-            max_sequence_length=max_sequence_length, seed=seed, output_type=output_type, loras=loras, **kwargs)
+            max_sequence_length=max_sequence_length, seed=seed, output_type=output_type, loras=loras, **kwargs))
         return self.run(params, callback=callback, block_callback=block_callback)
 
     # -- LoRA adapters ------------------------------------------------------------------------------
@@ -187,8 +188,12 @@ class DiffGenerator:
         return self.pipeline.loras.infos
 
     def params_from(self, kwargs: dict):
-        """The validated SamplingParams of generate() keywords (SamplingParamError names a bad one)."""
-        return self.sampling_params_cls.from_user(**kwargs)
+        """The validated SamplingParams of generate() keywords (SamplingParamError names a bad one), of the
+        composition they ask for (``image`` + ``strength``: img2img; ``mask``: inpainting; diffcore.tasks)."""
+        from .tasks import params_for
+
+        cls = params_for(kwargs, self.sampling_params_cls, self.pipeline.compositions, self.pipeline.pipeline_name)
+        return cls.from_user(**kwargs)
 
     def check(self, kwargs: dict):
         """generate()'s own refusals of these keywords without running anything: the SamplingParams checks,

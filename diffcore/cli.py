@@ -23,8 +23,11 @@ def _plugins(args) -> int:
 
     for name, info in manager.plugins.items():
         pipelines = own("pipelines", name)
+        compositions = own("compositions", name)
         plugins.append({"name": name, "distribution": info.distribution, "version": info.version,
                         "pipelines": list(pipelines), "models": list(own("configs", name)),
+                        "compositions": [{"name": n, "pipeline": r.pipeline_name, "task": r.task,
+                                          "description": r.description} for n, r in compositions.items()],
                         "stages": list(own("stages", name)),
                         "descriptions": {n: r.description for n, r in pipelines.items() if r.description}})
     errors = [{"plugin": e.plugin, "error": e.error} for e in manager.errors]
@@ -37,6 +40,9 @@ def _plugins(args) -> int:
         for pipeline in p["pipelines"]:
             described = p["descriptions"].get(pipeline)
             print(f"{'':<10} pipeline  {pipeline}" + (f": {described}" if described else ""))
+        for comp in p["compositions"]:  # extra tasks served by a loaded pipeline, chosen per request
+            print(f"{'':<10} task      {comp['task']} on {comp['pipeline']}: {comp['name']}"
+                  + (f" ({comp['description']})" if comp["description"] else ""))
         for label in ("models", "stages"):
             if p[label]:
                 print(f"{'':<10} {label:<9} {', '.join(p[label])}")

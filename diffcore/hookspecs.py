@@ -112,3 +112,17 @@ def register_lora_formats():
             return [LoraFormatRegistration("flux-kohya", ["FluxTransformer2DModel"], "diffcore_flux.lora:is_kohya",
                                            "diffcore_flux.lora:convert_kohya")]
     """
+
+
+@hookspec
+def register_compositions():
+    """Return CompositionRegistration records: extra tasks (image-to-image, inpainting) a loaded pipeline
+    serves with the same weights, each a ComposedPipelineBase subclass chosen per request.
+
+    Example::
+
+        @hookimpl
+        def register_compositions():
+            return [CompositionRegistration("FluxImg2ImgPipeline", "FluxPipeline", "img2img",
+                                            "diffcore_flux.tasks:FluxImg2ImgPipeline")]
+    """

@@ -43,6 +43,10 @@ class ComposedPipelineBase:
 
     pipeline_name: ClassVar[str] = ""
     _required_config_modules: ClassVar[tuple[str, ...]] = ()
+    # A composition registered for another pipeline's components (diffcore.tasks): its task, and the
+    # default ``strength`` of its requests (diffusers' call default).
+    task: ClassVar[Optional[str]] = None
+    default_strength: ClassVar[float] = 0.6
 
     def __init__(self, components: dict[str, Any], config: PipelineConfig, engine_args: Optional[EngineArgs] = None,
                  components_checked: bool = False):
@@ -59,6 +63,7 @@ class ComposedPipelineBase:
         self.context = self.engine_context(self.engine_args)
         self.loras = LoraManager(components)  # loaded adapters; each request picks its own (params.loras)
         self.stages: list[PipelineStage] = []
+        self.compositions: dict[str, ComposedPipelineBase] = {}  # task -> composition on these components
         self.create_pipeline_stages(self.engine_args)
         self.check_dataflow()
 
@@ -117,6 +122,29 @@ class ComposedPipelineBase:
             if field not in available:  # the config promises a sound track: some stage must write it
                 raise PipelineDataflowError(self.pipeline_name, "(result)", field, sorted(available))
 
+    # -- tasks (diffcore.tasks) ----------------------------------------------------------------
+    def add_compositions(self, classes: dict[str, type]) -> None:
+        """Build ``{task: ComposedPipelineBase subclass}`` on this pipeline's components: each shares the
+        weights, the engine's context and parallel groups, and the loaded LoRA adapters; only its stages
+        are its own."""
+        for task, cls in classes.items():
+            other = cls.__new__(cls)
+            other.__dict__.update(self.__dict__)
+            other.stages, other.compositions = [], {}
+            other.create_pipeline_stages(self.engine_args)
+            other.check_dataflow()
+            self.compositions[task] = other
+
+    def for_request(self, req: Request) -> "ComposedPipelineBase":
+        """The composition that serves ``req``: its SamplingParams say which task (``params.task``)."""
+        task = getattr(type(req.params), "task", None)
+        if task == self.task:
+            return self
+        if task not in self.compositions:
+            raise RegistryError(f"{self.pipeline_name} has no {task} composition; it serves "
+                                f"{', '.join([self.task or 'its own task'] + sorted(self.compositions))}")
+        return self.compositions[task]
+
     # -- execution ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def running(self, req: Optional[Request] = None) -> Iterator[None]:
@@ -134,6 +162,8 @@ class ComposedPipelineBase:
         its adapters. A server runs it when a request arrives, so a bad one is refused before it is queued."""
         from .stages.input_validation import InputValidationStage
 
+        if self.for_request(req) is not self:
+            return self.for_request(req).validate(req)
         self.loras.check_selection(req.params.loras)
         with quiet(), self.context.applied():  # its warnings are said when the request runs
             for stage in self.stages:
@@ -142,6 +172,8 @@ class ComposedPipelineBase:
         return req
 
     def forward(self, req: Request) -> Request:
+        if self.for_request(req) is not self:
+            return self.for_request(req).forward(req)
         with self.running(req):
             for stage in self.stages:
                 req = stage(req)

@@ -43,6 +43,19 @@ class PipelineRegistration:
 
 
 @attrs.frozen
+class CompositionRegistration:
+    """Another stage composition for the pipeline ``pipeline_name`` serves (a task: ``"img2img"``,
+    ``"inpaint"``): built on the components that pipeline loaded, chosen per request by what it carries
+    (``diffcore.tasks``). ``name`` is conventionally the Diffusers class it reproduces."""
+
+    name: str
+    pipeline_name: str
+    task: str
+    cls: Any
+    description: str = ""
+
+
+@attrs.frozen
 class ConfigRegistration:
     """Which PipelineConfig + SamplingParams serve which models.
 

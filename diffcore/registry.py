@@ -29,6 +29,7 @@ _HOOKS = {
     "attention_backends": ("register_attention_backends", R.AttentionBackendRegistration),
     "cache_policies": ("register_cache_policies", R.CachePolicyRegistration),
     "lora_formats": ("register_lora_formats", R.LoraFormatRegistration),
+    "compositions": ("register_compositions", R.CompositionRegistration),
 }
 
 
@@ -39,10 +40,12 @@ def _claimed_keys(kind: str, record) -> list[tuple]:
     if kind == "configs":
         keys += [("aliases", a) for a in record.aliases]
         keys += [("hf_ids", record.pipeline_name, h) for h in record.hf_ids]
+    if kind == "compositions":  # one composition per task of a pipeline
+        keys.append(("tasks", record.pipeline_name, record.task))
     return keys
 
 
-_WHAT = {"aliases": "alias", "hf_ids": "HF id"}
+_WHAT = {"aliases": "alias", "hf_ids": "HF id", "tasks": "task"}
 
 
 def _conflict(claims: dict, stamped: dict[str, list]) -> Optional[str]:
@@ -136,6 +139,11 @@ class Registry:
         """``(formats for module_class, formats for other classes)``: LoraFormatRegistration records."""
         recs = [self.get("lora_formats", name) for name in self.tables["lora_formats"]]
         return [r for r in recs if module_class in r.modules], [r for r in recs if module_class not in r.modules]
+
+    def compositions_for(self, pipeline_name: str) -> dict[str, Any]:
+        """``{task: ComposedPipelineBase subclass}``: the extra compositions registered for a pipeline."""
+        return {e.record.task: self.get("compositions", name) for name, e in sorted(self.tables["compositions"].items())
+                if e.record.pipeline_name == pipeline_name}
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.tables[kind])

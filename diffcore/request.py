@@ -43,6 +43,12 @@ class Request:
     negative_prompt_embeds: Optional[PromptEmbeds] = None
     image_embeds: Optional[torch.Tensor] = None  # e.g. CLIP vision features
     image_latents: Optional[torch.Tensor] = None  # VAE-encoded condition images, model layout
+    # Image-to-image / inpainting (diffcore.tasks): the input picture's latents and the noise it was
+    # re-noised with (packed), and the mask at latent resolution (1 = repaint), packed like the latents.
+    mask: Any = None  # the validated inpainting mask: a PIL "L" image, white = repaint (diffcore.masks)
+    init_latents: Optional[torch.Tensor] = None
+    init_noise: Optional[torch.Tensor] = None
+    latent_mask: Optional[torch.Tensor] = None
     condition: dict = attrs.field(factory=dict)  # model-specific per-request constants (ids, rope, masks)
     timesteps: Optional[torch.Tensor] = None
     scheduler: Any = None  # a per-request copy, so requests never share solver state

@@ -49,9 +49,11 @@ def _run(args, env_path: list[Path]) -> subprocess.CompletedProcess:
 def _check_plugins_json(data: dict) -> None:
     assert set(data) == {"plugins", "errors"}
     for p in data["plugins"]:
-        assert set(p) == {"name", "distribution", "version", "pipelines", "models", "stages", "descriptions"}
+        assert set(p) == {"name", "distribution", "version", "pipelines", "models", "stages", "descriptions",
+                          "compositions"}
         assert isinstance(p["name"], str) and all(isinstance(p[k], list) for k in ("pipelines", "models", "stages"))
         assert set(p["descriptions"]) <= set(p["pipelines"])
+        assert all(set(c) == {"name", "pipeline", "task", "description"} for c in p["compositions"])
     for e in data["errors"]:
         assert set(e) == {"plugin", "error"} and isinstance(e["error"], str)
 

@@ -158,6 +158,20 @@ class PipelineConfig:
     def encode_condition_images(self, components: dict, req: "Request") -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement encode_condition_images")
 
+    def encode_init_image(self, components: dict, pixels: torch.Tensor, req: "Request") -> torch.Tensor:
+        """Image-to-image: pixels (1, 3, H, W) in [-1, 1] -> normalised latents in the VAE's layout, a sample of
+        the posterior drawn from the request's generator (diffusers' ``retrieve_latents``, sample mode)."""
+        from ..models.latent_norm import normalize
+
+        vae = components["vae"]
+        dist = vae.encode(self.vae_pixels(pixels, vae).to(vae.device, vae.dtype))
+        noise = torch.randn(dist.mean.shape, generator=req.generator, dtype=dist.mean.dtype, device="cpu")
+        return normalize(dist.mean + dist.std * noise.to(dist.mean.device), vae)
+
+    def vae_pixels(self, pixels: torch.Tensor, vae) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in the layout the VAE encodes (a video VAE: one frame, (B, 3, 1, H, W))."""
+        return pixels.unsqueeze(2) if getattr(vae, "temporal_compression_ratio", None) else pixels
+
     # ---- denoising -------------------------------------------------------------------------
     def prepare_condition(self, components: dict, req: "Request") -> dict:
         """Per-request constants for the transformer: {"cond": kwargs, "uncond": kwargs or None}."""

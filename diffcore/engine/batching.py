@@ -46,7 +46,10 @@ def run_batch(gen, requests: list[Request], starting=None) -> list:
     exception that request failed with (None for one that ``starting`` dropped). ``starting(indices)``
     (optional) is asked just before each group runs which of its requests still want to: a request
     cancelled while an earlier group ran is left out."""
-    pipeline = gen.pipeline
+    chosen = [gen.pipeline.for_request(r) for r in requests]  # the composition (task) each request asks for
+    if any(c is not chosen[0] for c in chosen):
+        return _by_composition(gen, requests, chosen, starting)
+    pipeline = chosen[0]
     start = time.perf_counter()
     first = batch_plan(pipeline)
     if first is None or len(requests) == 1:
@@ -89,6 +92,18 @@ def run_batch(gen, requests: list[Request], starting=None) -> list:
         else:
             req.timings["total"] = time.perf_counter() - start
             out.append(gen.result(req))
+    return out
+
+
+def _by_composition(gen, requests: list[Request], chosen: list, starting) -> list:
+    """Requests for different compositions (text-to-image, img2img, inpaint) never share rows: each
+    composition's requests run as their own batch."""
+    out: list = [None] * len(requests)
+    for comp in {id(c): c for c in chosen}.values():
+        idx = [i for i, c in enumerate(chosen) if c is comp]
+        sub_starting = None if starting is None else (lambda ids, idx=idx: starting([idx[j] for j in ids]))
+        for i, result in zip(idx, run_batch(gen, [requests[i] for i in idx], sub_starting)):
+            out[i] = result
     return out
 
 

@@ -44,7 +44,8 @@ def batch_key(pipeline, req: Request) -> tuple:
     p = req.params
     return (req.height, req.width, req.num_frames, req.do_cfg, p.num_inference_steps, p.max_sequence_length,
             p.output_type == "latent", _hashable(getattr(p, "timesteps", None)), getattr(p, "flow_shift", None),
-            len(req.images or ()), pipeline.config.batch_key(req))
+            len(req.images or ()), getattr(type(p), "task", None), getattr(p, "strength", None),
+            pipeline.config.batch_key(req))
 
 
 def _hashable(value):

@@ -5,6 +5,8 @@ from diffcore.pipeline import ComposedPipelineBase
 from diffcore.stages import (ConditioningStage, DecodingStage, DenoisingStage, ImageVAEEncodingStage,
                              InputValidationStage, LatentPreparationStage, TextEncodingStage,
                              TimestepPreparationStage)
+from diffcore.stages.image_to_image import (Img2ImgComposition, InitLatentsStage, InpaintComposition,
+                                           InpaintValidationStage, StrengthStage)
 
 
 class FluxPipeline(ComposedPipelineBase):
@@ -63,3 +65,32 @@ class Flux2KleinKVPipeline(Flux2Pipeline):
     """FLUX.2 [klein] 9B-KV: the reference tokens run in the first step only; later steps reuse their K/V."""
 
     pipeline_name = "Flux2KleinKVPipeline"
+
+
+class FluxImg2ImgPipeline(Img2ImgComposition, FluxPipeline):
+    """Image-to-image on a FluxPipeline checkpoint (diffusers' FluxImg2ImgPipeline): ``image`` + ``strength``."""
+
+
+class FluxInpaintPipeline(InpaintComposition, FluxPipeline):
+    """Inpainting on a FluxPipeline checkpoint (diffusers' FluxInpaintPipeline): ``image`` + ``mask`` + ``strength``."""
+
+
+class FluxFillPipeline(ComposedPipelineBase):
+    """FLUX.1-Fill-dev: inpainting with the masked picture and the mask as extra transformer inputs (diffcore_flux.fill)."""
+
+    pipeline_name = "FluxFillPipeline"
+    _required_config_modules = FluxPipeline._required_config_modules
+
+    def create_pipeline_stages(self, engine_args) -> None:
+        from .fill import FillConditionStage
+
+        c, cfg = self.components, self.config
+        self.add_stage("input_validation", InpaintValidationStage(cfg, c))
+        self.add_stage("text_encoding", TextEncodingStage(cfg, c))
+        self.add_stage("timestep_preparation", TimestepPreparationStage(cfg, c["scheduler"]))
+        self.add_stage("strength", StrengthStage())
+        self.add_stage("init_latents", InitLatentsStage(cfg, c))
+        self.add_stage("fill_condition", FillConditionStage(cfg, c))
+        self.add_stage("conditioning", ConditioningStage(cfg, c))
+        self.add_stage("denoising", DenoisingStage(cfg, [c["transformer"]], engine_args))
+        self.add_stage("decoding", DecodingStage(cfg, c))

@@ -1,6 +1,7 @@
 """diffcore entry point for FLUX.1 and FLUX.2: hook implementations only, no torch import."""
 from diffcore.hookspecs import hookimpl
-from diffcore.records import ConfigRegistration, LoraFormatRegistration, ModuleRegistration, PipelineRegistration
+from diffcore.records import (CompositionRegistration, ConfigRegistration, LoraFormatRegistration, ModuleRegistration,
+                              PipelineRegistration)
 
 _C = "diffcore_flux.configs:"
 _F2 = "diffcore_flux.flux2_configs:"
@@ -17,6 +18,19 @@ def register_pipelines():
                              "FLUX.2 [klein] 4B/9B (distilled or base) text-to-image and editing"),
         PipelineRegistration("Flux2KleinKVPipeline", "diffcore_flux.pipelines:Flux2KleinKVPipeline",
                              "FLUX.2 [klein] 9B-KV (reference K/V cached per request)"),
+        PipelineRegistration("FluxFillPipeline", "diffcore_flux.pipelines:FluxFillPipeline",
+                             "FLUX.1-Fill-dev inpainting (image, mask)"),
+    ]
+
+
+@hookimpl
+def register_compositions():
+    P = "diffcore_flux.pipelines:"
+    return [
+        CompositionRegistration("FluxImg2ImgPipeline", "FluxPipeline", "img2img", P + "FluxImg2ImgPipeline",
+                                "FLUX.1 image-to-image (image, strength)"),
+        CompositionRegistration("FluxInpaintPipeline", "FluxPipeline", "inpaint", P + "FluxInpaintPipeline",
+                                "FLUX.1 inpainting (image, mask, strength)"),
     ]
 
 
@@ -45,6 +59,9 @@ def register_configs():
         ConfigRegistration("flux2-klein-kv", "Flux2KleinKVPipeline", _F2 + "Flux2KleinKVConfig",
                            _F2 + "Flux2KleinSamplingParams", hf_ids=["black-forest-labs/FLUX.2-klein-9b-kv"],
                            aliases=["flux2-klein-9b-kv"], default_for_pipeline=True),
+        ConfigRegistration("flux-fill-dev", "FluxFillPipeline", "diffcore_flux.fill:FluxFillConfig",
+                           "diffcore_flux.fill:FluxFillSamplingParams", hf_ids=["black-forest-labs/FLUX.1-Fill-dev"],
+                           aliases=["flux-fill"], default_for_pipeline=True),
     ]
 
 

@@ -183,3 +183,24 @@ def _to_bfl(sd):
 def flux2_to_bfl():
     """Diffusers -> BFL FLUX.2 names: builds ``flux2-*.safetensors``-style single files offline."""
     return _to_bfl
+
+
+@pytest.fixture(scope="session")
+def flux_fill_folder(tmp_path_factory):
+    """A tiny FLUX.1-Fill-dev layout checkpoint (FluxFillPipeline)."""
+    from diffusers import FluxFillPipeline, FluxTransformer2DModel
+
+    from diffcore.testing.weights import perturb_
+
+    base = build_flux_pipeline(seed=3)
+    # latents (4 ch x 2x2) + masked-picture latents (16) + the 8x8-folded mask (64 x 2x2): 288 inputs, 16 outputs
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=288, out_channels=16, num_layers=1,
+                                         num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                                         joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                                         axes_dims_rope=(4, 6, 6))
+    perturb_(transformer, seed=11)
+    folder = tmp_path_factory.mktemp("flux") / "fill"
+    FluxFillPipeline(scheduler=base.scheduler, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                     text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, transformer=transformer,
+                     vae=base.vae).save_pretrained(folder)
+    return folder

@@ -1,6 +1,7 @@
 """diffcore entry point for Qwen-Image: hook implementations only, no torch import."""
 from diffcore.hookspecs import hookimpl
-from diffcore.records import ConfigRegistration, LoraFormatRegistration, ModuleRegistration, PipelineRegistration
+from diffcore.records import (CompositionRegistration, ConfigRegistration, LoraFormatRegistration, ModuleRegistration,
+                              PipelineRegistration)
 
 _C = "diffcore_qwen.configs:"
 _P = "diffcore_qwen.pipelines:"
@@ -13,6 +14,19 @@ def register_pipelines():
         PipelineRegistration("QwenImageEditPipeline", _P + "QwenImageEditPipeline", "Qwen-Image-Edit (one input image)"),
         PipelineRegistration("QwenImageEditPlusPipeline", _P + "QwenImageEditPlusPipeline",
                              "Qwen-Image-Edit-2509/2511 (one to three input images)"),
+    ]
+
+
+@hookimpl
+def register_compositions():
+    return [
+        CompositionRegistration("QwenImageImg2ImgPipeline", "QwenImagePipeline", "img2img",
+                                _P + "QwenImageImg2ImgPipeline", "Qwen-Image image-to-image (image, strength)"),
+        CompositionRegistration("QwenImageInpaintPipeline", "QwenImagePipeline", "inpaint",
+                                _P + "QwenImageInpaintPipeline", "Qwen-Image inpainting (image, mask, strength)"),
+        CompositionRegistration("QwenImageEditInpaintPipeline", "QwenImageEditPipeline", "inpaint",
+                                _P + "QwenImageEditInpaintPipeline",
+                                "Qwen-Image-Edit edit-inpainting (image, mask, strength)"),
     ]
 
 
