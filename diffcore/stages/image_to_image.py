@@ -43,8 +43,8 @@ class InitLatentsStage(PipelineStage):
     outputs = (Out("latents", torch.Tensor), Out("init_latents", torch.Tensor), Out("init_noise", torch.Tensor))
     batch = "each"  # every request's posterior sample and noise from its own generator, as alone
 
-    def __init__(self, config, components: dict, name: str = "init_latents"):
-        super().__init__(name)
+    def __init__(self, config, components: dict):
+        super().__init__()
         self.config, self.components = config, components
 
     @torch.inference_mode()
@@ -85,8 +85,8 @@ class MaskPreparationStage(PipelineStage):
     outputs = (Out("latent_mask", torch.Tensor),)
     batch = "each"
 
-    def __init__(self, config, components: dict, name: str = "mask_preparation"):
-        super().__init__(name)
+    def __init__(self, config, components: dict):
+        super().__init__()
         self.config, self.components = config, components
 
     def forward(self, req: Request) -> Request:

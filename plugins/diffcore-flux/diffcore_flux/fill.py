@@ -27,8 +27,11 @@ class FluxFillConfig(FluxDevConfig):
         c = components["vae"].config["latent_channels"]
         return (req.batch_size, c, req.height // self.vae_scale_factor, req.width // self.vae_scale_factor)
 
-    def hook_inputs(self, stage: str) -> tuple:
-        return {"denoising": (In("image_latents", torch.Tensor),)}.get(stage, ())
+    def hook_inputs(self) -> dict:
+        """``model_input`` appends ``image_latents`` (the masked picture and the mask) to the latent channels."""
+        from diffcore.stages import DenoisingLoopStage
+
+        return {DenoisingLoopStage: (In("image_latents", torch.Tensor),)}
 
     def model_input(self, latents, req):
         return torch.cat([latents, req.image_latents.to(latents.dtype)], dim=2)
@@ -54,8 +57,8 @@ class FillConditionStage(PipelineStage):
     outputs = (Out("image_latents", torch.Tensor),)
     batch = "each"  # the posterior sample comes from each request's own generator, after its noise
 
-    def __init__(self, config, components: dict, name: str = "fill_condition"):
-        super().__init__(name)
+    def __init__(self, config, components: dict):
+        super().__init__()
         self.config, self.components = config, components
 
     @torch.inference_mode()

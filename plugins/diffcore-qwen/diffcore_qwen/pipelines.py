@@ -67,7 +67,7 @@ class EditInpaintSizeStage(PipelineStage):
     batch = "each"
 
     def __init__(self, config):
-        super().__init__("edit_inpaint_size")
+        super().__init__()
         self.config = config
 
     def forward(self, req):
