@@ -169,18 +169,20 @@ class DiffGenerator:
         return self.pipeline.loras.load(source, name, weight_name, component=component, formats=formats,
                                         other_formats=others, ignore_text_encoder=ignore_text_encoder)
 
-    def unload_lora(self, name: str) -> None:
-        """Forget an (unfused) adapter and free its weights."""
-        self.pipeline.loras.unload(name)
+    def unload_lora(self, name: str, timeout: Optional[float] = None) -> None:
+        """Forget an (unfused) adapter and free its weights, once the generations running with it are done
+        (new ones can no longer pick it meanwhile); ``timeout`` seconds (0: do not wait) raise LoraInUseError."""
+        self.pipeline.loras.unload(name, timeout=timeout)
 
-    def fuse_lora(self, loras: dict) -> None:
+    def fuse_lora(self, loras: dict, timeout: Optional[float] = None) -> None:
         """Merge ``{name: weight}`` into the model's weights: every later request uses them at no extra
-        cost per step. Do not call it while other threads generate. ``unfuse_lora`` undoes it exactly."""
-        self.pipeline.loras.fuse(loras)
+        cost per step. Waits for running generations (later ones wait for the fuse), so no generation
+        sees some steps fused and some not; ``timeout`` as in ``unload_lora``. ``unfuse_lora`` undoes it exactly."""
+        self.pipeline.loras.fuse(loras, timeout=timeout)
 
-    def unfuse_lora(self) -> None:
-        """Restore the weights as they were before ``fuse_lora``, bit for bit."""
-        self.pipeline.loras.unfuse()
+    def unfuse_lora(self, timeout: Optional[float] = None) -> None:
+        """Restore the weights as they were before ``fuse_lora``, bit for bit (ordered like ``fuse_lora``)."""
+        self.pipeline.loras.unfuse(timeout=timeout)
 
     @property
     def loras(self) -> dict:

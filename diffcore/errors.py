@@ -114,6 +114,10 @@ class LoraNotFoundError(LoraError, LookupError):
     """An adapter name that is not loaded (in a request, fuse_lora or unload_lora)."""
 
 
+class LoraInUseError(LoraError):
+    """An adapter change (unload, fuse, unfuse) would wait for running generations longer than allowed."""
+
+
 class QueueFullError(DiffcoreError):
     """The batch scheduler's queue is full: retry later (a server answers 429 / 503)."""
 

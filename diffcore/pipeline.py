@@ -152,8 +152,8 @@ class ComposedPipelineBase:
         ``req``'s LoRA selection (per row for a batch of requests with different adapters)."""
         if self.engine_args.num_threads:
             torch.set_num_threads(self.engine_args.num_threads)
-        selection = self.loras.request_selection(req) if req is not None else None
-        with self.context.applied(), lora_scope(selection):  # this request's (or batch rows') adapters, this thread only
+        # this request's (or batch rows') adapters, this thread only; held against unload / fuse until done
+        with self.loras.in_use(req) as selection, self.context.applied(), lora_scope(selection):
             yield
 
     def validate(self, req: Request) -> Request:

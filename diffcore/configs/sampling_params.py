@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Optional
 import attrs
 
 from ..errors import SamplingParamError
+from . import ranges
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -37,6 +38,16 @@ def _flow_shift(inst, attribute, value):
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise SamplingParamError(attribute.name, f"must be a finite number > 0, got {value!r}")
+    problem = ranges.shift_problem(value)
+    if problem:
+        raise SamplingParamError(attribute.name, problem)
+
+
+def _guidance(inst, attribute, value):
+    _non_negative_float(inst, attribute, value)
+    problem = None if value is None else ranges.guidance_problem(value)
+    if problem:
+        raise SamplingParamError(attribute.name, problem)
 
 
 def _timesteps(inst, attribute, value):
@@ -123,8 +134,8 @@ class SamplingParams:
     num_frames: Optional[int] = attrs.field(default=None, validator=_positive_int)
     fps: Optional[int] = attrs.field(default=None, validator=_positive_int)
     num_inference_steps: int = attrs.field(default=50, validator=_positive_int)
-    guidance_scale: float = attrs.field(default=1.0, validator=_non_negative_float)
-    true_cfg_scale: float = attrs.field(default=1.0, validator=_non_negative_float)
+    guidance_scale: float = attrs.field(default=1.0, validator=_guidance)  # sane ranges: configs/ranges.py
+    true_cfg_scale: float = attrs.field(default=1.0, validator=_guidance)
     max_sequence_length: int = attrs.field(default=512, validator=_positive_int)
     seed: int = attrs.field(default=0, validator=_seed)
     # Few-step (DMD) models: the timesteps to sample at, instead of the checkpoint's distilled list.
@@ -197,6 +208,7 @@ class SamplingParams:
 
 
 non_negative_float = _non_negative_float  # for plugins' own parameters
+guidance = _guidance  # for plugins' own guidance scales (a float in [0, ranges.MAX_GUIDANCE])
 image_validator = _image  # for plugins' own image inputs (the server never takes such a field from a request)
 
 _BASE_VALIDATORS = {f.name: f.validator for f in attrs.fields(SamplingParams) if f.validator is not None}

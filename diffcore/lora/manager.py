@@ -9,19 +9,21 @@ original tensors, so ``unfuse`` restores the base bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import attrs
 import torch
 from torch import nn
 
-from ..errors import LoraError, LoraFormatError, LoraNotFoundError, LoraShapeError
+from ..errors import LoraError, LoraFormatError, LoraInUseError, LoraNotFoundError, LoraShapeError
+from ..finite import first_non_finite
 from ..records import resolve_ref
 from .adapter import LayerLora, parse_peft_layout, split_text_encoder_keys
 from .source import DIFFUSERS_WEIGHT_NAME, read_lora_file, resolve_lora_file
@@ -77,6 +79,15 @@ class LoraManager:
         self._adapters: dict[str, _Adapter] = {}
         self._backups: dict[tuple[str, str], tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         self._lock = threading.RLock()
+        # Adapter changes are ordered with the forwards that run under ``in_use``: unload waits for the forwards
+        # using that adapter (new ones may no longer pick it); fuse / unfuse change every forward's weights, so
+        # they wait for all running forwards and hold new ones back until done.
+        self._changed = threading.Condition(self._lock)
+        self._users: dict[str, int] = {}  # adapter -> running forwards that use it
+        self._running = 0  # running forwards (any adapters)
+        self._removing: set[str] = set()
+        self._rewriting = False  # a fuse / unfuse is waiting or under way
+        self._inside = threading.local()  # forwards of this thread (an adapter change from inside one would wait forever)
 
     # -- loading -----------------------------------------------------------------------------
     def load(self, source, name: Optional[str] = None, weight_name: Optional[str] = None, *,
@@ -88,6 +99,9 @@ class LoraManager:
         those of other families (only used to say what a foreign file is).
         """
         start = time.perf_counter()
+        if not isinstance(source, (str, os.PathLike, Mapping)):
+            raise LoraFormatError(str(name or source), f"source must be a file, folder or Hub id (str / Path) or a "
+                                                       f"state dict, got {type(source).__name__}")
         if isinstance(source, Mapping):
             label = name or "adapter"
             tensors, metadata, where = dict(source), {}, "<state dict>"
@@ -98,6 +112,10 @@ class LoraManager:
                 label = path.stem
             tensors, metadata = read_lora_file(path, label)
             where = str(path)
+        bad = first_non_finite(tensors)
+        if bad is not None:  # it would make every picture that uses it black
+            raise LoraFormatError(label, f"tensor {bad!r} holds NaN or inf values: the file is corrupt (or was trained "
+                                         "into a divergence); it cannot be used")
         with self._lock:
             if label in self._adapters:
                 raise LoraError(label, "an adapter of that name is already loaded; unload it or pass another name=")
@@ -176,11 +194,50 @@ class LoraManager:
             layers[path] = layers[path].to(layer.weight.device, layer.weight.dtype)
         return placed
 
-    def unload(self, name: str) -> None:
-        with self._lock:
+    # -- ordering with generation ------------------------------------------------------------
+    @contextlib.contextmanager
+    def in_use(self, req) -> Iterator[Optional[dict]]:
+        """Run a forward with ``req``'s adapters held: ``unload`` of one of them, and any ``fuse``/``unfuse``,
+        waits until the forward is done; yields the selection (``request_selection``)."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._rewriting)
+            selection = self.request_selection(req) if req is not None else None
+            names = list(selection or ())
+            for name in names:
+                self._users[name] = self._users.get(name, 0) + 1
+            self._running += 1
+        self._inside.depth = getattr(self._inside, "depth", 0) + 1
+        try:
+            yield selection
+        finally:
+            self._inside.depth -= 1
+            with self._changed:
+                self._running -= 1
+                for name in names:
+                    self._users[name] -= 1
+                self._changed.notify_all()
+
+    def _wait(self, name: str, what: str, ready, timeout: Optional[float]) -> None:
+        if getattr(self._inside, "depth", 0):
+            raise LoraInUseError(name, f"{what} was called from inside a generation (a callback), which it would "
+                                       "wait for forever; call it after generate() returns")
+        if not self._changed.wait_for(ready, timeout):
+            busy = self._users.get(name, 0) if name in self._adapters else self._running
+            raise LoraInUseError(name, f"{what}: {busy} running generation(s) still use it after {timeout:g} s; "
+                                       "retry when they finish")
+
+    def unload(self, name: str, timeout: Optional[float] = None) -> None:
+        """Forget an adapter once no running forward uses it (new forwards may no longer pick it meanwhile);
+        ``timeout`` (seconds; 0: do not wait) raises LoraInUseError instead of waiting longer."""
+        with self._changed:
             adapter = self._get(name)
             if adapter.info.fused is not None:
                 raise LoraError(name, "it is fused into the weights; call unfuse_lora() first")
+            self._removing.add(name)
+            try:
+                self._wait(name, "unload_lora", lambda: not self._users.get(name), timeout)
+            finally:
+                self._removing.discard(name)
             model = self.components[adapter.info.component]
             for path in adapter.layers:
                 layer = model.get_submodule(path)
@@ -214,6 +271,9 @@ class LoraManager:
 
     def _get(self, name: str) -> _Adapter:
         adapter = self._adapters.get(name)
+        if name in self._removing:
+            raise LoraNotFoundError(name, "it is being unloaded (waiting for the generations that use it); load it "
+                                          "again under another name to keep using it")
         if adapter is None:
             loaded = ", ".join(sorted(self._adapters)) or "none"
             raise LoraNotFoundError(name, f"no adapter of that name is loaded (loaded: {loaded}); load it with "
@@ -225,9 +285,25 @@ class LoraManager:
         return {name: a.info for name, a in self._adapters.items()}
 
     # -- fusing ------------------------------------------------------------------------------
-    def fuse(self, selection: Mapping[str, float]) -> None:
-        """Merge ``{name: weight}`` into the weights (in place, float32 accumulation)."""
-        with self._lock:
+    @contextlib.contextmanager
+    def _rewrite(self, what: str, timeout: Optional[float]):
+        """Exclusive: running forwards finish first, new ones wait until the weights are rewritten."""
+        with self._changed:
+            self._wait("(all)", what, lambda: not self._rewriting, timeout)
+            self._rewriting = True
+            try:
+                self._wait("(all)", what, lambda: not self._running, timeout)
+                yield
+            finally:
+                self._rewriting = False
+                self._changed.notify_all()
+
+    def fuse(self, selection: Mapping[str, float], timeout: Optional[float] = None) -> None:
+        """Merge ``{name: weight}`` into the weights (in place, float32 accumulation), once running forwards
+        are done (later ones wait for it)."""
+        if not isinstance(selection, Mapping):
+            raise LoraError(str(selection), f"fuse_lora takes {{name: weight}}, got {type(selection).__name__}")
+        with self._rewrite("fuse_lora", timeout):
             weights = {name: check_weight(name, w) for name, w in selection.items()}
             for name in weights:
                 if self._get(name).info.fused is not None:
@@ -266,9 +342,10 @@ class LoraManager:
             layer._parameters["bias"] = nn.Parameter(new_b.to(weight.dtype if bias is None else bias.dtype),
                                                      requires_grad=False)
 
-    def unfuse(self) -> None:
-        """Put back the weights saved by ``fuse`` (bit for bit) and mark every adapter unfused."""
-        with self._lock:
+    def unfuse(self, timeout: Optional[float] = None) -> None:
+        """Put back the weights saved by ``fuse`` (bit for bit) and mark every adapter unfused (ordered with
+        running forwards as ``fuse`` is)."""
+        with self._rewrite("unfuse_lora", timeout):
             for (component, path), (weight, bias) in self._backups.items():
                 layer = self.components[component].get_submodule(path)
                 layer._parameters["weight"] = nn.Parameter(weight, requires_grad=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -68,6 +69,7 @@ class SchedulerBase:
                 log.warning("%s ignores unknown config key %r", cls.__name__, key)
         source = source if source is not None else f"the {cls.__name__} config"
         check_config(cls.__init__, kwargs, source)
+        _check_shifts(kwargs, source)
         return build(lambda: cls(**kwargs), cls, source)
 
     def _store_config(self, values: Mapping[str, Any]) -> None:
@@ -123,11 +125,23 @@ class SchedulerBase:
         return sample
 
 
+def _check_shifts(kwargs: Mapping[str, Any], source) -> None:
+    """A fixed shift outside the sane range (``configs.ranges``) would give NaN timesteps at the first request."""
+    from ..configs.ranges import shift_problem
+    from ..errors import ConfigFileError
+
+    for key in ("shift", "flow_shift"):
+        value = kwargs.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            finite = math.isfinite(value) and value > 0
+            problem = shift_problem(value) if finite else f"must be a finite number > 0, got {value!r}"
+            if problem:
+                raise ConfigFileError(f"{source}: {key} {problem}", file=source, field=key)
+
+
 def time_shift(kind: str, mu: float, sigmas, exponent: float = 1.0):
     """Resolution-dependent shift of a sigma schedule (numpy or torch), as in FLUX / SD3:
     exponential: e^mu / (e^mu + (1/s - 1)^exponent); linear: mu / (mu + (1/s - 1)^exponent)."""
-    import math
-
     if kind == "exponential":
         e = math.exp(mu)
         return e / (e + (1 / sigmas - 1) ** exponent)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import parallel
+from .. import finite, parallel
 from ..request import Request
 from .base import In, Out, PipelineStage
 from .guidance import combine_rows, guided_rows, row_view, take_rows, uncond_kwargs_for
@@ -73,8 +73,10 @@ class DecodingStage(PipelineStage):
 
     @torch.inference_mode()
     def forward(self, req: Request) -> Request:
+        finite.check_latents(req.latents, req)  # NaN would decode to a black picture: an error naming the cause
         if req.params.output_type == "latent":
             req.output = req.latents
             return req
         req.output = self.config.decode(self.components, req.latents, req)
+        finite.check_output(req.output, req)
         return req

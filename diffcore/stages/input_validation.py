@@ -10,6 +10,7 @@ from ..notices import notice
 from ..request import Request
 from ..schedulers.base import with_flow_shift
 from .base import In, Out, PipelineStage
+from .preparation import request_schedule
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +111,15 @@ class InputValidationStage(PipelineStage):
         limits.check_steps(p.num_inference_steps)
         if getattr(p, "timesteps", None) is not None:
             limits.check_steps(len(p.timesteps))
-        if getattr(p, "flow_shift", None) is not None and getattr(cfg, "dmd", None) is None \
-                and "scheduler" in self.components:
-            with_flow_shift(self.components["scheduler"], p.flow_shift)  # refuse it now, not after text encoding
         self.config.resolve_size(req, self.components)
         limits.check_size(req.height, req.width, req.num_frames if cfg.is_video else None)
+        scheduler = self.components.get("scheduler")
+        if getattr(cfg, "dmd", None) is None and scheduler is not None:
+            if getattr(scheduler, "config", {}).get("use_dynamic_shifting"):  # mu needs the latents: shift only
+                if getattr(p, "flow_shift", None) is not None:
+                    with_flow_shift(scheduler, p.flow_shift)
+            else:  # the request's flow_shift and step count, refused now rather than after text encoding
+                request_schedule(cfg, scheduler, req)
         images = p.images
         req.images = [load_image(im, i) for i, im in enumerate(images)] if images else None
         want = cfg.wants_cfg(p)

@@ -6,6 +6,7 @@ import copy
 import numpy as np
 import torch
 
+from ..errors import SamplingParamError
 from ..request import Request
 from ..schedulers.base import with_flow_shift
 from .base import In, Out, PipelineStage
@@ -26,18 +27,43 @@ class TimestepPreparationStage(PipelineStage):
         self.config, self.scheduler = config, scheduler
 
     def forward(self, req: Request) -> Request:
-        n = req.params.num_inference_steps
-        shift = getattr(req.params, "flow_shift", None)
-        scheduler = with_flow_shift(self.scheduler, shift) if shift is not None else copy.deepcopy(self.scheduler)
-        kwargs = {}
-        if self.config.linear_sigmas:
-            kwargs["sigmas"] = np.linspace(1.0, 1 / n, n)
-        sched_cfg = getattr(scheduler, "config", {})
-        if sched_cfg.get("use_dynamic_shifting"):
-            kwargs["mu"] = self.config.schedule_mu(scheduler, req)
-        scheduler.set_timesteps(n, device=req.device, **kwargs)
+        scheduler = request_schedule(self.config, self.scheduler, req, req.device)
         req.scheduler, req.timesteps = scheduler, scheduler.timesteps
         return req
+
+
+def request_schedule(config, base, req: Request, device=None):
+    """A copy of ``base`` with the request's timesteps set (its flow_shift, the size's dynamic shift ``mu``).
+
+    A step count the schedule cannot take is a SamplingParamError naming the most it can: a schedule on
+    integer timesteps (UniPC) repeats timesteps when the steps are many and the shift large (Wan with
+    400 steps), and the sampler would run off its end after all the compute."""
+    n = req.params.num_inference_steps
+    shift = getattr(req.params, "flow_shift", None)
+    scheduler = with_flow_shift(base, shift) if shift is not None else copy.deepcopy(base)
+
+    def build(steps: int):
+        kwargs = {}
+        if config.linear_sigmas:
+            kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+        if getattr(scheduler, "config", {}).get("use_dynamic_shifting"):
+            kwargs["mu"] = config.schedule_mu(scheduler, req)
+        scheduler.set_timesteps(steps, device=device, **kwargs)
+        return _schedule_ok(scheduler.timesteps)
+
+    if not build(n):
+        most = next((k for k in range(n - 1, 0, -1) if build(k)), None)
+        name = type(base).__name__
+        fix = f"use at most {most} steps" if most else "lower num_inference_steps"
+        raise SamplingParamError("num_inference_steps", f"{n} steps are more than this model's {name} schedule can "
+                                 f"take (its timesteps repeat or are not finite: the sampler would fail after the "
+                                 f"compute); {fix}")
+    return scheduler
+
+
+def _schedule_ok(timesteps) -> bool:
+    t = torch.as_tensor(timesteps).double()
+    return bool(torch.isfinite(t).all()) and bool((t[1:] < t[:-1]).all())
 
 
 class LatentPreparationStage(PipelineStage):

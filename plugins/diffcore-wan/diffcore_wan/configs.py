@@ -28,7 +28,7 @@ import attrs
 
 from diffcore.configs import PipelineConfig, SamplingParams
 from diffcore.configs.pipeline_config import row_scale
-from diffcore.configs.sampling_params import non_negative_float
+from diffcore.configs.sampling_params import guidance
 from diffcore.errors import ConfigError, SamplingParamError
 from diffcore.notices import notice
 from diffcore.request import PromptEmbeds
@@ -397,7 +397,7 @@ class WanSamplingParams(SamplingParams):
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
     # The low-noise expert's scale (two-expert models only; resolve_size refuses it elsewhere).
-    guidance_scale_2: Optional[float] = attrs.field(default=None, validator=non_negative_float)
+    guidance_scale_2: Optional[float] = attrs.field(default=None, validator=guidance)
     max_sequence_length: int = 512
     max_sequence_length_limit: ClassVar[int] = 512
 
