@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import attrs
 import torch
+from torch import nn
 
 from diffcore.configs.pipeline_config import broadcast_rows
 
@@ -92,12 +93,14 @@ def rescale(guided: torch.Tensor, cond: torch.Tensor, r: torch.Tensor) -> torch.
     return torch.where(r > 0, r * guided * ratio + (1 - r) * guided, guided)
 
 
-class LTX2Denoiser:
+class LTX2Denoiser(nn.Module):
     """The DenoisingStage's model: joint latent rows in, the guided joint velocity out.
 
-    ``calls`` counts transformer forwards (the tests check that inactive guidance terms cost nothing)."""
+    ``calls`` counts transformer forwards (the tests check that inactive guidance terms cost nothing). A module
+    so that the engine's hooks (call counting, compile) see it; it holds no state of its own per request."""
 
     def __init__(self, transformer):
+        super().__init__()
         self.transformer = transformer
         self.calls = 0
 
@@ -117,7 +120,7 @@ class LTX2Denoiser:
                      fps=kw["fps"], rotary_emb=kw["rope"], use_cross_timestep=kw["use_cross_timestep"], **extra)
         return v.float(), a.float()
 
-    def __call__(self, hidden_states: torch.Tensor, timestep: torch.Tensor, **kw) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, **kw) -> torch.Tensor:
         layout, passes = kw["layout"], kw["passes"]
         video, audio = layout.split(hidden_states)
         t = timestep.reshape(-1)[0]

@@ -77,7 +77,7 @@ class ImageConditioningStage(PipelineStage):
     replaces latent frame 0; those tokens stay clean (their timestep is 0, their velocity 0)."""
 
     inputs = (In("images", list), In("latents", torch.Tensor), In("height", int), In("width", int))
-    outputs = (Out("image_latents", torch.Tensor),)
+    outputs = (Out("image_latents", torch.Tensor), Out("latents", torch.Tensor))
     batch = "each"
 
     def __init__(self, config, components: dict, name: str = "image_conditioning"):
