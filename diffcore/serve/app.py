@@ -27,6 +27,7 @@ class ServerState:
         self.model_name = settings.served_model_name or model_name
         self.generator = None
         self.runner = None
+        self.lora_users = None
         self.jobs = None
         self.load_error: Optional[str] = None
         self.closing = False
@@ -43,6 +44,7 @@ class ServerState:
     def attach(self, generator) -> None:
         """Start serving ``generator``: the runner (batching scheduler) and the video job table."""
         from .jobs import VideoJobs
+        from .loras import AdapterUsers
         from .runner import make_runner
         from .videos import ENCODERS
 
@@ -52,6 +54,7 @@ class ServerState:
                              max_queue=s.max_queue)
         runner.on_batch = self.metrics.batch_size.observe
         self.metrics.queue_depth.set_function(lambda: runner.queue_depth)
+        self.lora_users = AdapterUsers(runner)  # DELETE /v1/loras/NAME answers 409 while requests use it
         self.generator, self.runner = generator, runner
         self.jobs = VideoJobs(runner, self.files, self.store, self.model_name, s.max_jobs, s.file_ttl, ENCODERS,
                               self.step_timer())

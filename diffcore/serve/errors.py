@@ -4,8 +4,8 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from ..errors import (ConfigError, DiffcoreError, EngineShutdownError, InputError, LoraError, LoraNotFoundError,
-                      QueueFullError, SamplingParamError)
+from ..errors import (ConfigError, DiffcoreError, EngineShutdownError, InputError, LoraError, LoraInUseError,
+                      LoraNotFoundError, QueueFullError, SamplingParamError)
 
 log = logging.getLogger("diffcore.serve")
 
@@ -35,6 +35,8 @@ def from_exception(exc: BaseException, param: Optional[str] = None) -> APIError:
     ``param``: the request field a LoRA error is about (default ``loras``, the per-request selection)."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, LoraInUseError):
+        return APIError(409, str(exc), param=param or "loras", code="lora_in_use")
     if isinstance(exc, LoraNotFoundError):
         return APIError(400, str(exc), param=param or "loras", code="lora_not_found")
     if isinstance(exc, LoraError):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import tempfile
+import threading
+from collections import Counter
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -58,12 +60,48 @@ async def load_lora(request: Request):
 
 @router.delete("/v1/loras/{name}")
 async def delete_lora(request: Request, name: str):
-    gen = ready_state(request).generator
+    """409 while queued or running requests use the adapter (docs/serve.md): a request never runs with a
+    half-removed adapter, and a delete never changes a picture already asked for."""
+    state = ready_state(request)
+    gen = state.generator
     if name not in gen.loras:
         raise APIError(404, f"no LoRA {name!r} is loaded (loaded: {', '.join(gen.loras) or 'none'})", param="name",
                        code="not_found")
-    try:
-        gen.unload_lora(name)
+    users = state.lora_users.count(name) if state.lora_users is not None else 0
+    if users:
+        raise APIError(409, f"LoRA {name!r} is used by {users} queued or running request(s); delete it when they "
+                            "have finished", param="name", code="lora_in_use")
+    try:  # a request that slipped in since is waited for by the engine (it never runs half-removed)
+        await run_in_threadpool(gen.unload_lora, name)
     except Exception as exc:
         raise from_exception(exc, param="name") from None
     return {"id": name, "object": "lora.deleted", "deleted": True}
+
+
+class AdapterUsers:
+    """Queued and running requests per adapter name: the server's side of the adapters' reference count
+    (the engine's own covers only running generations)."""
+
+    def __init__(self, runner):
+        self._counts: Counter = Counter()
+        self._lock = threading.Lock()
+        submit = runner.submit
+
+        def tracked(kwargs, *args, **kw):
+            names = [n for n in (kwargs.get("loras") or {}) if isinstance(n, str)]
+            future = submit(kwargs, *args, **kw)
+            if names:
+                with self._lock:
+                    self._counts.update(names)
+                future.add_done_callback(lambda _: self._release(names))
+            return future
+
+        runner.submit = tracked  # every route and the video jobs submit through the runner
+
+    def _release(self, names) -> None:
+        with self._lock:
+            self._counts.subtract(names)
+
+    def count(self, name: str) -> int:
+        with self._lock:
+            return self._counts[name]
