@@ -136,3 +136,13 @@ def test_openai_surface(server):
     icon = httpx.get(server + "/favicon.ico")
     assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
     assert b"<svg" in icon.content and io.BytesIO(icon.content).read(5) == b"<svg "
+
+
+def test_transparent_background_where_the_model_has_alpha(server, toy_gen, monkeypatch):
+    """A model whose config says has_alpha takes background="transparent" (in png or webp, not jpeg)."""
+    monkeypatch.setattr(type(toy_gen.config), "has_alpha", True, raising=False)
+    body = {"prompt": PROMPT, "size": "32x32", "num_inference_steps": 1, "seed": 1, "background": "transparent"}
+    assert httpx.post(server + "/v1/images/generations", json=body).status_code == 200
+    response = httpx.post(server + "/v1/images/generations", json={**body, "output_format": "jpeg"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "output_format"
+    assert httpx.get(server + "/v1/model_info").json()["has_alpha"] is True

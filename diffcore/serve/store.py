@@ -112,7 +112,9 @@ class StateStore:
         return rows[0] if rows else None
 
     def drop_file(self, file_id: str) -> None:
-        rows = self.execute("DELETE FROM files WHERE id = ? RETURNING name", (file_id,))
+        with self._mutex:  # (no DELETE ... RETURNING: SQLite before 3.35 lacks it)
+            rows = self._db.execute("SELECT name FROM files WHERE id = ?", (file_id,)).fetchall()
+            self._db.execute("DELETE FROM files WHERE id = ?", (file_id,))
         for (name,) in rows:
             (self.files_dir / name).unlink(missing_ok=True)
 
