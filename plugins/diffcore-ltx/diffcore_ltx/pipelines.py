@@ -24,6 +24,7 @@ class LTX2Pipeline(ComposedPipelineBase):
                                 "vocoder", "scheduler")
 
     def create_pipeline_stages(self, engine_args) -> None:
+        self.check_engine(engine_args)
         c, cfg = self.components, self.config
         self.denoiser = LTX2Denoiser(c["transformer"])
         self.add_stage("input_validation", LTX2InputValidationStage(cfg, c))
@@ -38,6 +39,17 @@ class LTX2Pipeline(ComposedPipelineBase):
 
     def add_image_stages(self) -> None:
         """Text-to-video has none."""
+
+    @staticmethod
+    def check_engine(engine_args) -> None:
+        """What the LTX-2 denoiser does not take part in yet, refused rather than silently ignored."""
+        from diffcore.errors import ConfigError, ParallelConfigError
+
+        if engine_args.cfg_parallel:
+            raise ParallelConfigError("LTX2Pipeline: its guidance branches run inside one denoiser call "
+                                      "(batched [negative, positive]); cfg_parallel is not supported, drop it")
+        if engine_args.cache or engine_args.cache_policy is not None:
+            raise ConfigError("LTX2Pipeline: step caches (cache=...) are not supported by the LTX-2 denoiser yet")
 
 
 class LTX2ImageToVideoPipeline(LTX2Pipeline):

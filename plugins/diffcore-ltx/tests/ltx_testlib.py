@@ -7,8 +7,6 @@ the prompt, the transformer has perturbed attention (so STG changes the result) 
 """
 from __future__ import annotations
 
-import string
-
 import torch
 
 SMALL = dict(height=64, width=96, num_frames=9, frame_rate=24.0, num_inference_steps=2, max_sequence_length=32,
@@ -33,32 +31,6 @@ SCHEDULER = dict(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, bas
                  max_image_seq_len=4096, shift_terminal=0.1)
 
 
-def tiny_gemma_tokenizer():
-    """A real GemmaTokenizer over characters (no merges): deterministic, offline."""
-    from transformers import GemmaTokenizer
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
-    for c in "▁" + string.ascii_letters + string.digits + string.punctuation:
-        vocab.setdefault(c, len(vocab))
-    return GemmaTokenizer(vocab=vocab, merges=[])
-
-
-def tiny_gemma3(vocab_size: int, seed: int):
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
-    from diffcore.testing.weights import perturb_
-
-    config = Gemma3Config(
-        text_config=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         head_dim=8, intermediate_size=32, vocab_size=vocab_size, max_position_embeddings=256,
-                         sliding_window=16),
-        vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                           image_size=16, patch_size=8),
-        mm_tokens_per_image=4, image_token_index=4, boi_token_index=2, eoi_token_index=1)
-    torch.manual_seed(seed)
-    return perturb_(Gemma3ForConditionalGeneration(config).eval(), seed=seed)
-
-
 def diffusers_pipeline(image_to_video: bool = False, seed: int = 0, perturbed_attn: bool = True):
     """The tiny LTX2Pipeline (or LTX2ImageToVideoPipeline) with perturbed random weights."""
     from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler,
@@ -66,6 +38,7 @@ def diffusers_pipeline(image_to_video: bool = False, seed: int = 0, perturbed_at
     from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
     from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 
+    from diffcore.testing.gemma import tiny_gemma3, tiny_gemma_tokenizer
     from diffcore.testing.weights import perturb_
 
     torch.manual_seed(seed)

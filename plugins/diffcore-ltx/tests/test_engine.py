@@ -51,3 +51,12 @@ def test_offload_equals_no_offload(load, t2v_checkpoint, generator):
         if mode == "model":  # every component came in while it ran, the audio ones included
             assert {"text_encoder", "connectors", "transformer", "vae", "audio_vae", "vocoder"} <= set(
                 gen.pipeline.offload_hooks["model"].moves)
+
+
+def test_unsupported_engine_features_are_refused(load, t2v_checkpoint):
+    import pytest
+
+    from diffcore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="step caches"):
+        load(t2v_checkpoint, cache="fbcache")
