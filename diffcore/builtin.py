@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from .hookspecs import hookimpl
-from .records import CachePolicyRegistration, ModuleRegistration, SchedulerRegistration, StageRegistration
+from .records import (AttentionBackendRegistration, CachePolicyRegistration, ModuleRegistration, SchedulerRegistration,
+                      StageRegistration)
 
 
 @hookimpl
@@ -31,6 +32,13 @@ _STAGES = ("InputValidationStage", "TextEncodingStage", "ImageEncodingStage", "I
 def register_stages():
     # Import strings, so building the registry (e.g. `diffcore plugins`) does not import torch.
     return [StageRegistration(name, f"diffcore.stages:{name}") for name in _STAGES]
+
+
+@hookimpl
+def register_attention_backends():
+    # Registered like a plugin's, so a plugin claiming "sdpa" is a conflict (disabled), not a silent replacement.
+    return [AttentionBackendRegistration("sdpa", "diffcore.models.attention:_sdpa"),
+            AttentionBackendRegistration("math", "diffcore.models.attention:_math")]
 
 
 @hookimpl

@@ -245,7 +245,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from .errors import DiffcoreError
+
+    try:
+        return args.func(args)
+    except DiffcoreError as exc:  # every command: a user error is one line and exit 2, never a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -152,9 +152,8 @@ class PluginManager:
                     continue
             try:
                 module = ep.load()
-            except BaseException as exc:  # ImportError, SyntaxError, anything a plugin may raise at import
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:  # anything a plugin may raise at import: a
+                # sys.exit() there must not end the host program (`diffcore plugins` exited 0 with no output)
                 self.fail(ep.name, f"import of {ep.value!r} failed: {type(exc).__name__}: {exc}", exc)
                 continue
             self.register(module, ep.name, dist_name, version)
@@ -180,7 +179,7 @@ class PluginManager:
                 records = impl.function() or []
                 if not isinstance(records, (list, tuple)):
                     raise PluginError(f"{hook_name} must return a list of records, got {type(records).__name__}")
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 if isinstance(exc, PluginError) and self.strict:
                     raise
                 self.fail(plugin_name, f"hook {hook_name} raised {type(exc).__name__}: {exc}", exc)

@@ -45,7 +45,7 @@ def _claimed_keys(kind: str, record) -> list[tuple]:
     return keys
 
 
-_WHAT = {"aliases": "alias", "hf_ids": "HF id", "tasks": "task"}
+_WHAT = {"aliases": "alias", "hf_ids": "HF id", "tasks": "task", "cache_policies": "cache policy"}
 
 
 def _conflict(claims: dict, stamped: dict[str, list]) -> Optional[str]:
