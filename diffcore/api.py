@@ -192,10 +192,14 @@ class DiffGenerator:
     def params_from(self, kwargs: dict):
         """The validated SamplingParams of generate() keywords (SamplingParamError names a bad one), of the
         composition they ask for (``image`` + ``strength``: img2img; ``mask``: inpainting; diffcore.tasks)."""
+        return self.params_class(kwargs).from_user(**kwargs)
+
+    def params_class(self, kwargs: dict):
+        """The SamplingParams class of the composition (task) these keywords ask for (diffcore.tasks): the model's
+        own, or it plus ``strength`` / ``mask``; SamplingParamError where the model has no such composition."""
         from .tasks import params_for
 
-        cls = params_for(kwargs, self.sampling_params_cls, self.pipeline.compositions, self.pipeline.pipeline_name)
-        return cls.from_user(**kwargs)
+        return params_for(kwargs, self.sampling_params_cls, self.pipeline.compositions, self.pipeline.pipeline_name)
 
     def check(self, kwargs: dict):
         """generate()'s own refusals of these keywords without running anything: the SamplingParams checks,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import attrs
 
@@ -58,9 +58,9 @@ def _mask(inst, attribute, value):
 
 
 def _fields(task: str, strength: float) -> dict:
-    fields = {"strength": attrs.field(default=strength, validator=_strength)}
+    fields = {"strength": attrs.field(default=strength, validator=_strength, type=float)}
     if task == INPAINT:
-        fields["mask"] = attrs.field(default=None, validator=_mask)
+        fields["mask"] = attrs.field(default=None, validator=_mask, type=Any)
     return fields
 
 

@@ -84,6 +84,9 @@ def workdir(tmp_path_factory):
     (root / "edit-model" / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxKontextPipeline"}))
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(root / "input.png")
+    mask = np.zeros((24, 40), dtype=np.uint8)
+    mask[:, 20:] = 255  # an inpainting mask for input.png: repaint the right half (white = repaint)
+    Image.fromarray(mask).save(root / "mask.png")
     return root
 
 

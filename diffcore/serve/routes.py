@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import QueueFullError
+from ..errors import QueueFullError, SamplingParamError
 from . import schemas
 from .errors import APIError, bad_param, from_exception
 from .peers import warning_headers
@@ -201,26 +201,56 @@ def upload_images(state, images: list[bytes], field: str = "image") -> list:
 
 @router.post("/v1/images/edits")
 async def images_edits(request: Request):
+    """OpenAI's images.edit: ``image`` (several as ``image[]``), an optional ``mask`` (a PNG whose transparent
+    pixels mark the area to edit, or a black-and-white one, white = repaint: diffcore.masks) and the model's
+    parameters (``strength``: image-to-image on a text-to-image model). The request's task picks the
+    composition (diffcore.tasks), as generate() does."""
     state = ready_state(request)
     body, files, form = await read_body(request)
     raw = files.pop("image", []) + files.pop("image[]", [])
-    if not form:  # JSON edits: image is a data URL or a list of them
+    raw_mask = files.pop("mask", [])
+    if not form:  # JSON edits: image is a data URL or a list of them, mask a data URL
         value = body.get("image")
         raw = [schemas.decode_data_url(v, "image") for v in (value if isinstance(value, list) else [value] if value else [])]
+        raw_mask = [schemas.decode_data_url(body["mask"], "mask")] if isinstance(body.get("mask"), str) else []
     if files:
         name = sorted(files)[0]
-        raise bad_param(name, f"unexpected file field {name!r}; images go in 'image' (or 'image[]' for several)")
-    limit = state.generator.sampling_params_cls.max_images
+        raise bad_param(name, f"unexpected file field {name!r}; images go in 'image' (or 'image[]' for several), "
+                              "the mask in 'mask'")
+    if len(raw_mask) > 1:
+        raise bad_param("mask", "send one mask (it applies to every output image)")
+    try:
+        params_cls = state.generator.params_class({"image": raw or None, "mask": raw_mask or None,
+                                                   "strength": body.get("strength")})
+    except SamplingParamError as exc:  # a task this model has no composition for
+        raise from_exception(exc) from None
+    limit = params_cls.max_images
     if limit == 0:
-        raise bad_param("image", f"model {state.model_name!r} takes no input image; use /v1/images/generations")
+        raise bad_param("image", f"model {state.model_name!r} takes no input image; use /v1/images/generations "
+                                 "(or send strength= for image-to-image, a mask for inpainting, where the model has them)")
     if not raw:
         raise bad_param("image", "an input image is required (multipart field 'image', or 'image[]' for several)")
     if len(raw) > limit:
         raise bad_param("image", f"model {state.model_name!r} takes at most {limit} input image(s), got {len(raw)}")
     images = await run_in_threadpool(upload_images, state, raw)
-    job = schemas.image_job({k: v for k, v in body.items() if k not in ("image", "image[]")}, state.model_names,
-                            state.generator.sampling_params_cls, form=form, images=images, alpha=has_alpha(state))
+    mask = (await run_in_threadpool(upload_mask, state, raw_mask[0])) if raw_mask else None
+    job = schemas.image_job({k: v for k, v in body.items() if k not in ("image", "image[]", "mask")}, state.model_names,
+                            params_cls, form=form, images=images, alpha=has_alpha(state))
+    if mask is not None:
+        for kwargs in job.kwargs:
+            kwargs["mask"] = mask
     return await run_images(request, state, job)
+
+
+def upload_mask(state, data: bytes):
+    """The uploaded mask as a greyscale image, white = repaint (OpenAI's transparent pixels converted)."""
+    from ..masks import load_mask
+
+    upload = schemas.decode_upload(data, "mask", state.settings.max_upload_bytes, upload_pixel_limit(state), mode=None)
+    try:
+        return load_mask(upload)
+    except SamplingParamError as exc:  # all black, an unsupported mode
+        raise from_exception(exc) from None
 
 
 @router.get("/v1/images/files/{file_id}", name="get_image_file")

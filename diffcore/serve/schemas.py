@@ -27,7 +27,7 @@ MAX_N = 10
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 
 # OpenAI fields that mean nothing for a diffusion model: accepted and ignored, so clients work unchanged.
-IGNORED = ("user", "quality", "style", "moderation", "partial_images", "input_fidelity", "mask")
+IGNORED = ("user", "quality", "style", "moderation", "partial_images", "input_fidelity")
 BACKGROUNDS = ("auto", "opaque", "transparent")
 
 
@@ -206,8 +206,9 @@ def decode_data_url(value: str, field: str) -> bytes:
         raise bad_param(field, f"{field}: the base64 data does not decode") from None
 
 
-def decode_upload(data: bytes, field: str, max_bytes: int, max_pixels: int):
-    """An uploaded image, decoded in memory: size and pixel count checked before the pixels are."""
+def decode_upload(data: bytes, field: str, max_bytes: int, max_pixels: int, mode: Optional[str] = "RGB"):
+    """An uploaded image, decoded in memory: size and pixel count checked before the pixels are; converted to
+    ``mode`` (None: as sent, e.g. a mask's alpha channel)."""
     from PIL import Image
 
     if len(data) > max_bytes:
@@ -223,7 +224,7 @@ def decode_upload(data: bytes, field: str, max_bytes: int, max_pixels: int):
         raise
     except Exception as exc:  # PIL raises many types for bad data (incl. its decompression-bomb error)
         raise bad_param(field, f"{field}: not a readable image ({type(exc).__name__}: {exc})") from None
-    return img.convert("RGB") if img.mode != "RGB" else img
+    return img.convert(mode) if mode is not None and img.mode != mode else img
 
 
 def encode_image(image, output_format: str, compression: Optional[int] = None) -> bytes:
