@@ -22,7 +22,7 @@ TEMPLATE = ROOT / "templates" / "diffcore-plugin"
 EXPECTED_FILES = {
     "pyproject.toml", "README.md",
     "diffcore_toy/__init__.py", "diffcore_toy/plugin.py", "diffcore_toy/configs.py", "diffcore_toy/pipelines.py",
-    "diffcore_toy/transformer.py",
+    "diffcore_toy/transformer.py", "diffcore_toy/testing.py",
     "tests/conftest.py", "tests/test_plugin.py", "tests/test_pipeline.py", "tests/test_transformer.py",
 }
 
@@ -93,7 +93,7 @@ def test_several_pipeline_classes(tmp_path, isolated_plugin_manager):
         assert registry.names("pipelines") == ["MultiDitEditPipeline", "MultiDitPipeline"]
         for name in registry.names("pipelines"):
             check_dataflow(registry.get("pipelines", name), config=configs.MultiDitConfig())
-        assert sorted(e.record.name for e in registry.tables["configs"].values()) == ["multi-dit", "multi-dit-2"]
+        assert sorted(e.record.name for e in registry.tables["configs"].values()) == ["multi-dit", "multi-dit-edit"]
     finally:
         sys.path.remove(str(out))
         for mod in [m for m in sys.modules if m.startswith("diffcore_multi_dit")]:

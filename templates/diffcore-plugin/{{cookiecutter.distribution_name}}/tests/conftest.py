@@ -1,5 +1,5 @@
-{%- set pipelines = cookiecutter.pipeline_class_names.split(',') | map('trim') | list -%}
-"""A tiny {{ cookiecutter.family }} checkpoint in Diffusers format, and a generator loaded from it.
+"""A tiny {{ cookiecutter.family }} checkpoint in Diffusers format (``{{ cookiecutter.package_name }}.testing``), and a
+generator loaded from it.
 
 Fixtures from diffcore's pytest plugin (installed with diffcore): ``isolated_plugin_manager``.
 """
@@ -11,36 +11,18 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is offline
 
-PIPELINE = "{{ pipelines[0] }}"
-# Small enough to run in well under a second; width 32 matches the tiny CLIP text encoder.
-TINY_TRANSFORMER = dict(patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=16,
-                        joint_attention_dim=32, pooled_projection_dim=32)
-
-
-def write_tiny_checkpoint(folder, pipeline: str = PIPELINE, seed: int = 0):
-    """Random, perturbed weights (norm scales and biases off their init values, so every weight matters)."""
-    from diffcore.testing.checkpoints import flow_match_scheduler, tiny_autoencoder_kl, tiny_clip, write_checkpoint
-    from diffcore.testing.weights import perturb_
-    from {{ cookiecutter.package_name }}.transformer import {{ cookiecutter.class_prefix }}Transformer2DModel
-
-    tokenizer, text_encoder = tiny_clip(seed=seed)
-    transformer = {{ cookiecutter.class_prefix }}Transformer2DModel.from_config(TINY_TRANSFORMER)
-    return write_checkpoint(folder, pipeline, {
-        "transformer": perturb_(transformer, seed=seed + 1),
-        "vae": tiny_autoencoder_kl(latent_channels=4, seed=seed + 2),
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": flow_match_scheduler(shift=3.0),
-    })
-
 
 @pytest.fixture
 def tiny_transformer_config():
+    from {{ cookiecutter.package_name }}.testing import TINY_TRANSFORMER
+
     return dict(TINY_TRANSFORMER)
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
+    from {{ cookiecutter.package_name }}.testing import write_tiny_checkpoint
+
     return write_tiny_checkpoint(tmp_path_factory.mktemp("{{ cookiecutter.family }}") / "model")
 
 

@@ -66,6 +66,26 @@ def test_prompt_and_guidance_change_the_image(generator):
     assert not np.allclose(base, run(prompt="a cat", guidance_scale=1.0), atol=1e-6)  # no CFG branch
 
 
+def test_per_step_guidance_policy_narrows_the_unconditional_call(generator, monkeypatch):
+    """A policy (``guidance_active``) that keeps CFG after the first step for the seed-1 row only: later
+    unconditional calls run for that row alone (``condition_rows``), and each row equals its solo result."""
+    sizes = []
+    hook = generator.components["transformer"].register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    monkeypatch.setattr(type(generator.config), "guidance_active", lambda self, params, step, t: step == 0 or params.seed == 1)
+    try:
+        rows = [dict(prompt="a cat", seed=1), dict(prompt="a blue square", seed=2)]
+        kw = dict(height=32, width=32, output_type="np", **SMALL)
+        solo = [generator.generate(**row, **kw).output for row in rows]
+        sizes.clear()
+        batch = generator.generate_batch([dict(row, **kw) for row in rows])
+    finally:
+        hook.remove()
+    assert sizes == [2, 2, 2, 1]  # step 0: cond + uncond for both rows; step 1: uncond for the seed-1 row only
+    for alone, together in zip(solo, batch):
+        np.testing.assert_allclose(together.output, alone, atol=1e-5)
+
+
 def test_sizes_are_rounded_to_what_the_model_takes(generator):
     # VAE 2x down and patch 2: multiples of 4; 34 is rounded down to 32, as diffusers does
     assert generator.config.size_multiple == 4

@@ -54,6 +54,16 @@ class {{ cookiecutter.class_prefix }}Config(PipelineConfig):
         neg = req.negative_prompt_embeds
         return {"cond": kwargs(req.prompt_embeds), "uncond": kwargs(neg) if neg is not None else None}
 
+    # The per-step guidance policy: ``guidance_active(params, step, t)`` (default: every step) says per row
+    # whether the unconditional branch runs (e.g. Z-Image's cfg_truncation, CFG in the first k steps only);
+    # ``condition_rows`` lets the denoising loop call the transformer for just those rows.
+    def condition_rows(self, kwargs: dict, rows: list[int], req) -> dict:
+        """One branch's kwargs narrowed to ``rows`` (every value here is batch-first)."""
+        import torch
+
+        index = torch.tensor(rows)
+        return {name: value[index.to(value.device)] for name, value in kwargs.items()}
+
 
 @attrs.define(kw_only=True)
 class {{ cookiecutter.class_prefix }}SamplingParams(SamplingParams):

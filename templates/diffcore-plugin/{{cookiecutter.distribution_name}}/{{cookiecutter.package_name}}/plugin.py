@@ -15,17 +15,20 @@ _C = "{{ cookiecutter.package_name }}.configs:"
 def register_pipelines():
     return [
 {%- for p in pipelines %}
-        PipelineRegistration("{{ p }}", _P + "{{ p }}", "{{ cookiecutter.family }}"),
+        PipelineRegistration("{{ p }}", _P + "{{ p }}", "{{ cookiecutter.family }}: {{ p }}"),
 {%- endfor %}
     ]
 
 
 @hookimpl
 def register_configs():
-    # Add the Hub ids of real checkpoints (hf_ids=["org/name"]) so they select these configs.
+    # Add the Hub ids of real checkpoints (hf_ids=["org/name"]) and aliases so they select these configs; when
+    # several checkpoints share a pipeline class (a distilled and a base model), add a config per checkpoint with
+    # a detector(model_index, folder) -> bool for local folders.
     return [
 {%- for p in pipelines %}
-        ConfigRegistration("{{ cookiecutter.family.replace('_', '-') }}{% if not loop.first %}-{{ loop.index }}{% endif %}", "{{ p }}", _C + "{{ cookiecutter.class_prefix }}Config",
+{%- set task = p[:-8].replace(cookiecutter.class_prefix, '', 1) if p.startswith(cookiecutter.class_prefix) else p[:-8] %}
+        ConfigRegistration("{{ cookiecutter.family.replace('_', '-') }}{% if not loop.first %}-{{ task.lower() or loop.index }}{% endif %}", "{{ p }}", _C + "{{ cookiecutter.class_prefix }}Config",
                            _C + "{{ cookiecutter.class_prefix }}SamplingParams", default_for_pipeline=True),
 {%- endfor %}
     ]
