@@ -4,8 +4,8 @@ Real gloo process groups: each configuration is one ``torchrun`` launch of
 ``diffcore.testing.parallel`` running every case (FLUX dev and Kontext, Qwen-Image T2I and Edit,
 Wan 2.1 T2V and I2V (CLIP image context), Wan 2.2 A14B with two experts, Wan 2.2 TI2V-5B with an image,
 Qwen-Image-Edit-2509 (Edit Plus) with two input images of different sizes, FLUX.2 [klein] base with CFG and
-two references, and FBCache), on tiny
-perturbed checkpoints built by the plugins' diffusers-based builders. Each rank's output must equal
+two references, Z-Image with CFG truncation, and FBCache), on tiny
+perturbed checkpoints built by the plugins' builders. Each rank's output must equal
 rank 0's bit for bit and the one-process output (this pytest process, same code without parallel
 options) to fp32 max |diff| <= 1e-4 and PSNR >= 60 dB. Token counts are odd so sequence
 parallelism pads and masks.
@@ -60,6 +60,9 @@ def cases(tmp_path_factory):
     for name, build in builders.items():
         build().save_pretrained(root / name)
         folders[name] = str(root / name)
+    from diffcore_zimage.testing import write_tiny_zimage  # written with diffcore's modules, diffusers' layout
+
+    folders["zimage"] = str(write_tiny_zimage(root / "zimage"))
     cfg = {"negative_prompt": "blurry"}
     specs = [  # name, model, generate kwargs, image; image token counts are odd (padding under sp 2)
         ("flux_dev", "flux_dev", dict(prompt="a red circle", height=48, width=48, num_inference_steps=2,
@@ -84,6 +87,10 @@ def cases(tmp_path_factory):
         ("flux2_klein_base", "flux2_klein_base", dict(prompt="make it red", height=48, width=48, num_inference_steps=2,
                                                       guidance_scale=3.0, max_sequence_length=16, seed=3),
          [[80, 64, 1], [64, 96, 2]]),  # FLUX.2: CFG vs the empty prompt, two references (t = 10, 20)
+        # Z-Image: captions of different lengths (masked rows); truncation ends CFG at the last step (model time 0.4)
+        ("zimage", "zimage", dict(prompt=["a red circle", "two yellow squares on a white background"], height=48,
+                                  width=80, num_inference_steps=3, guidance_scale=4.0, cfg_truncation=0.3,
+                                  cfg_normalization=True, seed=9, **cfg), None),
     ]
     out = [{"name": n, "model": folders[m], "engine": {}, "generate": g, "image": i} for n, m, g, i in specs]
     # the step cache takes the same skip decision on every rank (and as in one process)
