@@ -4,7 +4,7 @@ diffcore imports this module at start-up to list the plugin, so it must stay che
 classes are named by import strings that diffcore resolves when a model is loaded.
 """
 from diffcore.hookspecs import hookimpl
-from diffcore.records import ConfigRegistration, ModuleRegistration, PipelineRegistration
+from diffcore.records import ConfigRegistration, LoraFormatRegistration, ModuleRegistration, PipelineRegistration
 
 _P = "diffcore_zimage.pipelines:"
 _C = "diffcore_zimage.configs:"
@@ -38,3 +38,11 @@ def register_configs():
 @hookimpl
 def register_modules():
     return [ModuleRegistration("ZImageTransformer2DModel", "diffcore_zimage.transformer:ZImageTransformer2DModel")]
+
+
+@hookimpl
+def register_lora_formats():
+    return [LoraFormatRegistration("zimage-community", ["ZImageTransformer2DModel"], "diffcore_zimage.lora:is_community",
+                                   "diffcore_zimage.lora:convert",
+                                   "kohya / ComfyUI / ai-toolkit Z-Image LoRAs (lora_unet_layers_0_attention_qkv, "
+                                   "diffusion_model.layers.0..., .alpha)")]
