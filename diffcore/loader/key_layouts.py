@@ -73,7 +73,8 @@ class CheckpointLayout:
 
     ``markers``: regexes; the layout is a file's when each one fully matches at least one key.
     ``convert(keys, shape)``: {module name: Piece}; keys it does not convert may be left out (they are
-    kept under their own names, so a mismatch error names them). ``None``: the keys are the module's own.
+    kept under their own names, so a mismatch error names them); a file key mapped to ``None`` is known and
+    unused (left out, e.g. Z-Image's ``norm_final.weight``). ``None``: the keys are the module's own.
     The layout is chosen over all shards of a checkpoint, but ``convert`` sees one file's keys at a time
     (one shard's), so it must not assume a key of another shard is there.
     """
@@ -134,8 +135,9 @@ def view(keys: Sequence[str], shape: Shape, tensor: Callable[[str], torch.Tensor
             return LayoutView(list(keys), shape, tensor, layout)
         pieces = {k: Piece(k) for k in inner}
     else:
-        pieces = {k: p for k, p in layout.convert(inner, lambda k: shape(outer[k])).items() if p.source in outer}
-        used = {p.source for p in pieces.values()}
+        converted = layout.convert(inner, lambda k: shape(outer[k]))
+        pieces = {k: p for k, p in converted.items() if p is not None and p.source in outer}
+        used = {p.source for p in pieces.values()} | {k for k, p in converted.items() if p is None}
         pieces.update({k: Piece(k) for k in inner if k not in used and k not in pieces})
     return LayoutView(list(pieces), lambda k: pieces[k].shape(shape(outer[pieces[k].source])),
                       lambda k: pieces[k].make(tensor(outer[pieces[k].source])), layout)

@@ -6,6 +6,8 @@ the qkv split is a row operation, so GGUF tensors stay packed.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from diffcore.loader.key_layouts import CheckpointLayout, Piece, split_rows
 
 RENAMES = (("final_layer.", "all_final_layer.2-1."), ("x_embedder.", "all_x_embedder.2-1."),
@@ -14,7 +16,7 @@ RENAMES = (("final_layer.", "all_final_layer.2-1."), ("x_embedder.", "all_x_embe
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
-def convert_original(keys, shape) -> dict[str, Piece]:
+def convert_original(keys, shape) -> dict[str, Optional[Piece]]:
     out: dict[str, Piece] = {}
     for key in keys:
         name = key
@@ -22,6 +24,7 @@ def convert_original(keys, shape) -> dict[str, Piece]:
             if name.startswith(prefix):
                 name = name[len(prefix):]
         if name == "norm_final.weight":  # unused by the model (diffusers drops it too)
+            out[key] = None
             continue
         for old, new in RENAMES:
             name = name.replace(old, new)

@@ -258,7 +258,7 @@ class ZImageTransformer2DModel(ModelMixin):
         b, c, h, w = hidden_states.shape
         gh, gw = h // 2, w // 2
         n_img, nx = gh * gw, padded(gh * gw)
-        dtype = self.x_pad_token.dtype
+        dtype = self.dtype  # the compute dtype (a GGUF file may hold the pad tokens packed)
         adaln = self.t_embedder(timestep.float().reshape(-1).expand(b) * self.t_scale, dtype)
         patches = hidden_states.to(dtype).view(b, c, gh, 2, gw, 2).permute(0, 2, 4, 3, 5, 1).reshape(b, n_img, 4 * c)
         x = self.all_x_embedder["2-1"](patches)
