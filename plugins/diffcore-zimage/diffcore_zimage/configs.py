@@ -23,6 +23,7 @@ from diffcore.configs.pipeline_config import broadcast_rows
 from diffcore.errors import SamplingParamError
 from diffcore.notices import notice
 from diffcore.request import PromptEmbeds
+from diffcore.tasks import IMG2IMG, strength_validator
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,7 @@ class ZImageConfig(PipelineConfig):
                         pred[i] = pred[i] * (limit / norm)
         return pred
 
-    def batch_key(self, req) -> tuple:
-        return (getattr(req.params, "strength", None),)  # img2img: the schedule starts at the strength
-
-    # ---- img2img ------------------------------------------------------------------------------
+    # ---- img2img (the core's composition; diffusers encodes the input at its own size) ----------
     def resolve_size(self, req, components) -> None:
         """Without a size, img2img keeps the input image's (rounded to a multiple of 16)."""
         p = req.params
@@ -144,20 +142,6 @@ class ZImageConfig(PipelineConfig):
             req.width = self.round_size("width", p.width or w)
             return
         super().resolve_size(req, components)
-
-    def encode_condition_images(self, components, req):
-        """The input image at the output size -> a posterior sample (the request's generator, before the
-        noise, as diffusers) -> ``(z - shift) * scale``, one per row."""
-        from diffcore.image_processing import resize, to_tensor
-        from diffcore.models.latent_norm import normalize
-
-        vae = components["vae"]
-        image = req.images[0]
-        if image.size != (req.width, req.height):
-            image = resize(image, req.height, req.width)
-        pixels = to_tensor([image]).to(req.device, vae.dtype)
-        z = normalize(vae.encode(pixels).sample(req.generator), vae).float()
-        return z.expand(req.batch_size, -1, -1, -1)
 
 
 @attrs.define(kw_only=True)
@@ -188,11 +172,6 @@ def _normalization(inst, attribute, value):
         raise SamplingParamError(attribute.name, f"must be False/True or a ratio >= 0 (0 = off), got {value!r}")
 
 
-def _strength(inst, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise SamplingParamError(attribute.name, f"must be a number in [0, 1], got {value!r}")
-
-
 @attrs.define(kw_only=True)
 class ZImageSamplingParams(SamplingParams):
     """diffusers' defaults for Z-Image (base): 50 steps, guidance 5, 1024 x 1024."""
@@ -215,7 +194,8 @@ class ZImageTurboSamplingParams(ZImageSamplingParams):
 
 @attrs.define(kw_only=True)
 class ZImageImg2ImgSamplingParams(ZImageSamplingParams):
-    strength: float = attrs.field(default=0.6, validator=_strength)
+    strength: float = attrs.field(default=0.6, validator=strength_validator)
+    task: ClassVar[str] = IMG2IMG  # the composition a ZImageImg2ImgPipeline folder serves
     min_images: ClassVar[int] = 1
     max_images: ClassVar[int] = 1
 

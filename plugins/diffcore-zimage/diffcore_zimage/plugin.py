@@ -4,7 +4,8 @@ diffcore imports this module at start-up to list the plugin, so it must stay che
 classes are named by import strings that diffcore resolves when a model is loaded.
 """
 from diffcore.hookspecs import hookimpl
-from diffcore.records import ConfigRegistration, LoraFormatRegistration, ModuleRegistration, PipelineRegistration
+from diffcore.records import (CompositionRegistration, ConfigRegistration, LoraFormatRegistration, ModuleRegistration,
+                              PipelineRegistration)
 
 _P = "diffcore_zimage.pipelines:"
 _C = "diffcore_zimage.configs:"
@@ -17,6 +18,12 @@ def register_pipelines():
         PipelineRegistration("ZImagePipeline", _P + "ZImagePipeline", "Z-Image / Z-Image-Turbo text-to-image"),
         PipelineRegistration("ZImageImg2ImgPipeline", _P + "ZImageImg2ImgPipeline", "Z-Image image-to-image (strength)"),
     ]
+
+
+@hookimpl
+def register_compositions():
+    return [CompositionRegistration("ZImageImg2ImgPipeline", "ZImagePipeline", "img2img", _P + "ZImageImg2ImgPipeline",
+                                    "Z-Image image-to-image on a text-to-image folder (image, strength)")]
 
 
 @hookimpl

@@ -74,10 +74,11 @@ def _image(width, height, seed=0):
     return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("strength,extra", [(0.6, dict(guidance_scale=0.0)),
-                                            (0.8, dict(guidance_scale=3.0, cfg_truncation=0.2))])
-def test_img2img_parity(load, folders, strength, extra):
+@pytest.mark.parametrize("folder,strength,extra", [("img2img", 0.6, dict(guidance_scale=0.0)),
+                                                   ("img2img", 0.8, dict(guidance_scale=3.0, cfg_truncation=0.2)),
+                                                   ("turbo", 0.7, {})])  # a text-to-image folder, per request
+def test_img2img_parity(load, folders, folder, strength, extra):
     kw = dict(image=_image(48, 32), prompt="make it red", strength=strength, num_inference_steps=5, **extra)
-    ref = _run_reference(_reference(folders["img2img"], img2img=True), **kw)
-    gen = load(folders["img2img"])
+    ref = _run_reference(_reference(folders[folder], img2img=True), **{"guidance_scale": 0.0, **kw})
+    gen = load(folders[folder])
     _compare(gen.generate(**kw, seed=SEED, output_type="np").output, ref)
