@@ -57,6 +57,13 @@ def check_parallel(sp_degree: int, cfg_parallel: bool, config, folder: Path, pip
     """Refuse a parallel layout that cannot run, before any weights are loaded."""
     world = sp_degree * (2 if cfg_parallel else 1)
     if world == 1:
+        launched = launched_world_size()
+        if launched is not None and launched > 1:  # N independent copies that would each write the output
+            raise ParallelConfigError(
+                f"this process is one of {launched} launched together (torchrun WORLD_SIZE={launched}), but "
+                "sp_degree=1 without cfg_parallel runs a generation in one process, so every rank would compute and "
+                f"write the same result; pass --sp-degree / --cfg-parallel so that sp_degree x (2 with cfg_parallel) "
+                f"= {launched}, or start one process (for more requests per second: serve --replicas)")
         return
     layout = f"sp_degree={sp_degree}" + (" with cfg_parallel" if cfg_parallel else "")
     if sp_degree > 1 and not getattr(config, "sequence_parallel", False):
