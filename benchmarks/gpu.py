@@ -1,4 +1,4 @@
-"""Prepared GPU benchmark: real-size FLUX.1-dev and Wan 2.1 T2V-1.3B transformers, diffcore vs diffusers.
+"""Prepared GPU benchmark: real-size FLUX.1-dev, FLUX.2 [dev] / [klein] 4B and Wan 2.1 T2V-1.3B transformers, diffcore vs diffusers.
 
     python -m benchmarks.gpu                      # on a CUDA machine: < 8 min on one H200; writes results/gpu.json + gpu.md
     python -m benchmarks.gpu --tiny --device cpu  # the same code path on tiny configs (what the test runs)
@@ -10,7 +10,12 @@ transformer with the same noise and random text embeddings (no text encoders or 
 is >95% of the time at these sizes):
 
 * FLUX.1-dev transformer (12B), 1024x1024 (4096 image + 512 text tokens), 28 steps, guidance 3.5;
-* Wan 2.1 T2V-1.3B transformer, 480x832x81 frames (32,760 tokens), 4 steps with CFG (8 calls).
+* Wan 2.1 T2V-1.3B transformer, 480x832x81 frames (32,760 tokens), 4 steps with CFG (8 calls);
+* FLUX.2 [dev] transformer (32B, 64 GB in bf16: needs an 80 GB GPU), 1024x1024 (4096 image + 512 text
+  tokens), 10 steps, embedded guidance 4.0 (``--families flux2``; its fp8 variant is skipped below 3x the
+  weights of free memory, as it builds a second copy);
+* FLUX.2 [klein] 4B transformer, 1024x1024 with one 1024x1024 reference image (8192 image + 512 text
+  tokens), its recipe's 4 steps, no guidance (``--families klein4b``).
 
 Measured per case: seconds per step (median over the steps), peak GPU memory (and its part above
 the weights), and PSNR of diffcore's final latents against diffusers' (peak = the reference's range).
@@ -44,12 +49,24 @@ FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=3
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
                 text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+FLUX2_DEV = dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+                 num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
+                 axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=True)
+KLEIN_4B = {**FLUX2_DEV, "num_layers": 5, "num_single_layers": 20, "num_attention_heads": 24,
+            "joint_attention_dim": 7680, "guidance_embeds": False}
+REAL = {"flux": FLUX_DEV, "flux2": FLUX2_DEV, "klein4b": KLEIN_4B}
 TINY = {"flux": {**FLUX_DEV, "num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2,
                  "joint_attention_dim": 64, "pooled_projection_dim": 32},
+        "flux2": {**FLUX2_DEV, "num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "joint_attention_dim": 64},
+        "klein4b": {**KLEIN_4B, "num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "joint_attention_dim": 64},
         "wan": {**WAN_1_3B, "num_attention_heads": 2, "text_dim": 64, "ffn_dim": 256, "num_layers": 2}}
 SIZES = {"flux": dict(height=1024, width=1024, steps=28, n_txt=512),
+         "flux2": dict(height=1024, width=1024, steps=10, n_txt=512, refs=0),
+         "klein4b": dict(height=1024, width=1024, steps=4, n_txt=512, refs=1),
          "wan": dict(frames=81, height=480, width=832, steps=4, n_txt=512)}
 TINY_SIZES = {"flux": dict(height=128, width=128, steps=3, n_txt=16),
+              "flux2": dict(height=128, width=128, steps=3, n_txt=16, refs=0),
+              "klein4b": dict(height=128, width=128, steps=2, n_txt=16, refs=1),
               "wan": dict(frames=5, height=64, width=64, steps=2, n_txt=16)}
 
 
@@ -85,6 +102,10 @@ def build_pair(family: str, cfg: dict, device, dtype):
         from diffcore_flux.transformer import FluxTransformer2DModel as Ours
 
         Ref = diffusers.FluxTransformer2DModel
+    elif family in FLUX2_FAMILIES:
+        from diffcore_flux.flux2_transformer import Flux2Transformer2DModel as Ours
+
+        Ref = diffusers.Flux2Transformer2DModel
     else:
         from diffcore_wan.transformer import WanTransformer3DModel as Ours
 
@@ -114,6 +135,27 @@ def flux_case(size: dict, cfg: dict, device, dtype):
                 pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], generator=g, device=device, dtype=dtype),
                 guidance=torch.full((1,), 3.5, device=device), img_ids=ids.reshape(-1, 3),
                 txt_ids=torch.zeros(size["n_txt"], 3, device=device))
+    return latents, [cond], 1.0
+
+
+FLUX2_FAMILIES = ("flux2", "klein4b")
+
+
+def flux2_case(size: dict, cfg: dict, device, dtype):
+    """Target tokens, then ``refs`` reference images of the target's size (RoPE t = 10, 20, ...) as fixed tokens."""
+    from diffcore_flux.flux2_configs import position_ids
+
+    h, w = size["height"] // 16, size["width"] // 16
+    g = torch.Generator(device).manual_seed(0)
+    grids = [position_ids(h, w, 0, device)] + [position_ids(h, w, 10 + 10 * i, device) for i in range(size["refs"])]
+    txt_ids = torch.zeros(size["n_txt"], 4, device=device)
+    txt_ids[:, 3] = torch.arange(size["n_txt"], device=device)
+    latents = torch.randn(1, h * w, cfg["in_channels"], generator=g, device=device, dtype=dtype)
+    refs = torch.randn(1, h * w * size["refs"], cfg["in_channels"], generator=g, device=device, dtype=dtype)
+    guidance = torch.full((1,), 4.0, device=device) if cfg["guidance_embeds"] else None
+    cond = dict(encoder_hidden_states=torch.randn(1, size["n_txt"], cfg["joint_attention_dim"], generator=g,
+                                                  device=device, dtype=dtype),
+                guidance=guidance, img_ids=torch.cat(grids), txt_ids=txt_ids, refs=refs)
     return latents, [cond], 1.0
 
 
@@ -153,6 +195,18 @@ def callers(family: str, ref, ours, latents, conds):
         def call_ours(x, t, c):
             kw = {k: v for k, v in c.items() if not k.endswith("_ids")}
             return ours(hidden_states=x, timestep=t, rotary_emb=rope, **kw)
+
+        return call_ref, call_ours, 1.0
+    if family in FLUX2_FAMILIES:  # references appended to the target tokens, their predictions dropped
+        rope = ours.rope(conds[0]["img_ids"], conds[0]["txt_ids"])
+
+        def call_ref(x, t, c):
+            kw = {k: v for k, v in c.items() if k != "refs"}
+            return ref(hidden_states=torch.cat([x, c["refs"]], 1), timestep=t, return_dict=False, **kw)[0][:, :x.shape[1]]
+
+        def call_ours(x, t, c):
+            kw = {k: v for k, v in c.items() if not k.endswith("_ids") and k != "refs"}
+            return ours(hidden_states=torch.cat([x, c["refs"]], 1), timestep=t, rotary_emb=rope, **kw)[:, :x.shape[1]]
 
         return call_ref, call_ours, 1.0
     from diffcore_wan.transformer import ContextCache
@@ -225,13 +279,14 @@ class Bench:
 
     def family(self, family: str) -> None:
         args, dtype = self.args, torch.bfloat16
-        cfg = TINY[family] if args.tiny else (FLUX_DEV if family == "flux" else WAN_1_3B)
+        cfg = TINY[family] if args.tiny else REAL.get(family, WAN_1_3B)
         size = (TINY_SIZES if args.tiny else SIZES)[family]
         steps = args.steps or size["steps"]
         log(f"building {family} ({'tiny' if args.tiny else 'real size'}) on {self.device}")
         ref, ours = build_pair(family, cfg, self.device, dtype)
         weights = sum(p.numel() * p.element_size() for p in ref.parameters())
-        latents, conds, scale = (flux_case if family == "flux" else wan_case)(size, cfg, self.device, dtype)
+        case = {"flux": flux_case, "flux2": flux2_case, "klein4b": flux2_case}.get(family, wan_case)
+        latents, conds, scale = case(size, cfg, self.device, dtype)
         call_ref, call_ours, tscale = callers(family, ref, ours, latents, conds)
         run = dict(latents=latents, conds=conds, scale=scale, steps=steps, tscale=tscale, weights_bytes=weights)
         ref_out = self.measure(family, "diffusers", "eager", call_ref, **run)
@@ -255,7 +310,10 @@ class Bench:
                 self.measure(family, engine, "torch.compile", call, ref_out=ref_out if engine == "diffcore" else None,
                              need_s=120 if not args.tiny else 0, **run)
                 model._compiled_call_impl = None  # back to eager for the rest
-        if self.cuda and torch.cuda.get_device_capability(self.device) >= (8, 9):
+        free = torch.cuda.mem_get_info(self.device)[0] if self.cuda else 0
+        if self.cuda and free < 2 * weights:  # fp8 builds a second pair while this one is alive
+            self.rows.append(dict(family=family, engine="diffcore", variant="fp8", skipped="not enough free GPU memory"))
+        elif self.cuda and torch.cuda.get_device_capability(self.device) >= (8, 9):
             self.fp8(family, cfg, ref_out, run)
         else:
             self.rows.append(dict(family=family, engine="diffcore", variant="fp8", skipped="needs CUDA compute capability >= 8.9"))
@@ -309,7 +367,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--families", default="flux,wan")
+    ap.add_argument("--families", default="flux,wan,klein4b", help="flux, wan, klein4b, flux2 (32B: 80 GB GPUs)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs (code-path check, e.g. on the CPU)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--no-compile", dest="compile", action="store_false")

@@ -71,6 +71,53 @@ def build_flux(s: dict):
                         tokenizer_2=t5_tok, transformer=transformer, vae=vae)
 
 
+# ---------------------------------------------------------------------------------------- FLUX.2
+# FLUX.2 [dev]-medium: FLUX.2's architecture (bias-free, shared modulation, fused single blocks, 4-axis RoPE,
+# guidance embedding) at FLUX-medium's width; a Mistral3 text encoder 128 wide with the 31 layers the
+# hidden states 10/20/30 need; AutoencoderKLFlux2 with 32 latent channels and non-trivial batch-norm stats.
+FLUX2_MEDIUM = dict(
+    transformer=dict(patch_size=1, in_channels=128, num_layers=2, num_single_layers=4, attention_head_dim=128,
+                     num_attention_heads=6, joint_attention_dim=384, timestep_guidance_channels=256,
+                     axes_dims_rope=(32, 32, 32, 32), guidance_embeds=True),
+    mistral=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=31, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=64),
+    vae=dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, latent_channels=32, norm_num_groups=32),
+    seed=0,
+)
+
+
+def build_flux2(s: dict):
+    import torch
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    from diffcore.testing.tokenizers import tiny_qwen2_tokenizer
+    from diffcore.testing.weights import perturb_
+
+    torch.manual_seed(s["seed"])
+    tok = tiny_qwen2_tokenizer()
+    tok.chat_template = ("{%- for m in messages %}<|im_start|>{{ m.role }}\n{% for c in m.content %}{{ c.text }}"
+                         "{% endfor %}<|im_end|>\n{% endfor %}")
+    te = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=MistralConfig(vocab_size=len(tok), max_position_embeddings=1024, **s["mistral"]),
+        vision_config=PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, head_dim=8, image_size=32, patch_size=8),
+        image_token_index=len(tok) - 1, spatial_merge_size=2))
+    transformer = Flux2Transformer2DModel(**s["transformer"])
+    vae = AutoencoderKLFlux2(sample_size=256, **s["vae"])
+    for i, m in enumerate((te, transformer, vae)):
+        perturb_(m, seed=s["seed"] + i)
+    g = torch.Generator().manual_seed(s["seed"])
+    n = vae.bn.running_mean.numel()
+    vae.bn.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+    vae.bn.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096,
+                                                time_shift_type="exponential")
+    return Flux2Pipeline(scheduler=scheduler, vae=vae.eval(), text_encoder=te.eval(), tokenizer=tok,
+                         transformer=transformer.eval())
+
+
 # ------------------------------------------------------------------------------------- Qwen-Image
 QWEN_MEDIUM = dict(
     transformer=dict(patch_size=2, in_channels=64, out_channels=16, num_layers=4, attention_head_dim=128,
@@ -149,6 +196,12 @@ WORKLOADS: dict[str, Workload] = {
         params=dict(prompt=PROMPT, height=256, width=256, num_inference_steps=28, guidance_scale=3.5,
                     max_sequence_length=256),
         quick_params=dict(num_inference_steps=6),
+    ),
+    "flux2": Workload(
+        name="flux2", pipeline="Flux2Pipeline", settings=FLUX2_MEDIUM, build=build_flux2,
+        params=dict(prompt=PROMPT, height=256, width=256, num_inference_steps=12, guidance_scale=4.0,
+                    max_sequence_length=256),
+        quick_params=dict(num_inference_steps=4),
     ),
     "qwen": Workload(
         name="qwen", pipeline="QwenImagePipeline", settings=QWEN_MEDIUM, build=build_qwen, calls_per_step=2,
