@@ -25,6 +25,7 @@ from .containment import explicit_bool
 from .model_index import ComponentSpec, read_json
 from .required_files import check_transformers_folder
 from .safetensors_io import check_pickle_consent, file_keys, find_weight_files, load_into_module, skip_init
+from .size_guard import check_depths, guarded_build
 from .transformers_models import load_fast
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow
     if saved is not None and saved != spec.class_name:
         log.warning("%s/config.json says _class_name=%r, model_index.json says %r; using %s",
                     path, saved, spec.class_name, cls.__name__)
-    with skip_init():
+    with skip_init(), guarded_build(config, path / "config.json"):  # absurd sizes refused before allocating
         model = _from_config(cls, config, path / "config.json", device="meta")
     files = files or find_weight_files(path, allow_pickle=allow_pickle, variant=variant)
     try:
@@ -111,6 +112,7 @@ def _load_transformers(path: Path, spec: ComponentSpec, dtype, device, allow_pic
     try:
         if issubclass(cls, transformers.PreTrainedModel):
             files = find_weight_files(path, allow_pickle=allow_pickle, variant=variant)  # same errors as diffcore models
+            check_depths(read_json(path / "config.json"), path / "config.json")
             model = load_fast(cls, path, files, dtype, device)
             if model is not None:
                 return model.eval().requires_grad_(False)
