@@ -190,6 +190,55 @@ def build_wan(s: dict):
                        transformer=transformer.eval())
 
 
+# ------------------------------------------------------------------------------------------ LTX-2
+LTX_MEDIUM = dict(
+    transformer=dict(in_channels=64, out_channels=64, num_attention_heads=8, attention_head_dim=64,
+                     cross_attention_dim=512, audio_in_channels=128, audio_out_channels=128,
+                     audio_num_attention_heads=4, audio_attention_head_dim=64, audio_cross_attention_dim=256,
+                     num_layers=4, caption_channels=256, rope_type="split"),  # LTX-2.0 switches (no perturbed_attn)
+    connectors=dict(caption_channels=256, text_proj_in_factor=5, video_connector_num_attention_heads=2,
+                    video_connector_attention_head_dim=128, video_connector_num_layers=2,
+                    video_connector_num_learnable_registers=32, audio_connector_num_attention_heads=2,
+                    audio_connector_attention_head_dim=128, audio_connector_num_layers=2,
+                    audio_connector_num_learnable_registers=32, rope_type="split"),
+    text=dict(hidden=256, layers=4, heads=4, kv_heads=2, head_dim=64, intermediate=512),
+    vae=dict(latent_channels=64, block_out_channels=(64, 64, 128, 128), decoder_block_out_channels=(64, 128, 256),
+             layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1), spatial_compression_ratio=32,
+             temporal_compression_ratio=8),
+    audio_vae=dict(base_channels=128, ch_mult=(1, 2, 4), num_res_blocks=1, latent_channels=8, mel_bins=64),
+    vocoder=dict(in_channels=128, hidden_channels=256, out_channels=2, upsample_kernel_sizes=[16, 15, 8, 4, 4],
+                 upsample_factors=[6, 5, 2, 2, 2], resnet_kernel_sizes=[3, 7], resnet_dilations=[[1, 3], [1, 3]],
+                 output_sampling_rate=24000),
+    seed=0,
+)
+
+
+def build_ltx(s: dict):
+    import torch
+    from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler,
+                           LTX2Pipeline, LTX2VideoTransformer3DModel)
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    from diffcore.testing.gemma import tiny_gemma3, tiny_gemma_tokenizer
+    from diffcore.testing.weights import perturb_
+
+    torch.manual_seed(s["seed"])
+    tok = tiny_gemma_tokenizer()
+    vae = perturb_(AutoencoderKLLTX2Video(**s["vae"]), seed=s["seed"] + 1)
+    audio_vae = perturb_(AutoencoderKLLTX2Audio(**s["audio_vae"]), seed=s["seed"] + 2)
+    for module in (vae, audio_vae):  # the latent statistics are buffers that start as a no-op
+        mean, std = _latent_stats(module.latents_mean.numel(), s["seed"])
+        module.latents_mean.copy_(torch.tensor(mean)), module.latents_std.copy_(torch.tensor(std))
+    return LTX2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                  base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1),
+        vae=vae.eval(), audio_vae=audio_vae.eval(), text_encoder=tiny_gemma3(len(tok), s["seed"] + 3, **s["text"]),
+        tokenizer=tok, connectors=perturb_(LTX2TextConnectors(**s["connectors"]), seed=s["seed"] + 4).eval(),
+        transformer=perturb_(LTX2VideoTransformer3DModel(**s["transformer"]), seed=s["seed"] + 5).eval(),
+        vocoder=perturb_(LTX2Vocoder(**s["vocoder"]), seed=s["seed"] + 6).eval())
+
+
 WORKLOADS: dict[str, Workload] = {
     "flux": Workload(
         name="flux", pipeline="FluxPipeline", settings=FLUX_MEDIUM, build=build_flux,
@@ -213,6 +262,13 @@ WORKLOADS: dict[str, Workload] = {
         name="wan", pipeline="WanPipeline", settings=WAN_MEDIUM, build=build_wan, calls_per_step=2,
         params=dict(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=5.0, height=256, width=256, num_frames=33,
                     num_inference_steps=10),
+        quick_params=dict(num_inference_steps=3, num_frames=9),
+    ),
+    # the dev defaults: CFG on [negative, positive] in one call, STG and modality isolation: 3 calls per step
+    "ltx": Workload(
+        name="ltx", pipeline="LTX2Pipeline", settings=LTX_MEDIUM, build=build_ltx, calls_per_step=3,
+        params=dict(prompt=PROMPT, negative_prompt=NEGATIVE, height=256, width=384, num_frames=25, frame_rate=24.0,
+                    num_inference_steps=10, max_sequence_length=128, spatio_temporal_guidance_blocks=[1]),
         quick_params=dict(num_inference_steps=3, num_frames=9),
     ),
 }

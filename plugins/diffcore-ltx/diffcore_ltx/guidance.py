@@ -8,7 +8,8 @@ Per stream (video, audio), with x0 = x - sigma * v for each prediction:
     x0 <- r x0 std(x0_cond) / std(x0) + (1 - r) x0   rescale (r > 0)
 
 and back to a velocity. Each extra transformer call runs only when some row's scale makes it matter
-(CFG: g > 1 for video or audio; STG: s > 0; isolation: m > 1), so a step costs 1 to 3 calls. Scales may differ
+(CFG: g > 1 for video or audio; STG: s > 0 on a transformer that can perturb its attention; isolation:
+m > 1), so a step costs 1 to 3 calls. Scales may differ
 per row of a batch (a row whose scale is off gets an exact zero term).
 """
 from __future__ import annotations
@@ -49,9 +50,12 @@ class Passes:
     modality: bool
 
     @classmethod
-    def of(cls, video: Scales, audio: Scales) -> "Passes":
+    def of(cls, video: Scales, audio: Scales, perturbs: bool = True) -> "Passes":
+        """``perturbs``: the transformer can skip self-attention (``perturbed_attn``, LTX-2.3). Without it (LTX-2.0)
+        diffusers' STG call predicts exactly what the positive call does (its attention ignores the perturbation
+        mask), so its term is zero: the call is skipped, not made and subtracted."""
         return cls(bool((video.cfg > 1).any() or (audio.cfg > 1).any()),
-                   bool((video.stg > 0).any() or (audio.stg > 0).any()),
+                   perturbs and bool((video.stg > 0).any() or (audio.stg > 0).any()),
                    bool((video.modality > 1).any() or (audio.modality > 1).any()))
 
 
@@ -61,7 +65,7 @@ def condition(config, components: dict, req) -> dict:
     connectors, transformer = components["connectors"], components["transformer"]
     layout = config.layout(req, components)
     video, audio = Scales.of(req, "video"), Scales.of(req, "audio")
-    passes = Passes.of(video, audio)
+    passes = Passes.of(video, audio, perturbs=bool(transformer.config.get("perturbed_attn", False)))
     embeds, mask = req.prompt_embeds.embeds, req.prompt_embeds.mask
     if passes.cfg:
         neg = req.negative_prompt_embeds

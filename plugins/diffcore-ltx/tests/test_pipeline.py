@@ -112,3 +112,17 @@ def test_mp4_and_wav_carry_the_sound(generator, tmp_path):
 def test_latent_output_has_no_sound(generator):
     result = generator.generate(prompt=PROMPT, seed=0, output_type="latent", **SMALL)
     assert result.output is None and result.audios is None and result.latents is not None
+
+
+def test_stg_costs_nothing_where_the_model_cannot_perturb_attention(load, tmp_path):
+    """LTX-2.0 transformers have no perturbed attention: diffusers' STG call repeats the positive prediction (a
+    zero term); diffcore skips it and gives the same result with 2 calls per step instead of 3."""
+    from ltx_testlib import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "ltx20", perturbed_attn=False)
+    gen = load(folder)
+    before = gen.pipeline.denoiser.calls
+    result = gen.generate(prompt=PROMPT, seed=0, output_type="np", **SMALL)
+    assert gen.pipeline.denoiser.calls - before == 2 * SMALL["num_inference_steps"]  # CFG batch + isolation
+    frames, audio = run_diffusers(folder, prompt=PROMPT)
+    assert_parity(frames, audio, result)
