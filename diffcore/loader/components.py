@@ -117,7 +117,8 @@ def _load_transformers(path: Path, spec: ComponentSpec, dtype, device, allow_pic
             if model is not None:
                 return model.eval().requires_grad_(False)
             kwargs = {"local_files_only": True, "use_safetensors": True if not allow_pickle else None}
-            if variant and any(f".{variant}." in f.name for f in files):
+            # variant files: model.fp16.safetensors, or shards model.fp16-00001-of-00002.safetensors
+            if variant and any(f".{variant}." in f.name or f".{variant}-" in f.name for f in files):
                 kwargs["variant"] = variant
             if dtype is not None:
                 kwargs[_dtype_kwarg()] = dtype

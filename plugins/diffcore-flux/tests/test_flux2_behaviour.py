@@ -114,3 +114,11 @@ def test_dev_single_file_with_klein_config_is_refused(flux2_folders, tmp_path, f
     path = _bfl_file(flux2_folders["dev"], tmp_path / "flux2-dev.safetensors", flux2_to_bfl)
     with pytest.raises(WeightMismatchError, match="guidance_embedder"):
         DiffGenerator.from_pretrained(flux2_folders["klein"], dtype="float32", progress=False, gguf=path)
+
+
+def test_dataflow_is_proven_for_every_flux2_pipeline(gens):
+    from diffcore.testing.conformance import check_dataflow
+
+    for kind, gen in gens.items():
+        stages = check_dataflow(gen)
+        assert stages[0] == "input_validation" and "image_vae_encoding" in stages and stages[-1] == "decoding", kind
