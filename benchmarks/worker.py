@@ -159,13 +159,15 @@ class DiffusersEngine(Engine):
 
     def _cache_dit(self, cache):
         """Apply cache-dit (benchmark-only peer) with {"cache_dit": {DBCacheConfig fields}, "taylorseer": order}."""
-        import cache_dit
-
         if getattr(self, "_cache_dit_on", False):
+            import cache_dit
+
             cache_dit.disable_cache(self.pipe)
             self._cache_dit_on = False
         if not cache or "cache_dit" not in cache:
-            return
+            return  # runs without cache-dit need no cache_dit install (it is only in the --bench extras)
+        import cache_dit
+
         calibrator = None
         if cache.get("taylorseer"):
             calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=cache["taylorseer"])

@@ -239,6 +239,39 @@ def build_ltx(s: dict):
         vocoder=perturb_(LTX2Vocoder(**s["vocoder"]), seed=s["seed"] + 6).eval())
 
 
+# --------------------------------------------------------------------------------------- Z-Image
+ZIMAGE_MEDIUM = dict(
+    transformer=dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=768, n_layers=4, n_refiner_layers=2,
+                     n_heads=6, n_kv_heads=6, cap_feat_dim=256, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512]),
+    text=dict(hidden=256, layers=3, heads=4, kv_heads=2, head_dim=64),
+    vae=FLUX_MEDIUM["vae"],
+    seed=0,
+)
+
+
+def build_zimage(s: dict):
+    """Z-Image-Turbo's architecture at medium size (8 transformer blocks of 768, 63M parameters), built with
+    diffusers; the Qwen3 text encoder and tokenizer are the plugin's tiny offline ones at 256 wide."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    from diffcore.testing.weights import perturb_
+    from diffcore_zimage.testing import tiny_qwen3, tiny_qwen3_tokenizer
+
+    torch.manual_seed(s["seed"])
+    tokenizer = tiny_qwen3_tokenizer()
+    text_encoder = tiny_qwen3(tokenizer, seed=s["seed"], **s["text"])
+    transformer = ZImageTransformer2DModel(**s["transformer"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
+                        sample_size=256, **s["vae"])
+    perturb_(transformer, seed=s["seed"] + 2)
+    perturb_(vae, seed=s["seed"] + 3)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                          transformer=transformer)
+
+
 WORKLOADS: dict[str, Workload] = {
     "flux": Workload(
         name="flux", pipeline="FluxPipeline", settings=FLUX_MEDIUM, build=build_flux,
@@ -270,6 +303,11 @@ WORKLOADS: dict[str, Workload] = {
         params=dict(prompt=PROMPT, negative_prompt=NEGATIVE, height=256, width=384, num_frames=25, frame_rate=24.0,
                     num_inference_steps=10, max_sequence_length=128, spatio_temporal_guidance_blocks=[1]),
         quick_params=dict(num_inference_steps=3, num_frames=9),
+    ),
+    "zimage": Workload(  # Z-Image-Turbo's recipe: 8 steps, guidance 0 (no CFG) at 256x256
+        name="zimage", pipeline="ZImagePipeline", settings=ZIMAGE_MEDIUM, build=build_zimage,
+        params=dict(prompt=PROMPT, height=256, width=256, num_inference_steps=8, guidance_scale=0.0),
+        quick_params=dict(num_inference_steps=2),
     ),
 }
 

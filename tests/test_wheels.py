@@ -149,6 +149,24 @@ def test_generate_runs_a_tiny_model_in_the_venv(installed, tmp_path):
         assert image.size == (48, 32)
 
 
+def test_generate_runs_a_tiny_zimage_in_the_venv(installed, tmp_path):
+    """diffcore-zimage from its wheel (built from plugins/diffcore-zimage): a tiny Z-Image-Turbo folder generates."""
+    env, _, _ = installed
+    from diffcore_zimage.testing import write_tiny_zimage
+
+    model = write_tiny_zimage(tmp_path / "tiny-z-image-turbo")
+    out = tmp_path / "zimage.png"
+    proc = env.run(env.bin("diffcore"), "generate", "--model", model, "--prompt", "a red fox", "--height", "32",
+                   "--width", "48", "--steps", "2", "--dtype", "float32", "--quiet", "--output", out, cwd=tmp_path)
+    assert "wrote" in proc.stdout
+    site = env.python_code("import diffcore_zimage; print(diffcore_zimage.__file__)")
+    assert Path(site.strip()).is_relative_to(env.site)
+    from PIL import Image
+
+    with Image.open(out) as image:
+        assert image.size == (48, 32)
+
+
 @pytest.mark.skipif(not (ROOT / "plugins/diffcore-demo/diffcore_demo/model/model_index.json").is_file(),
                     reason="the demo plugin ships no model yet")
 def test_generate_runs_the_bundled_demo_model(installed, tmp_path):

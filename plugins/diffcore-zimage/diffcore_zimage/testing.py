@@ -30,7 +30,8 @@ def tiny_qwen3_tokenizer():
     return tokenizer
 
 
-def tiny_qwen3(tokenizer, hidden: int = 16, layers: int = 3, seed: int = 0):
+def tiny_qwen3(tokenizer, hidden: int = 16, layers: int = 3, seed: int = 0, heads: int = 2, kv_heads: int = 1,
+               head_dim: int = 8):
     """A perturbed ``Qwen3Model`` (no LM head, as Z-Image's text_encoder) that fits ``tokenizer``."""
     import torch
     from transformers import Qwen3Config, Qwen3Model
@@ -38,7 +39,7 @@ def tiny_qwen3(tokenizer, hidden: int = 16, layers: int = 3, seed: int = 0):
     from diffcore.testing.weights import perturb_
 
     config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                          max_position_embeddings=1024, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     with torch.random.fork_rng(devices=[]):
