@@ -107,7 +107,8 @@ class Flux2DevConfig(PipelineConfig):
 
         p = req.params
         height, width = p.height, p.width
-        refs = [load_image(im, i) for i, im in enumerate(p.images)]
+        # the references as the validation stage decoded them, if it already did
+        refs = getattr(req, "images", None) or [load_image(im, i) for i, im in enumerate(p.images)]
         for i, im in enumerate(refs):
             check_reference(im, i)
         if refs:
