@@ -262,4 +262,11 @@ class DiffGenerator:
         return GenerationResult(output=output, latents=req.latents, timings=dict(req.timings),
                                 is_video=self.config.is_video, fps=fps, output_type=params.output_type,
                                 cache_stats=dict(stats) if stats is not None else None, audios=audio,
-                                audio_sample_rate=req.audio_sample_rate if audio is not None else None)
+                                audio_sample_rate=req.audio_sample_rate if audio is not None else None,
+                                layers=_layers(req))
+
+
+def _layers(req: Request) -> Optional[int]:
+    """Pictures per prompt when a model makes several (Qwen-Image-Layered's RGBA layers); None otherwise."""
+    rows = 0 if req.output is None else req.output.shape[0]
+    return rows // req.batch_size if rows > req.batch_size and rows % req.batch_size == 0 else None

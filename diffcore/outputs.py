@@ -69,7 +69,8 @@ class GenerationResult:
     views of it; ``latents``: the final latents; ``timings``: seconds per stage; ``cache_stats``: the
     step cache's counters for this request (None without a cache); ``audios``: the sound track of each
     item, float32 (B, channels, samples) in [-1, 1] at ``audio_sample_rate`` Hz (None for silent models);
-    ``audio``: the first item's, (channels, samples).
+    ``audio``: the first item's, (channels, samples). ``layers``: for a model that makes several pictures per
+    prompt (Qwen-Image-Layered: RGBA layers, ``output`` (prompts * layers, H, W, 4)), how many per prompt.
     """
 
     output: Optional[np.ndarray]
@@ -81,6 +82,7 @@ class GenerationResult:
     cache_stats: Optional[dict] = None
     audios: Optional[np.ndarray] = None
     audio_sample_rate: Optional[int] = None
+    layers: Optional[int] = None
     _pil: Optional[list] = None
 
     @property

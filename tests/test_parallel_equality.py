@@ -4,7 +4,7 @@ Real gloo process groups: each configuration is one ``torchrun`` launch of
 ``diffcore.testing.parallel`` running every case (FLUX dev and Kontext, Qwen-Image T2I and Edit,
 Wan 2.1 T2V and I2V (CLIP image context), Wan 2.2 A14B with two experts, Wan 2.2 TI2V-5B with an image,
 Qwen-Image-Edit-2509 (Edit Plus) with two input images of different sizes, FLUX.2 [klein] base with CFG and
-two references, Z-Image with CFG truncation, and FBCache), on tiny
+two references, Z-Image with CFG truncation, FLUX inpainting and Qwen-Image image-to-image, and FBCache), on tiny
 perturbed checkpoints built by the plugins' builders. Each rank's output must equal
 rank 0's bit for bit and the one-process output (this pytest process, same code without parallel
 options) to fp32 max |diff| <= 1e-4 and PSNR >= 60 dB. Token counts are odd so sequence
@@ -93,6 +93,12 @@ def cases(tmp_path_factory):
                                   cfg_normalization=True, seed=9, **cfg), None),
     ]
     out = [{"name": n, "model": folders[m], "engine": {}, "generate": g, "image": i} for n, m, g, i in specs]
+    # image-to-image and inpainting compositions on the same loaded checkpoints
+    out.append({"name": "flux_dev_inpaint", "model": folders["flux_dev"], "engine": {},
+                "generate": dict(specs[0][2], num_inference_steps=3, strength=0.8), "image": [48, 48, 5],
+                "mask": [48, 48]})
+    out.append({"name": "qwen_t2i_img2img", "model": folders["qwen_t2i"], "engine": {},
+                "generate": dict(specs[2][2], num_inference_steps=3, strength=0.7), "image": [40, 96, 6]})
     # the step cache takes the same skip decision on every rank (and as in one process)
     out.append({"name": "flux_dev_fbcache", "model": folders["flux_dev"], "engine": {"cache": "fbcache",
                 "cache_threshold": 0.5}, "generate": dict(specs[0][2], num_inference_steps=6), "image": None})

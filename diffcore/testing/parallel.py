@@ -4,7 +4,7 @@
 
 ``CASES.json`` is a list of ``{"name", "model" (folder), "engine" (EngineArgs, e.g. sp_degree,
 cfg_parallel, cache), "generate" (generate() keywords), "image" ([width, height, seed], a list of those
-for several input images, or null)}``.
+for several input images, or null), optionally "mask" ([width, height]: an inpainting box mask)}``.
 Every rank writes ``OUT_DIR/<name>.rank<r>.npy`` (its output) and ``<name>.rank<r>.json`` (step-cache
 stats, seconds), so a test can check every rank returned the same result and compare it with a
 one-process run of the same case (``run_case`` without parallel options). Many cases share one
@@ -44,6 +44,10 @@ def run_case(case: dict, **engine_overrides) -> tuple[np.ndarray, dict, Any]:
     kwargs = dict(case["generate"], output_type="np")
     if image is not None:
         kwargs["image"] = image
+    if case.get("mask"):
+        from .images import box_mask
+
+        kwargs["mask"] = box_mask(*case["mask"])
     start = time.perf_counter()
     result = gen.generate(**kwargs)
     info = {"seconds": time.perf_counter() - start, "rank": gen.rank, "cache_stats": result.cache_stats,

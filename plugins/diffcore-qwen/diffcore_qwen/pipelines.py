@@ -108,3 +108,23 @@ class QwenImageEditInpaintPipeline(InpaintComposition, QwenImageEditPipeline):
                 self.add_stage("edit_inpaint_size", EditInpaintSizeStage(self.config))
             if stage.name == "init_latents":
                 self.add_stage("condition_from_init", ConditionFromInitStage())
+
+
+class QwenImageLayeredPipeline(ComposedPipelineBase):
+    """Qwen-Image-Layered: one RGBA picture in, ``layers`` RGBA layers out (diffcore_qwen.layered)."""
+
+    pipeline_name = "QwenImageLayeredPipeline"
+    _required_config_modules = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
+
+    def create_pipeline_stages(self, engine_args) -> None:
+        from .layered import LayeredDecodingStage, LayeredInputValidationStage
+
+        c, cfg = self.components, self.config
+        self.add_stage("input_validation", LayeredInputValidationStage(cfg, c))
+        self.add_stage("text_encoding", TextEncodingStage(cfg, c))
+        self.add_stage("image_vae_encoding", ImageVAEEncodingStage(cfg, c))
+        self.add_stage("timestep_preparation", TimestepPreparationStage(cfg, c["scheduler"]))
+        self.add_stage("latent_preparation", LatentPreparationStage(cfg, c))
+        self.add_stage("conditioning", ConditioningStage(cfg, c))
+        self.add_stage("denoising", DenoisingStage(cfg, [c["transformer"]], engine_args))
+        self.add_stage("decoding", LayeredDecodingStage(cfg, c))

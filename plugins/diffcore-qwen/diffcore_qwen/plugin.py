@@ -14,6 +14,8 @@ def register_pipelines():
         PipelineRegistration("QwenImageEditPipeline", _P + "QwenImageEditPipeline", "Qwen-Image-Edit (one input image)"),
         PipelineRegistration("QwenImageEditPlusPipeline", _P + "QwenImageEditPlusPipeline",
                              "Qwen-Image-Edit-2509/2511 (one to three input images)"),
+        PipelineRegistration("QwenImageLayeredPipeline", _P + "QwenImageLayeredPipeline",
+                             "Qwen-Image-Layered: a picture decomposed into RGBA layers"),
     ]
 
 
@@ -47,6 +49,9 @@ def register_configs():
                            _C + "QwenImageEditPlusSamplingParams", hf_ids=["Qwen/Qwen-Image-Edit-2511"],
                            aliases=["qwen-image-edit-2511"], detector=_C + "is_zero_cond_t",
                            source="Qwen/Qwen-Image-Edit-2511"),
+        ConfigRegistration("qwen-image-layered", "QwenImageLayeredPipeline", "diffcore_qwen.layered:QwenImageLayeredConfig",
+                           "diffcore_qwen.layered:QwenImageLayeredSamplingParams", hf_ids=["Qwen/Qwen-Image-Layered"],
+                           aliases=["qwen-image-layered"], default_for_pipeline=True, source="Qwen/Qwen-Image-Layered"),
     ]
 
 

@@ -125,3 +125,44 @@ def qwen_reference():
 def make_vl_processor():
     """``make(tokenizer, image_processor)``: transformers' own Qwen2VLProcessor (the oracle for ours)."""
     return tiny_vl_processor
+
+
+def build_qwen_layered(seed: int = 0):
+    """A tiny perturbed diffusers QwenImageLayeredPipeline: RGBA VAE (4 image channels), layer-3D RoPE and the
+    additional timestep condition in the transformer."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageLayeredPipeline,
+                           QwenImageTransformer2DModel)
+
+    from diffcore.testing.text_encoders import tiny_qwen25vl, tiny_qwen2vl_image_processor
+    from diffcore.testing.tokenizers import tiny_qwen2_tokenizer
+    from diffcore.testing.weights import perturb_
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_qwen2_tokenizer()
+    text_encoder = tiny_qwen25vl(tokenizer, hidden=32, seed=seed)
+    # z_dim 8, not 4: diffusers takes a 4-channel (RGBA) input for latents when z_dim is 4
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=32, out_channels=8, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                              axes_dims_rope=(4, 6, 6), use_additional_t_cond=True,
+                                              use_layer3d_rope=True)
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=8, dim_mult=[1, 2, 4, 4, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True, False], input_channels=4,
+                                 latents_mean=[0.1, -0.2, 0.3, -0.05, 0.0, 0.2, -0.1, 0.05],
+                                 latents_std=[0.8, 1.3, 1.1, 0.7, 1.0, 0.9, 1.2, 0.6])
+    perturb_(transformer, seed=seed + 1)
+    perturb_(vae, seed=seed + 2)
+    transformer.eval(), vae.eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                                                max_image_seq_len=8192, time_shift_type="linear")
+    processor = tiny_vl_processor(tokenizer, tiny_qwen2vl_image_processor(max_pixels=448 * 448))
+    return QwenImageLayeredPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                    processor=processor, transformer=transformer)
+
+
+@pytest.fixture(scope="session")
+def qwen_layered_folder(tmp_path_factory):
+    """A tiny Qwen-Image-Layered checkpoint folder."""
+    folder = tmp_path_factory.mktemp("qwen") / "layered"
+    build_qwen_layered().save_pretrained(folder)
+    return folder
