@@ -8,12 +8,13 @@ from typing import Any, Optional
 
 import torch
 
-from . import loader, offload, parallel, precision
+from . import ignored, loader, offload, parallel, precision
 from .configs.engine_args import EngineArgs
 from .errors import ConfigError, SamplingParamError
 from .quantization import LayerQuantizer, check_supported, quantize_model
 from .outputs import GenerationResult
 from .plugins import PluginManager, get_plugin_manager
+from .notices import notice
 from .records import resolve_ref
 from .request import Request
 
@@ -220,7 +221,13 @@ class DiffGenerator:
         from .engine.batching import run_batch
 
         reqs = []
-        for kwargs in requests:
+        if isinstance(requests, (str, bytes)) or not isinstance(requests, (list, tuple)):
+            raise SamplingParamError("requests", f"generate_batch takes a list of dicts of generate() keywords, got "
+                                                 f"{type(requests).__name__}")
+        for i, kwargs in enumerate(requests):
+            if not isinstance(kwargs, dict):
+                raise SamplingParamError("requests", f"requests[{i}] must be a dict of generate() keywords such as "
+                                                     f"{{'prompt': ...}}, got {type(kwargs).__name__} {kwargs!r:.60}")
             kwargs = dict(kwargs)
             callback = kwargs.pop("callback", None)
             reqs.append(self.new_request(self.params_from(kwargs), callback=callback))
@@ -233,7 +240,10 @@ class DiffGenerator:
     def run(self, params, callback=None, block_callback=None) -> GenerationResult:
         """Run one request from a ready SamplingParams. Safe to call from several threads at once."""
         start = time.perf_counter()
-        req = self.pipeline.forward(self.new_request(params, callback, block_callback))
+        if block_callback is not None and not self.streams_blocks:
+            notice(log, "block_callback is ignored: this model does not produce its frames block by block")
+        with ignored.tracking([params]):  # a parameter the caller set that nothing reads is a warning
+            req = self.pipeline.forward(self.new_request(params, callback, block_callback))
         req.timings["total"] = time.perf_counter() - start
         return self.result(req)
 

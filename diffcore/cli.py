@@ -122,6 +122,24 @@ def _generate_streaming(gen, output: str, kwargs: dict):
 _gguf_files = gguf_files  # the --gguf values as EngineArgs.gguf
 
 
+def _looks_local(text: str) -> bool:
+    from pathlib import Path
+
+    return Path(text).expanduser().exists() or text.startswith(("/", ".", "~")) or text.endswith(".safetensors")
+
+
+def check_local_sources(model: str, loras) -> None:
+    """A --model / --lora that names a local path must be there (Hub ids and aliases are resolved by the load)."""
+    from .loader import resolve_model_path
+    from .lora.source import resolve_lora_file
+
+    if _looks_local(str(model)):
+        resolve_model_path(model)
+    for path in loras:
+        if _looks_local(str(path)):
+            resolve_lora_file(path)
+
+
 def _serve(args) -> int:
     import os
 
@@ -174,6 +192,7 @@ def _serve(args) -> int:
         run(args.model, settings, engine, args.replicas, args.ray_address or "local", args.replica_cpus,
             args.replica_gpus, args.replica_max_requests, loras)
         return 0
+    check_local_sources(args.model, [flag.path for flag in loras])  # one line and exit 2, before binding the port
     return serve(args.model, settings, engine, log_level=args.log_level, loras=loras)
 
 

@@ -1,6 +1,8 @@
 """Generation results and writing them to disk (images, H.264 mp4 for videos with their sound, .wav)."""
 from __future__ import annotations
 
+import contextlib
+
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -112,6 +114,15 @@ class GenerationResult:
         (or the first frame as image); .wav writes the sound alone."""
         path = Path(path)
         suffix = path.suffix.lower()
+        check_save_path(path, writable=True)  # a missing folder, a directory, no permission: an error naming the path
+        try:
+            return self._write(path, suffix, index)
+        except OSError as exc:  # a full disk, a file system gone read-only while writing
+            with contextlib.suppress(OSError):
+                path.unlink()  # no half-written file left behind
+            raise InputError(f"cannot save {str(path)!r}: {exc.strerror or exc}") from None
+
+    def _write(self, path: Path, suffix: str, index: int) -> Path:
         if suffix == ".wav":
             if self.audios is None:
                 raise InputError(f"cannot save {str(path)!r}: this result has no sound track; save .mp4 or an image")
@@ -128,8 +139,6 @@ class GenerationResult:
         elif suffix in IMAGE_SUFFIXES:
             item = np.asarray(self.output[index])
             to_pil(item[0] if self.is_video else item).save(path)
-        else:
-            check_save_path(path)
         return path
 
     @staticmethod

@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Optional
 import attrs
 
 from ..errors import SamplingParamError
+from .. import ignored
 from . import ranges
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -144,6 +145,9 @@ class SamplingParams:
     output_type: str = attrs.field(default="pil", validator=_output_type)
     loras: Optional[dict] = attrs.field(default=None, validator=_loras)  # {adapter name: weight}; None: base model
 
+    # The names the caller set (from_user), for the ignored-parameter rule (diffcore.ignored).
+    _given: tuple = attrs.field(default=(), init=False, repr=False, eq=False)
+
     # Not user parameters: limits the model sets for validation.
     max_sequence_length_limit: ClassVar[Optional[int]] = None
     max_images: ClassVar[int] = 0  # 0: the model takes no input image
@@ -160,7 +164,7 @@ class SamplingParams:
 
     @classmethod
     def parameter_names(cls) -> list[str]:
-        return [f.name for f in attrs.fields(cls)]
+        return [f.name for f in attrs.fields(cls) if not f.name.startswith("_")]
 
     @classmethod
     def from_user(cls, **kwargs: Any) -> "SamplingParams":
@@ -171,7 +175,13 @@ class SamplingParams:
                 raise SamplingParamError(key, f"unknown parameter; accepted: {', '.join(names)}")
         params = cls(**{k: v for k, v in kwargs.items() if v is not None})
         params.check_limits()
+        params._given = tuple(k for k, v in kwargs.items() if v is not None)
         return params
+
+    def __getattribute__(self, name: str):
+        if name[0] != "_":
+            ignored.record(name)
+        return object.__getattribute__(self, name)
 
     def check_limits(self) -> None:
         if self.prompt is None:

@@ -87,6 +87,14 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def _number(label: str, name: str, value) -> float:
+    """A LoraConfig number from the file's metadata: ``lora_alpha: "eight"`` is a LoraFormatError, not a TypeError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LoraFormatError(label, f"its metadata's {name} is {value!r}, not a finite number (the file's LoraConfig "
+                                     "is corrupt)")
+    return value
+
+
 def parse_peft_layout(state: dict[str, torch.Tensor], metadata: dict, label: str) -> dict[str, LayerLora]:
     """``{module path: LayerLora}`` from a diffusers/PEFT-layout state dict (prefix ``transformer.`` optional)."""
     if any("dora_scale" in k or "lora_magnitude_vector" in k for k in state):
@@ -123,8 +131,12 @@ def parse_peft_layout(state: dict[str, torch.Tensor], metadata: dict, label: str
         scale = 1.0
         if rank:
             if "lora_alpha" in meta or "r" in meta:
-                r = _pattern_value(meta.get("rank_pattern") or {}, module, meta.get("r", rank))
-                alpha = _pattern_value(meta.get("alpha_pattern") or {}, module, meta.get("lora_alpha", r))
+                r = _number(label, "r", _pattern_value(meta.get("rank_pattern") or {}, module, meta.get("r", rank)))
+                alpha = _number(label, "lora_alpha",
+                                _pattern_value(meta.get("alpha_pattern") or {}, module, meta.get("lora_alpha", r)))
+                if r <= 0:
+                    raise LoraFormatError(label, f"its metadata gives layer {module!r} rank r={r}; a rank is a "
+                                                 "positive number (the file's LoraConfig is corrupt)")
                 scale = alpha / math.sqrt(r) if meta.get("use_rslora") else alpha / r
             elif common_alpha is not None:
                 scale = alphas.get(module, common_alpha) / rank

@@ -97,7 +97,7 @@ def extra_kinds(params_cls) -> dict[str, type]:
     hints = _hints(params_cls)
     kinds = {}
     for f in attrs.fields(params_cls):
-        if f.name in ROUTE_OWNED or _takes_image(f):
+        if f.name in ROUTE_OWNED or f.name.startswith("_") or _takes_image(f):
             continue
         kind = f.metadata.get(REQUEST_KIND) or (_kind(hints[f.name]) if f.name in hints else None)
         if kind in KINDS:

@@ -41,11 +41,24 @@ def load_image(item, index: int = 0):
             raise SamplingParamError("image", f"{where}: {str(path)!r} is not a readable image ({exc})") from exc
     elif hasattr(item, "shape") and not hasattr(item, "convert"):
         item = Image.fromarray(_array_to_uint8(item, where))
+    else:
+        item = _loaded(item, where)
     if item.mode not in _CONVERTIBLE:
         raise SamplingParamError("image", f"{where}: mode {item.mode!r} is not supported; pass an RGB (or RGBA/greyscale) image")
     if min(item.size) < 1:
         raise InputError(f"{where}: image is empty")
     return item.convert("RGB") if item.mode != "RGB" else item
+
+
+def _loaded(image, where: str):
+    """A PIL image given by the caller, decoded now: a closed or truncated one is an error naming it, not a raw
+    ValueError / OSError from deep inside the conversion."""
+    try:
+        image.load()
+    except (ValueError, OSError, SyntaxError) as exc:
+        raise SamplingParamError("image", f"{where}: the PIL image cannot be read ({exc}); it is closed or its data "
+                                 "is truncated: open the file again (and check it is complete)") from None
+    return image
 
 
 def _check_pixels(size: tuple[int, int], where: str, path: Path) -> None:
@@ -63,7 +76,10 @@ def _array_to_uint8(item, where: str):
     """An HxWx3 array as uint8: uint8 as is, floats must be finite and in [0, 1] (they are scaled by 255)."""
     import numpy as np
 
-    arr = np.asarray(item.detach().cpu() if hasattr(item, "detach") else item)
+    if hasattr(item, "detach"):  # a torch tensor; numpy has no bfloat16 / float16 of every kind: float32 first
+        item = item.detach().cpu()
+        item = item.float() if item.is_floating_point() else item
+    arr = np.asarray(item)
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise SamplingParamError("image", f"{where}: expected an HxWx3 array, got shape {tuple(arr.shape)}")
     if arr.dtype == np.uint8:

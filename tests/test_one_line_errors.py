@@ -1,0 +1,106 @@
+"""User errors end in one line (CLI: exit 2) or a typed error naming what is wrong, never a raw exception
+(issue 30 item 10 and the last bullet's cases)."""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffcore.cli import main
+from diffcore.errors import InputError, LoraFormatError, SamplingParamError
+from diffcore.stages.input_validation import load_image
+
+SMALL = dict(prompt="a red circle", height=32, width=32, num_inference_steps=2, seed=3)
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--port", "70000"], "--port 70000"),
+    (["--request-timeout", "inf"], "request_timeout"),
+    (["--batch-wait-ms", "-1"], "batch_wait_ms"),
+    (["--batch-wait-ms", "nan"], "batch_wait_ms"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["--lora", "/nonexistent/style.safetensors"], "/nonexistent/style.safetensors"),
+])
+def test_bad_serve_invocations_are_one_line_and_exit_2(flags, says, capsys):
+    assert main(["serve", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and says in err, err
+
+
+@pytest.fixture(scope="module")
+def result(toy_gen):
+    return toy_gen.generate(**SMALL)
+
+
+def test_save_into_a_missing_folder_or_a_directory_names_the_path(result, tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        result.save(tmp_path / "missing" / "x.png")
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(InputError, match="is a directory"):
+        result.save(tmp_path / "dir.png")
+    assert result.save(tmp_path / "ok.png").is_file()
+
+
+def test_save_on_a_full_disk_names_the_path_and_leaves_no_file(result, tmp_path, monkeypatch):
+    from PIL import Image
+
+    def full(self, fp, *a, **k):
+        open(fp, "wb").write(b"\\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    target = tmp_path / "x.png"
+    with pytest.raises(InputError, match="No space left on device") as e:
+        result.save(target)
+    assert str(target) in str(e.value) and not target.exists()
+
+
+def _lora_file(model, metadata: dict) -> dict:
+    layer = model.get_submodule("proj_out")
+    return {"transformer.proj_out.lora_A.weight": torch.ones(2, layer.in_features) * 0.01,
+            "transformer.proj_out.lora_B.weight": torch.ones(layer.out_features, 2) * 0.01}
+
+
+@pytest.mark.parametrize("meta,says", [({"lora_alpha": "eight", "r": 2}, "lora_alpha is 'eight'"),
+                                       ({"lora_alpha": 8, "r": 0}, "r=0"),
+                                       ({"lora_alpha": 8, "r": math.inf}, "r is inf")])
+def test_bad_lora_metadata_is_a_lora_error(toy_gen, tmp_path, meta, says):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "bad.safetensors"
+    save_file(_lora_file(toy_gen.components["transformer"], meta), str(path),
+              metadata={"lora_adapter_metadata": json.dumps(meta)})
+    with pytest.raises(LoraFormatError, match=says):
+        toy_gen.load_lora(path)
+    assert not toy_gen.loras
+
+
+@pytest.mark.parametrize("bad", [["text"], "text", [None]])
+def test_generate_batch_takes_a_list_of_dicts(toy_gen, bad):
+    with pytest.raises(SamplingParamError, match="generate_batch|requests"):
+        toy_gen.generate_batch(bad)
+
+
+def test_a_bf16_tensor_image_is_converted():
+    image = torch.rand(8, 8, 3).to(torch.bfloat16)
+    got = np.asarray(load_image(image))
+    assert got.shape == (8, 8, 3) and np.abs(got.astype(int) - (image.float().numpy() * 255).round()).max() <= 1
+
+
+def test_a_closed_or_truncated_pil_image_is_an_error_naming_it():
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 7).save(buf, format="PNG")
+    truncated = Image.open(io.BytesIO(buf.getvalue()[:-40]))
+    with pytest.raises(SamplingParamError, match="truncated"):
+        load_image(truncated)
+    closed = Image.open(io.BytesIO(buf.getvalue()))
+    closed.close()
+    with pytest.raises(SamplingParamError, match="closed"):
+        load_image(closed)
