@@ -4,7 +4,7 @@ diffcore imports this module at start-up to list the plugin, so it must stay che
 classes are named by import strings that diffcore resolves when a model is loaded.
 """
 from diffcore.hookspecs import hookimpl
-from diffcore.records import ConfigRegistration, ModuleRegistration, PipelineRegistration
+from diffcore.records import ConfigRegistration, LoraFormatRegistration, ModuleRegistration, PipelineRegistration
 
 _P = "diffcore_ltx.pipelines:"
 _C = "diffcore_ltx.configs:"
@@ -47,3 +47,10 @@ def register_modules():
         ModuleRegistration("LTX2TextConnectors", "diffcore_ltx.connectors:LTX2TextConnectors", library="ltx2"),
         ModuleRegistration("LTX2Vocoder", "diffcore_ltx.vocoder:LTX2Vocoder", library="ltx2"),
     ]
+
+
+@hookimpl
+def register_lora_formats():
+    L = "diffcore_ltx.lora:"
+    return [LoraFormatRegistration("ltx2-original", ["LTX2VideoTransformer3DModel"], L + "is_ltx2_original",
+                                   L + "convert_ltx2_original", "LTX-2's own LoRA layout (diffusion_model.* keys)")]

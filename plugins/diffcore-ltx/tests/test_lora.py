@@ -34,3 +34,42 @@ def test_adapter_matches_diffusers(generator, t2v_checkpoint, tmp_path):
     assert_parity(frames, audio.float().numpy(), fused)
     np.testing.assert_array_equal(generator.generate(prompt=PROMPT, seed=0, output_type="np", **SMALL).output,
                                   base.output)
+
+
+def _to_original(key: str) -> str:
+    """A diffusers-layout key in LTX-2's own layout (the inverse of the converter's renames, for the test)."""
+    from diffcore_ltx.lora import RENAMES, TIME_EMBEDS
+
+    name = key.removeprefix("transformer.")
+    for original, diffusers in TIME_EMBEDS:
+        if name.startswith(diffusers):
+            name = original + name[len(diffusers):]
+    for original, diffusers in reversed(RENAMES):
+        if name.startswith(diffusers) or f".{diffusers}" in name or f"{diffusers}." in name:
+            name = name.replace(diffusers, original)
+    return "diffusion_model." + name
+
+
+def test_original_layout_matches_diffusers_conversion(generator, t2v_checkpoint, tmp_path):
+    from diffusers import LTX2Pipeline, LTX2VideoTransformer3DModel
+    from safetensors.torch import load_file, save_file
+
+    path = save_peft_lora(LTX2Pipeline, LTX2VideoTransformer3DModel, t2v_checkpoint, tmp_path / "d",
+                          ["to_q", "to_out.0", "audio_proj_in", "proj_in", "linear"], rank=2, alpha=2, seed=3, std=0.2)
+    state = load_file(path)
+    original = {_to_original(k): v for k, v in state.items()}
+    assert any(k.startswith("diffusion_model.adaln_single.") for k in original)  # the renames are exercised
+    assert any(".av_ca_a2v_gate_adaln_single." in k for k in original)
+    assert any(k.startswith("diffusion_model.audio_patchify_proj.") for k in original)
+    file = tmp_path / "original.safetensors"
+    save_file(original, file)
+    name = generator.load_lora(file, name="orig")
+    assert generator.loras[name].format == "ltx2-original"
+    ours = generator.generate(prompt=PROMPT, seed=0, output_type="np", loras={name: 1.0}, **SMALL)
+    base = generator.generate(prompt=PROMPT, seed=0, output_type="np", **SMALL)
+    assert np.abs(ours.output - base.output).max() > 0.01  # the converted adapter is applied
+    pipe = diffusers_with_loras(LTX2Pipeline.from_pretrained(t2v_checkpoint, dtype=torch.float32), {"o": (file, 1.0)})
+    pipe.set_progress_bar_config(disable=True)
+    frames, audio = pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), output_type="np",
+                         return_dict=False, **SMALL)
+    assert_parity(frames, audio.float().numpy(), ours)
