@@ -1,4 +1,4 @@
-"""Prepared GPU benchmark: real-size FLUX.1-dev, FLUX.2 [dev] / [klein] 4B and Wan 2.1 T2V-1.3B transformers, diffcore vs diffusers.
+"""Prepared GPU benchmark: real-size FLUX.1-dev, FLUX.2 [dev] / [klein] 4B, Wan 2.1 T2V-1.3B, LTX-2 and Z-Image-Turbo transformers, diffcore vs diffusers.
 
     python -m benchmarks.gpu                      # on a CUDA machine: < 8 min on one H200; writes results/gpu.json + gpu.md
     python -m benchmarks.gpu --tiny --device cpu  # the same code path on tiny configs (what the test runs)
@@ -17,7 +17,9 @@ is >95% of the time at these sizes):
 * FLUX.2 [klein] 4B transformer, 1024x1024 with one 1024x1024 reference image (8192 image + 512 text
   tokens), its recipe's 4 steps, no guidance (``--families klein4b``);
 * LTX-2 transformer (19B: video and audio streams), 512x768x121 frames with sound, 4 steps with CFG (8 calls)
-  (``gpu_ltx.py``).
+  (``gpu_ltx.py``);
+* Z-Image-Turbo transformer (6B), 1024x1024 (4096 image + 100 caption tokens), its recipe's 8 steps, no CFG
+  (``gpu_zimage.py``).
 
 Measured per case: seconds per step (median over the steps), peak GPU memory (and its part above
 the weights), and PSNR of diffcore's final latents against diffusers' (peak = the reference's range).
@@ -45,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from benchmarks import gpu_ltx  # noqa: E402
+from benchmarks import gpu_ltx, gpu_zimage  # noqa: E402
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
@@ -58,8 +60,8 @@ FLUX2_DEV = dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=
                  axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=True)
 KLEIN_4B = {**FLUX2_DEV, "num_layers": 5, "num_single_layers": 20, "num_attention_heads": 24,
             "joint_attention_dim": 7680, "guidance_embeds": False}
-REAL = {"flux": FLUX_DEV, "flux2": FLUX2_DEV, "klein4b": KLEIN_4B, "ltx": gpu_ltx.LTX_2}
-TINY = {"ltx": gpu_ltx.TINY_LTX,
+REAL = {"flux": FLUX_DEV, "flux2": FLUX2_DEV, "klein4b": KLEIN_4B, "ltx": gpu_ltx.LTX_2, "zimage": gpu_zimage.Z_IMAGE_TURBO}
+TINY = {"ltx": gpu_ltx.TINY_LTX, "zimage": gpu_zimage.TINY_ZIMAGE,
         "flux": {**FLUX_DEV, "num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2,
                  "joint_attention_dim": 64, "pooled_projection_dim": 32},
         "flux2": {**FLUX2_DEV, "num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "joint_attention_dim": 64},
@@ -68,11 +70,13 @@ TINY = {"ltx": gpu_ltx.TINY_LTX,
 SIZES = {"flux": dict(height=1024, width=1024, steps=28, n_txt=512),
          "flux2": dict(height=1024, width=1024, steps=10, n_txt=512, refs=0),
          "klein4b": dict(height=1024, width=1024, steps=4, n_txt=512, refs=1),
-         "wan": dict(frames=81, height=480, width=832, steps=4, n_txt=512), "ltx": gpu_ltx.SIZE}
+         "wan": dict(frames=81, height=480, width=832, steps=4, n_txt=512), "ltx": gpu_ltx.SIZE,
+         "zimage": gpu_zimage.SIZE}
 TINY_SIZES = {"flux": dict(height=128, width=128, steps=3, n_txt=16),
               "flux2": dict(height=128, width=128, steps=3, n_txt=16, refs=0),
               "klein4b": dict(height=128, width=128, steps=2, n_txt=16, refs=1),
-              "wan": dict(frames=5, height=64, width=64, steps=2, n_txt=16), "ltx": gpu_ltx.TINY_SIZE}
+              "wan": dict(frames=5, height=64, width=64, steps=2, n_txt=16), "ltx": gpu_ltx.TINY_SIZE,
+              "zimage": gpu_zimage.TINY_SIZE}
 
 
 def log(msg: str) -> None:
@@ -109,6 +113,8 @@ def build_pair(family: str, cfg: dict, device, dtype):
         Ref = diffusers.FluxTransformer2DModel
     elif family == "ltx":
         Ref, Ours = gpu_ltx.classes()
+    elif family == "zimage":
+        Ref, Ours = gpu_zimage.classes()
     elif family in FLUX2_FAMILIES:
         from diffcore_flux.flux2_transformer import Flux2Transformer2DModel as Ours
 
@@ -206,6 +212,8 @@ def callers(family: str, ref, ours, latents, conds):
         return call_ref, call_ours, 1.0
     if family == "ltx":
         return gpu_ltx.callers(ref, ours, latents, conds)
+    if family == "zimage":
+        return gpu_zimage.callers(ref, ours, latents, conds)
     if family in FLUX2_FAMILIES:  # references appended to the target tokens, their predictions dropped
         rope = ours.rope(conds[0]["img_ids"], conds[0]["txt_ids"])
 
@@ -294,7 +302,8 @@ class Bench:
         log(f"building {family} ({'tiny' if args.tiny else 'real size'}) on {self.device}")
         ref, ours = build_pair(family, cfg, self.device, dtype)
         weights = sum(p.numel() * p.element_size() for p in ref.parameters())
-        case = {"flux": flux_case, "flux2": flux2_case, "klein4b": flux2_case, "ltx": gpu_ltx.case}.get(family, wan_case)
+        case = {"flux": flux_case, "flux2": flux2_case, "klein4b": flux2_case, "ltx": gpu_ltx.case,
+                "zimage": gpu_zimage.case}.get(family, wan_case)
         latents, conds, scale = case(size, cfg, self.device, dtype)
         call_ref, call_ours, tscale = callers(family, ref, ours, latents, conds)
         run = dict(latents=latents, conds=conds, scale=scale, steps=steps, tscale=tscale, weights_bytes=weights)
@@ -376,8 +385,8 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--families", default="flux,wan,klein4b,ltx",
-                    help="flux, wan, klein4b, ltx (19B), flux2 (32B: 80 GB GPUs)")
+    ap.add_argument("--families", default="flux,wan,klein4b,ltx,zimage",
+                    help="flux, wan, klein4b, ltx (19B), zimage (Z-Image-Turbo 6B), flux2 (32B: 80 GB GPUs)")
     ap.add_argument("--tiny", action="store_true", help="tiny configs (code-path check, e.g. on the CPU)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--no-compile", dest="compile", action="store_false")

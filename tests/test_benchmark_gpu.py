@@ -29,7 +29,7 @@ def test_tiny_run_on_the_cpu_measures_every_variant_it_can(tmp_path):
     assert gpu.main(["--tiny", "--device", "cpu", "--no-compile", "--steps", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "gpu-tiny.json").read_text())["rows"]
     by = {(r["family"], r["engine"], r["variant"].split(" (")[0]): r for r in rows}
-    for family in ("flux", "wan", "klein4b", "ltx"):  # klein4b: FLUX.2 with a reference image; ltx: video + audio
+    for family in ("flux", "wan", "klein4b", "ltx", "zimage"):  # klein4b: FLUX.2 with a reference; ltx: video + audio
         assert by[(family, "diffusers", "eager")]["step_s"] > 0
         assert by[(family, "diffcore", "eager")]["psnr_vs_diffusers_db"] > 35  # same weights, bf16 noise only
         assert by[(family, "diffcore", "offload=layers")]["step_s"] > 0
