@@ -49,6 +49,9 @@ class PipelineConfig:
     # The pipeline writes a sound track beside its frames: some stage must produce ``audio`` and
     # ``audio_sample_rate`` (the dataflow proof checks), and results, mp4s and the server carry it.
     has_audio: ClassVar[bool] = False
+    # Rows with and without CFG may share a batch (the engine leaves do_cfg out of the batch key): the config's
+    # wants_cfg alone decides per row whether CFG runs (no other condition, such as true CFG's negative prompt).
+    mixed_cfg_batches: ClassVar[bool] = False
     # The denoiser components (what quantization and layer offload apply to).
     denoiser_components: ClassVar[tuple[str, ...]] = ("transformer",)
 

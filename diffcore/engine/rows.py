@@ -42,7 +42,8 @@ def batch_key(pipeline, req: Request) -> tuple:
     if req.step_cache is not None or pipeline.engine_args.step_cache_factory() is not None:
         return ("alone", id(req))  # a step cache decides per call whether to skip: its rows cannot be shared
     p = req.params
-    return (req.height, req.width, req.num_frames, req.do_cfg, p.num_inference_steps, p.max_sequence_length,
+    cfg = None if pipeline.config.mixed_cfg_batches else req.do_cfg  # see merge_cfg
+    return (req.height, req.width, req.num_frames, cfg, p.num_inference_steps, p.max_sequence_length,
             p.output_type == "latent", _hashable(getattr(p, "timesteps", None)), getattr(p, "flow_shift", None),
             len(req.images or ()), getattr(type(p), "task", None), getattr(p, "strength", None),
             pipeline.config.batch_key(req))
@@ -91,11 +92,22 @@ def merge(parts: list[Request]) -> Request:
     batch = Request(params=first.params, prompts=[p for r in parts for p in r.prompts],
                     batch_size=sum(r.batch_size for r in parts), device=first.device, generator=first.generator,
                     row_params=[p for r in parts for p in (r.row_params or [r.params] * r.batch_size)])
+    mixed = any(r.do_cfg for r in parts) and not all(r.do_cfg for r in parts)
     for field in attrs.fields(Request):  # what the per-request stages before the merge produced
-        if field.name not in _OWN:
+        if field.name not in _OWN and not (mixed and field.name in ("do_cfg", "negative_prompts")):
             setattr(batch, field.name, merge_field(field.name, [getattr(r, field.name) for r in parts]))
     batch.callback = _fan_out(parts)
+    if mixed:
+        merge_cfg(batch, parts)
     return batch
+
+
+def merge_cfg(batch: Request, parts: list[Request]) -> None:
+    """Rows with and without CFG in one batch (configs with ``mixed_cfg_batches``): the batch runs CFG, the
+    rows without it get an empty negative prompt to fill the unconditional batch, and the per-step guidance
+    policy (``stages/guidance.py``, ``PipelineConfig.wants_cfg`` per row) never guides them."""
+    batch.do_cfg = True
+    batch.negative_prompts = [n for r in parts for n in (r.negative_prompts if r.do_cfg else [""] * r.batch_size)]
 
 
 def merge_outputs(batch: Request, parts: list[Request], names) -> None:

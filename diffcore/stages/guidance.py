@@ -20,11 +20,12 @@ _ROW_TENSORS = ("latents", "image_latents", "image_embeds")  # batch-first field
 
 
 def guided_rows(config, req: Request, step: int, t: torch.Tensor) -> list[int]:
-    """Indices of the rows that run the unconditional branch at ``step`` (none unless ``req.do_cfg``)."""
+    """Indices of the rows that run the unconditional branch at ``step`` (none unless ``req.do_cfg``; in a batch
+    mixing rows with and without CFG, only those the config wants it for)."""
     if not req.do_cfg:
         return []
     rows = req.row_params if req.row_params is not None else [req.params] * req.batch_size
-    return [i for i, p in enumerate(rows) if config.guidance_active(p, step, t)]
+    return [i for i, p in enumerate(rows) if config.wants_cfg(p) and config.guidance_active(p, step, t)]
 
 
 def row_view(req: Request, rows: list[int]) -> Request:

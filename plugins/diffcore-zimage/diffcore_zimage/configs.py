@@ -38,6 +38,7 @@ class ZImageConfig(PipelineConfig):
     """Tongyi-MAI/Z-Image (base): CFG against an empty negative prompt, with truncation and renormalisation."""
 
     sequence_parallel: ClassVar[bool] = True  # the transformer shards its unified sequence (Ulysses)
+    mixed_cfg_batches: ClassVar[bool] = True  # guidance_scale 0 and > 0 rows share a batch (wants_cfg per row)
 
     default_dtype: str = "bfloat16"
     latent_patch: int = 1  # latents stay (B, C, H, W); the transformer patchifies them

@@ -27,8 +27,8 @@ def test_concurrent_generate_equals_solo(load, folders, which):
 
 
 def test_generate_batch_equals_solo_with_mixed_guidance(base):
-    """CFG rows with different scales, truncation and renormalisation share calls; guidance-free rows (a Turbo-style
-    request on the base model: guidance_scale 0) run as their own group; each result equals its solo run."""
+    """CFG rows with different scales, truncation and renormalisation and guidance-free rows (Turbo-style requests on
+    the base model: guidance_scale 0) share one batch; each result equals its solo run."""
     requests = [dict(prompt="a red circle", seed=1, guidance_scale=2.0, **COMMON),
                 dict(prompt=["a blue square on a green background", "a cat"], seed=2, guidance_scale=4.5,
                      cfg_truncation=0.2, **COMMON),
@@ -38,7 +38,7 @@ def test_generate_batch_equals_solo_with_mixed_guidance(base):
     calls = assert_batch_equals_solo(base, requests)
     # solo: 3 cond + 3 uncond calls (truncation 0.2 ends guidance after 2 of the 3 steps: model times 0, 0.1, 0.29)
     assert calls["solo"] == [6, 5, 6, 3, 3]
-    assert calls["batch"] == 6 + 3  # the CFG group: 3 cond + 3 uncond calls; the guidance-free group: 3
+    assert calls["batch"] == 3 + 3  # one cond call per step for all 6 rows, one uncond call for the guided rows
 
 
 def test_turbo_batch_equals_solo(generator):
@@ -102,3 +102,16 @@ def test_offload_equals_resident(load, folders, mode):
         model = gen.components["transformer"]  # blocks in the order they run: refiners, then the main layers
         assert gen.pipeline.offload_hooks["transformer"].blocks == [*model.noise_refiner, *model.context_refiner,
                                                                     *model.layers]
+
+
+def test_mixed_batch_runs_the_unconditional_call_for_guided_rows_only(base):
+    sizes = []
+    hook = base.components["transformer"].register_forward_pre_hook(
+        lambda m, a, kw: sizes.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        base.generate_batch([dict(prompt="a cat", seed=1, guidance_scale=0.0, **COMMON),
+                             dict(prompt="a dog", seed=2, guidance_scale=3.0, **COMMON),
+                             dict(prompt=["a fox", "a bird"], seed=3, guidance_scale=0.0, **COMMON)])
+    finally:
+        hook.remove()
+    assert sizes == [4, 1] * 3  # every step: all 4 rows conditional, the one guided row unconditional
