@@ -112,3 +112,28 @@ def test_empty_api_key_on_the_command_line_exits_2(capsys, monkeypatch):
     assert err.count("\n") == 1 and "must not be empty" in err
     monkeypatch.setenv("DIFFCORE_API_KEY", "")
     assert main(["serve", "--model", "demo"]) == 2
+
+
+def test_an_image_field_on_generations_is_a_400_not_ignored(server):
+    for field in ("image", "image[]"):
+        r = httpx.post(server + "/v1/images/generations", json={**BODY, field: "data:image/png;base64,AAAA"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "image", r.text
+        assert "takes no input image" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("mode,array", [("I;16", np.full((8, 8), 40000, np.uint16)),
+                                        ("F", np.full((8, 8), 0.5, np.float32))])
+def test_16_bit_and_float_uploads_are_refused_not_clipped(mode, array):
+    from PIL import Image
+
+    from diffcore.serve.errors import APIError
+    from diffcore.serve.schemas import decode_upload
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="TIFF")
+    with pytest.raises(APIError, match="16-bit or floating-point") as e:
+        decode_upload(buf.getvalue(), "image", 10**6, 10**6)
+    assert e.value.status == 400 and e.value.param == "image"
+    rgb = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(rgb, format="TIFF")
+    assert decode_upload(rgb.getvalue(), "image", 10**6, 10**6).mode == "RGB"

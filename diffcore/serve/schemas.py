@@ -142,6 +142,10 @@ def image_job(body: dict, served: str, params_cls, form: bool = False, images: O
     base = dict(prompt=prompt, height=height, width=width, **extras)
     if images:
         base["image"] = images if len(images) > 1 else images[0]
+    elif any(body.get(k) not in (None, "", []) for k in ("image", "image[]")):  # was accepted and ignored
+        where = ("this model takes no input image" if not getattr(params_cls, "max_images", 0) else
+                 "input images go to /v1/images/edits (multipart files, or JSON data URLs there)")
+        raise bad_param("image", f"/v1/images/generations does not read 'image': {where}")
     seed = base.pop("seed", None)
     if seed is None:
         import secrets
@@ -206,6 +210,9 @@ def decode_data_url(value: str, field: str) -> bytes:
         raise bad_param(field, f"{field}: the base64 data does not decode") from None
 
 
+CONVERTIBLE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr")  # 8 bits per channel
+
+
 def decode_upload(data: bytes, field: str, max_bytes: int, max_pixels: int, mode: Optional[str] = "RGB"):
     """An uploaded image, decoded in memory: size and pixel count checked before the pixels are; converted to
     ``mode`` (None: as sent, e.g. a mask's alpha channel)."""
@@ -224,6 +231,9 @@ def decode_upload(data: bytes, field: str, max_bytes: int, max_pixels: int, mode
         raise
     except Exception as exc:  # PIL raises many types for bad data (incl. its decompression-bomb error)
         raise bad_param(field, f"{field}: not a readable image ({type(exc).__name__}: {exc})") from None
+    if mode == "RGB" and img.mode not in CONVERTIBLE_MODES:  # 16-bit / float pixels would be clipped to white
+        raise bad_param(field, f"{field}: images in mode {img.mode!r} (16-bit or floating-point pixels) are not "
+                               "supported: they would be clipped, not scaled; send 8-bit RGB, RGBA or greyscale")
     return img.convert(mode) if mode is not None and img.mode != mode else img
 
 
