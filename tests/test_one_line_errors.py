@@ -104,3 +104,22 @@ def test_a_closed_or_truncated_pil_image_is_an_error_naming_it():
     closed.close()
     with pytest.raises(SamplingParamError, match="closed"):
         load_image(closed)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_integer_or_bool_weights_where_floats_belong_are_a_weight_mismatch(toy_folder, toy_manager, tmp_path, dtype):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from diffcore import DiffGenerator
+    from diffcore.errors import WeightMismatchError
+
+    folder = shutil.copytree(toy_folder, tmp_path / "model")
+    path = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    key = sorted(state)[2]
+    state[key] = state[key].to(dtype)
+    save_file(state, str(path))
+    with pytest.raises(WeightMismatchError, match=f"{key}.*{dtype}.*floating-point"):
+        DiffGenerator.from_pretrained(folder, dtype="float32", progress=False, plugin_manager=toy_manager)

@@ -523,6 +523,10 @@ def assign_weights(
                     source, t = t, _converted(t, target, device)
                     release_pages(source)  # the file's pages of a converted tensor are not needed again
                 check_weight(name, t, path)  # a NaN weight would make every picture black
+                if expected[name].is_floating_point() and not t.is_floating_point() and type(t) is torch.Tensor:
+                    raise WeightMismatchError(f"weight {name!r} in {path} is {t.dtype}, but {type(module).__name__} "
+                                              "needs floating-point values there: the file is corrupt or was converted "
+                                              "wrongly; re-download or convert it again")
                 owner = _assign_one(module, owners, name, t)
                 prefix = name.rpartition(".")[0]
                 pending[prefix] -= 1
