@@ -87,7 +87,7 @@ def _generate(args) -> int:
             result = gen.generate(**kwargs)
             if gen.rank != 0:  # under torchrun every rank holds the same result; rank 0 writes it
                 return 0
-            path = result.save(args.output)
+            path = ", ".join(map(str, result.save_layers(args.output))) if result.layers else result.save(args.output)
     except DiffcoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

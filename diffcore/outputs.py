@@ -141,6 +141,19 @@ class GenerationResult:
             to_pil(item[0] if self.is_video else item).save(path)
         return path
 
+    def save_layers(self, path: str | Path) -> list[Path]:
+        """A layered result (``layers``): every layer as its own picture, ``out-layer1.png``, ``out-layer2.png``, ...
+        for ``path`` ``out.png`` (``out-2-layer1.png`` ... for the second prompt of several)."""
+        path = Path(path)
+        if not self.layers:
+            return [self.save(path)]
+        prompts = len(self.output) // self.layers
+        paths = []
+        for i in range(len(self.output)):
+            prompt = f"-{i // self.layers + 1}" if prompts > 1 else ""
+            paths.append(self.save(path.with_name(f"{path.stem}{prompt}-layer{i % self.layers + 1}{path.suffix}"), i))
+        return paths
+
     @staticmethod
     def _index(index, n: int) -> int:
         if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:

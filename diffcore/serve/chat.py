@@ -78,7 +78,7 @@ async def chat_completions(request: Request):
         return Response(status_code=499)
     media = schemas.IMAGE_FORMATS[job.output_format]
     content = [{"type": "image_url", "image_url": {"url": f"data:{media};base64,{base64.b64encode(data).decode()}"}}
-               for data, _ in encoded]
+               for data, _, _ in encoded]
     reply = {"id": "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion", "created": int(time.time()),
              "model": state.model_name,
              "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],

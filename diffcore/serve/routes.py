@@ -133,8 +133,9 @@ def has_alpha(state) -> bool:
     return bool(getattr(state.generator.config, "has_alpha", False))
 
 
-async def render_images(request: Request, state, job: schemas.ImageJob) -> tuple[list[tuple[bytes, int]], str]:
-    """Run an images request: ([(encoded image, seed)], "WxH"). Raises ClientGone when the client left."""
+async def render_images(request: Request, state, job: schemas.ImageJob) -> tuple[list[tuple[bytes, int, dict]], str]:
+    """Run an images request: ([(encoded image, seed, which)], "WxH"); ``which`` is ``{"output_index", "layer"}``
+    for a layered model (one entry per layer), else empty. Raises ClientGone when the client left."""
     if state.generator.config.is_video:
         raise bad_param("model", f"model {state.model_name!r} generates videos; use POST /v1/videos")
     prevalidate(state, job.kwargs[0])
@@ -145,8 +146,13 @@ async def render_images(request: Request, state, job: schemas.ImageJob) -> tuple
     results = await wait_all(request, state, futures)
 
     def encode():
-        out = [(schemas.encode_image(r.images[0], job.output_format, job.output_compression), kw["seed"])
-               for kw, r in zip(job.kwargs, results)]
+        out = []
+        for i, (kw, r) in enumerate(zip(job.kwargs, results)):
+            if r.layers:  # several pictures per output (Qwen-Image-Layered): one entry per layer, saying which
+                out += [(schemas.encode_image(im, job.output_format, job.output_compression), kw["seed"],
+                         {"output_index": i, "layer": k + 1}) for k, im in enumerate(r.images[:r.layers])]
+            else:
+                out.append((schemas.encode_image(r.images[0], job.output_format, job.output_compression), kw["seed"], {}))
         image = results[0].images[0]
         return out, f"{image.width}x{image.height}"
 
@@ -162,13 +168,13 @@ async def run_images(request: Request, state, job: schemas.ImageJob) -> Response
 
     def items():
         out = []
-        for data, seed in encoded:
+        for data, seed, which in encoded:
             if job.response_format == "url":
                 file_id = state.files.put(data, media, "." + job.output_format)
                 item = {"url": str(request.url_for("get_image_file", file_id=file_id))}
             else:
                 item = {"b64_json": base64.b64encode(data).decode()}
-            out.append({**item, "revised_prompt": None, "seed": seed})
+            out.append({**item, "revised_prompt": None, "seed": seed, **which})
         return out
 
     body = {"id": "img_" + secrets.token_hex(12), "created": int(time.time()), "data": await run_in_threadpool(items),

@@ -215,7 +215,7 @@ CONVERTIBLE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr") 
 
 def decode_upload(data: bytes, field: str, max_bytes: int, max_pixels: int, mode: Optional[str] = "RGB"):
     """An uploaded image, decoded in memory: size and pixel count checked before the pixels are; converted to
-    ``mode`` (None: as sent, e.g. a mask's alpha channel)."""
+    ``mode`` (None: as sent, e.g. a mask's alpha channel; "RGB" keeps an alpha channel as RGBA)."""
     from PIL import Image
 
     if len(data) > max_bytes:
@@ -234,6 +234,8 @@ def decode_upload(data: bytes, field: str, max_bytes: int, max_pixels: int, mode
     if mode == "RGB" and img.mode not in CONVERTIBLE_MODES:  # 16-bit / float pixels would be clipped to white
         raise bad_param(field, f"{field}: images in mode {img.mode!r} (16-bit or floating-point pixels) are not "
                                "supported: they would be clipped, not scaled; send 8-bit RGB, RGBA or greyscale")
+    if mode == "RGB" and ("A" in img.getbands() or "transparency" in img.info):
+        mode = "RGBA"  # the alpha channel is kept (Qwen-Image-Layered reads it; other models drop it on load)
     return img.convert(mode) if mode is not None and img.mode != mode else img
 
 

@@ -2,6 +2,8 @@
 latents and RGBA pictures; the result holds several RGBA images per request; bad parameters are typed errors."""
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +68,34 @@ def test_bad_parameters(layered, kwargs, param):
     with pytest.raises(SamplingParamError) as info:
         layered.generate(**{k: v for k, v in kw.items() if v is not None})
     assert info.value.param == param, info.value
+
+
+def test_cli_writes_one_file_per_layer(qwen_layered_folder, tmp_path, capsys):
+    from diffcore.cli import main
+
+    _rgba(40, 40).save(tmp_path / "in.png")
+    rc = main(["generate", "--model", str(qwen_layered_folder), "--image", str(tmp_path / "in.png"), "--prompt",
+               "a cat", "--steps", "2", "--dtype", "float32", "--quiet", "--output", str(tmp_path / "out.png")])
+    assert rc == 0, capsys.readouterr().err
+    written = sorted(p.name for p in tmp_path.glob("out*.png"))
+    assert written == [f"out-layer{k}.png" for k in range(1, 5)]  # the default 4 layers
+    assert all(Image.open(tmp_path / name).mode == "RGBA" for name in written)
+
+
+def test_server_answers_one_entry_per_layer(layered):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    from diffcore.serve.settings import ServeSettings
+    from diffcore.testing.serving import openai_client, png_bytes, running_server
+
+    image = _rgba(40, 48, 1)
+    want = layered.generate(prompt="a cat", image=image, layers=2, num_inference_steps=2, seed=4)
+    with running_server(layered, ServeSettings(served_model_name="layered")) as (base, _):
+        out = openai_client(base).images.edit(image=("in.png", png_bytes(image), "image/png"),
+                                              prompt="a cat", extra_body={"layers": 2, "num_inference_steps": 2,
+                                                                          "seed": 4})
+    assert [(d.model_extra["output_index"], d.model_extra["layer"]) for d in out.data] == [(0, 1), (0, 2)]
+    for entry, layer in zip(out.data, want.images):
+        got = Image.open(io.BytesIO(base64.b64decode(entry.b64_json)))
+        assert got.mode == "RGBA"
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(layer))
