@@ -8,25 +8,17 @@ from typing import Any, Optional
 
 import torch
 
-from . import ignored, loader, offload, parallel, precision
+from . import ignored
 from .configs.engine_args import EngineArgs
-from .errors import ConfigError, SamplingParamError
-from .quantization import LayerQuantizer, check_supported, quantize_model
+from .errors import SamplingParamError
+from .loader import pretrained as steps
 from .outputs import GenerationResult
 from .plugins import PluginManager, get_plugin_manager
 from .notices import notice
-from .records import resolve_ref
 from .request import Request
 
 log = logging.getLogger(__name__)
 
-
-
-def _resolve_source(rec) -> Optional[str]:
-    if rec is None or rec.source is None:
-        return None
-    src = resolve_ref(rec.source) if isinstance(rec.source, str) and ":" in rec.source else rec.source
-    return str(src() if callable(src) else src)
 
 
 class DiffGenerator:
@@ -69,71 +61,21 @@ class DiffGenerator:
         """
         start = time.perf_counter()
         engine = EngineArgs.from_kwargs(device=device, dtype=dtype, **engine_args)
-        manager = plugin_manager or get_plugin_manager()
-        registry = manager.registry
-        model = str(model)
-        alias_rec = registry.config_for_alias(model)
-        location = _resolve_source(alias_rec) or model
-        folder = loader.resolve_model_path(location, revision=engine.revision, allow_pickle=engine.allow_pickle,
-                                           variant=engine.variant, allow_external_links=engine.allow_external_links)
-        index = loader.read_model_index(folder)
-        if engine.variant:
-            loader.check_variant(folder, index.components, engine.variant)
-        pipeline_cls = registry.get("pipelines", index.class_name)
-        rec = alias_rec if alias_rec is not None and alias_rec.pipeline_name == index.class_name else \
-            registry.select_config(model, index, folder)
-        config = resolve_ref(rec.pipeline_config)()
-        config.configure_from_index(index)
-        sampling_cls = resolve_ref(rec.sampling_params)
-        if engine.attention_backend:
-            from .models import attention
-
-            attention.check_backend(engine.attention_backend)  # before loading any weights
-        if engine.cache and engine.cache_policy is None:
-            engine.cache_policy = registry.get("cache_policies", engine.cache)
-        if engine.num_threads:
-            torch.set_num_threads(engine.num_threads)
-        pipeline_cls.check_components(index.components, config)  # before loading any weights
-        if engine.quantization:
-            check_supported(engine.quantization, engine.device)
-        weight_files = engine.gguf or {}
-        unknown = sorted(set(weight_files) - set(index.components))
-        if unknown:
-            raise ConfigError(f"gguf names component(s) {', '.join(unknown)} that {folder} does not have; "
-                              f"its components: {', '.join(sorted(index.components))}")
-        parallel.check_parallel(engine.sp_degree, engine.cfg_parallel, config, folder, index.class_name)
-        if engine.world_size > 1:
-            engine.device = parallel.groups.rank_device(engine.device)
-        components: dict[str, Any] = {}
-        load_device = "cpu" if engine.offload else engine.device  # offloaded weights live in CPU memory
-        wanted = list(pipeline_cls._required_config_modules) + list(config.optional_components)
-        dtypes, slow_bf16 = precision.resolve(config, [n for n in dict.fromkeys(wanted) if n in index.components], engine.dtype,
-                                   engine.device)
-        quantizer = LayerQuantizer(engine.quantization) if engine.quantization else None
-        for name in dict.fromkeys(wanted):
-            spec = index.components.get(name)
-            if spec is None:
-                continue  # the pipeline constructor names required components that are missing
-            components[name] = loader.load_component(
-                folder, spec, module_classes=registry.module_classes(), scheduler_classes=registry.scheduler_classes(),
-                dtype=dtypes[name], device=load_device, allow_pickle=engine.allow_pickle,
-                custom_loaders=config.custom_loaders(), variant=engine.variant,
-                weight_files=[weight_files[name]] if name in weight_files else None,
-                on_module=quantizer if quantizer is not None and name in config.denoiser_components else None,
-            )
-        precision.explain({n: c for n, c in components.items() if dtypes.get(n) != config.dtype_for(n)}, slow_bf16)
-        if quantizer is not None:  # streamed while loading; a custom loader's module is quantized here
-            quantizer.finish()
-            late = [components[n] for n in config.denoiser_components if isinstance(components.get(n), torch.nn.Module)]
-            count = quantizer.count + sum(quantize_model(m, quantizer.scheme) for m in late)
-            log.info("quantized %d linear layers of %s to %s", count, ", ".join(config.denoiser_components),
-                     quantizer.scheme)
-        hooks = offload.apply(components, engine.offload, engine.device, config.denoiser_components) if engine.offload else None
-        pipeline = pipeline_cls(components, config, engine, components_checked=True)
-        pipeline.offload_hooks = hooks
-        pipeline.add_compositions(registry.compositions_for(index.class_name))  # img2img, inpaint: same weights
-        log.info("loaded %s (%s via %s) in %.2fs", model, index.class_name, rec.name, time.perf_counter() - start)
-        return cls(pipeline, sampling_cls, model, folder, time.perf_counter() - start, registry=registry)
+        registry = (plugin_manager or get_plugin_manager()).registry
+        source = steps.resolve_source(model, engine, registry)
+        steps.check_engine(source, engine, registry)  # before any weights are read
+        engine = steps.parallel_layout(source, engine)
+        placement = steps.choose_precision(source, engine)
+        quantizer = steps.quantizer_for(engine)
+        components = steps.load_components(source, engine, placement, registry, quantizer)
+        hooks = steps.place_weights(components, source, engine, quantizer)
+        pipeline = source.pipeline_cls(components, source.config, engine, components_checked=True, registry=registry,
+                                       offload_hooks=hooks)
+        pipeline.add_compositions(registry.compositions_for(source.index.class_name))  # img2img, inpaint: same weights
+        log.info("loaded %s (%s via %s) in %.2fs", source.model, source.index.class_name, source.record.name,
+                 time.perf_counter() - start)
+        return cls(pipeline, source.sampling_params_cls, source.model, source.folder, time.perf_counter() - start,
+                   registry=registry)
 
     def generate(self, prompt=None, negative_prompt=None, image=None, height=None, width=None, num_frames=None,
                  num_inference_steps=None, guidance_scale=None, true_cfg_scale=None,

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ClassVar, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 
 from . import parallel
+from .cache import base as step_cache
 from .configs import budget
 from .configs.engine_args import EngineArgs
 from .configs.pipeline_config import PipelineConfig
@@ -18,6 +19,9 @@ from .notices import quiet
 from .parallel import ParallelGroups
 from .request import REQUEST_INPUTS, Request
 from .stages.base import PipelineStage
+
+if TYPE_CHECKING:
+    from .models.attention import Backend
 
 
 def hook_reads(config: PipelineConfig, stage: PipelineStage) -> list:
@@ -32,13 +36,38 @@ def hook_reads(config: PipelineConfig, stage: PipelineStage) -> list:
     return reads
 
 
+def _registry(registry):
+    if registry is not None:
+        return registry
+    from .plugins import get_plugin_manager
+
+    return get_plugin_manager().registry
+
+
+def resolve_attention_backend(engine_args: EngineArgs, registry=None) -> Optional[Backend]:
+    """The backend ``attention_backend`` names: built in, or one of ``registry``'s plugins (ConfigError if none)."""
+    if not engine_args.attention_backend:
+        return None
+    from .models import attention
+
+    name = engine_args.attention_backend
+    return attention.resolve_backend(name, None if name in attention.available_backends() else _registry(registry))
+
+
+def resolve_cache_policy(engine_args: EngineArgs, registry=None) -> Optional[Callable[..., Any]]:
+    """The step-cache class ``cache`` names in ``registry`` (RegistryError lists the installed ones)."""
+    return _registry(registry).get("cache_policies", engine_args.cache) if engine_args.cache else None
+
+
 class ComposedPipelineBase:
     """Subclasses set ``pipeline_name`` (the Diffusers ``_class_name`` served),
     ``_required_config_modules`` and implement ``create_pipeline_stages``.
 
-    The pipeline owns the loaded components and the engine choices (``engine_args``; ``context``: the
-    context variables its forward runs under, such as the attention backend). It holds no
-    per-request state: ``forward`` may run in several threads at once.
+    The pipeline owns the loaded components, the engine choices (``engine_args``, the user's record) and
+    what they resolve to, for this pipeline only: the attributes below, resolved once when it is built
+    (names with ``registry``, its plugin registry; default: the process-wide one), and ``context``, the
+    context variables its forward runs under (attention backend, step-cache factory, budget, parallel
+    groups). It holds no per-request state: ``forward`` may run in several threads at once.
     """
 
     pipeline_name: ClassVar[str] = ""
@@ -48,19 +77,25 @@ class ComposedPipelineBase:
     task: ClassVar[Optional[str]] = None
     default_strength: ClassVar[float] = 0.6
 
+    attention_backend: Optional[Backend]  # engine_args.attention_backend resolved (None: the default, sdpa)
+    cache_policy: Optional[Callable[..., Any]]  # the step-cache class engine_args.cache names (None: no cache)
+    offload_hooks: Optional[dict]  # diffcore.offload.apply's hooks when the weights are offloaded
+    parallel: Optional[ParallelGroups]  # the process groups of sequence/CFG parallelism (None in one process)
+
     def __init__(self, components: dict[str, Any], config: PipelineConfig, engine_args: Optional[EngineArgs] = None,
-                 components_checked: bool = False):
+                 components_checked: bool = False, *, registry=None, offload_hooks: Optional[dict] = None):
         if not components_checked:  # from_pretrained checks model_index.json before loading any weights
             self.check_components(components, config)
         self.components, self.config = components, config
         config.configure_from_components(components)
-        self.engine_args = engine_args or EngineArgs()
-        # The process groups of sequence/CFG parallelism belong to the pipeline (None in one process).
-        self.parallel: Optional[ParallelGroups] = None
-        if self.engine_args.world_size > 1:
-            self.parallel = ParallelGroups(self.engine_args.sp_degree, self.engine_args.cfg_parallel,
-                                           self.engine_args.device)
-        self.context = self.engine_context(self.engine_args)
+        self.engine_args = engine_args = engine_args or EngineArgs()
+        self.attention_backend = resolve_attention_backend(engine_args, registry)
+        self.cache_policy = resolve_cache_policy(engine_args, registry)
+        self.offload_hooks = offload_hooks
+        self.parallel = None
+        if engine_args.world_size > 1:
+            self.parallel = ParallelGroups(engine_args.sp_degree, engine_args.cfg_parallel, engine_args.device)
+        self.context = self.engine_context(engine_args)
         self.loras = LoraManager(components)  # loaded adapters; each request picks its own (params.loras)
         self.stages: list[PipelineStage] = []
         self.compositions: dict[str, ComposedPipelineBase] = {}  # task -> composition on these components
@@ -78,13 +113,21 @@ class ComposedPipelineBase:
                 f"this pipeline needs {', '.join(cls._required_config_modules)}"
             )
 
+    def new_step_cache(self):
+        """One fresh step cache of this pipeline's policy (a request's own), or None without one."""
+        if self.cache_policy is None:
+            return None
+        return self.cache_policy(threshold=self.engine_args.cache_threshold)
+
     def engine_context(self, engine_args: EngineArgs) -> EngineContext:
         """The context variables every forward of this pipeline runs under (subclasses may add)."""
         from .models import attention
 
         context = EngineContext()
-        if engine_args.attention_backend:
-            context.set(attention.BACKEND, attention.check_backend(engine_args.attention_backend))
+        if self.attention_backend is not None:
+            context.set(attention.BACKEND, self.attention_backend)
+        if self.cache_policy is not None:  # the denoising loops make each request's cache with it
+            context.set(step_cache.FACTORY, self.new_step_cache)
         context.set(budget.CURRENT, engine_args.budget())  # InputValidationStage checks each request against it
         if self.parallel is not None:  # the attention dispatch and the denoising loop find our groups here
             context.set(parallel.CURRENT, self.parallel)

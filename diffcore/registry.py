@@ -108,10 +108,6 @@ class Registry:
                         claims[key] = entry
             admitted.append(name)
         manager.admitted = admitted
-        for name, entry in reg.tables["attention_backends"].items():
-            from .models import attention
-
-            attention.register_backend(name, _LazyFn(entry.record.fn))
         return reg
 
     # -- lookups -----------------------------------------------------------------------------
@@ -124,7 +120,8 @@ class Registry:
             if kind == "pipelines" and plugin_hint(name):
                 hint = (f"; install the plugin that serves it, by convention: pip install {plugin_hint(name)} "
                         "(`diffcore plugins` lists what is installed)")
-            raise RegistryError(f"no {kind[:-1].replace('_', ' ')} named {name!r} is installed (installed: {known}){hint}")
+            singular = kind[:-3] + "y" if kind.endswith("ies") else kind[:-1]  # cache_policies -> cache policy
+            raise RegistryError(f"no {singular.replace('_', ' ')} named {name!r} is installed (installed: {known}){hint}")
         key = (kind, name)
         if key not in self._resolved:
             record = table[name].record
@@ -226,13 +223,3 @@ class _LazyTable:
 
     def __len__(self) -> int:
         return len(self.registry.tables[self.kind])
-
-
-class _LazyFn:
-    def __init__(self, ref):
-        self.ref, self.fn = ref, None
-
-    def __call__(self, *args, **kwargs):
-        if self.fn is None:
-            self.fn = R.resolve_ref(self.ref)
-        return self.fn(*args, **kwargs)

@@ -109,7 +109,7 @@ def test_attention_backend_and_cache_policy_from_a_plugin(toy_folder, toy_manage
     assert attention.get_backend() == "sdpa"  # the pipeline's backend applied inside its forward only
     # 4 steps x (cond + uncond) = 8 predictions, 4 of them from the cache; each transformer call attends
     # twice (self + cross), and the VAE's mid-block attention goes through the same dispatch once
-    assert gen.pipeline.engine_args.cache_policy is model.ToyStepCache
+    assert gen.pipeline.cache_policy is model.ToyStepCache  # resolved by the pipeline, from its registry
     assert result.cache_stats == {"computed": 4, "skipped": 4}
     assert model.ATTENTION_CALLS[0] - before == 2 * 4 + 1
     plain = toy_gen.generate(prompt="a cat", num_inference_steps=4, seed=0, output_type="np").output

@@ -55,7 +55,7 @@ def test_policies_are_registered_and_the_model_opts_in(flux_folder):
     assert registry.get("cache_policies", "teacache") is TeaCache
     assert registry.origin("cache_policies", "fbcache").plugin == "diffcore"  # the built-in plugin
     gen = DiffGenerator.from_pretrained(flux_folder, dtype="float32", progress=False, cache="fbcache")
-    assert isinstance(gen.pipeline.stage("denoising").make_step_cache(), FirstBlockCache)
+    assert gen.pipeline.cache_policy is FirstBlockCache and isinstance(gen.pipeline.new_step_cache(), FirstBlockCache)
     assert supports_step_cache(gen.components["transformer"])
 
 

@@ -21,15 +21,20 @@ the uncached output bit for bit.
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = ("cache_embed", "cache_blocks", "cache_tail", "cache_num_blocks")
+# What makes one fresh step cache (a request's own), set by the pipeline around its forward from its
+# ``cache_policy``; None: no step cache. The denoising loops read it (``DenoisingLoopStage.start_step_cache``).
+FACTORY: contextvars.ContextVar[Optional[Callable[[], Any]]] = contextvars.ContextVar("diffcore_step_cache",
+                                                                                     default=None)
 
 
 @dataclass

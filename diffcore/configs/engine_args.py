@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Mapping, Optional
 
 import attrs
 import torch
@@ -79,11 +79,12 @@ def _variant(inst, attribute, value):
                           f"diffusion_pytorch_model.fp16.safetensors), got {value!r}")
 
 
-@attrs.define(kw_only=True)
+@attrs.frozen(kw_only=True)
 class EngineArgs:
     """How to run: device, precision override, attention backend, room for speed options, and the size
     budget every request is checked against (``None``: ``DIFFCORE_MAX_*`` or the defaults, see
-    ``diffcore.configs.budget``)."""
+    ``diffcore.configs.budget``). A plain frozen record of the user's choices: names are resolved (the
+    attention backend, the cache policy) by the pipeline, with its plugin registry."""
 
     device: str = attrs.field(default="cpu", validator=_device)
     dtype: Optional[torch.dtype] = attrs.field(default=None, converter=parse_dtype)
@@ -91,8 +92,6 @@ class EngineArgs:
     compile: bool = False
     cache: Optional[str] = attrs.field(default=None, validator=_optional_str)  # step-cache policy, e.g. "fbcache"
     cache_threshold: float = attrs.field(default=0.1, validator=_finite_non_negative)
-    # The policy class ``cache`` names; from_pretrained resolves it with its plugin manager's registry.
-    cache_policy: Optional[Callable[..., Any]] = None
     # torchao weight quantization of the transformer(s): see diffcore.quantization.SCHEMES
     quantization: Optional[str] = attrs.field(default=None, converter=parse_scheme)
     # move weights to the device only while they run: "model" (whole components) or "layers" (transformer blocks)
@@ -121,18 +120,6 @@ class EngineArgs:
     def world_size(self) -> int:
         """Processes one generation runs on: ``sp_degree x (2 if cfg_parallel else 1)``."""
         return self.sp_degree * (2 if self.cfg_parallel else 1)
-
-    def step_cache_factory(self) -> Optional[Callable[[], Any]]:
-        """A callable that makes one fresh step cache (one per request), or None without a cache."""
-        policy = self.cache_policy
-        if policy is None and self.cache:
-            from ..plugins import get_plugin_manager
-
-            policy = get_plugin_manager().registry.get("cache_policies", self.cache)
-        if policy is None:
-            return None
-        threshold = self.cache_threshold
-        return lambda: policy(threshold=threshold)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineArgs":

@@ -69,7 +69,6 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
 # EngineArgs fields that are not flags, and why (the flag test holds this list to EngineArgs' fields).
 NOT_FLAGS = {
     "progress": "a terminal choice, not an engine one: generate has --quiet, serve never draws progress bars",
-    "cache_policy": "resolved from --cache by the plugin registry",
 }
 
 

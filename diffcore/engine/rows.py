@@ -39,7 +39,7 @@ def batch_key(pipeline, req: Request) -> tuple:
 
     The LoRA selection is not part of it: requests with different adapters (or none) share a batch, each
     row scaled by its own weights (``LoraManager.request_selection`` gives per-row weight tensors)."""
-    if req.step_cache is not None or pipeline.engine_args.step_cache_factory() is not None:
+    if req.step_cache is not None or pipeline.cache_policy is not None:
         return ("alone", id(req))  # a step cache decides per call whether to skip: its rows cannot be shared
     p = req.params
     cfg = None if pipeline.config.mixed_cfg_batches else req.do_cfg  # see merge_cfg

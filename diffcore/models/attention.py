@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
+import attrs
 import torch
 import torch.nn.functional as F
 
@@ -100,31 +101,54 @@ def _math(query, key, value, attn_mask=None, scale=None):
     return (scores.softmax(-1) @ v).transpose(1, 2)
 
 
+@attrs.frozen
+class Backend:
+    """A resolved backend: its name (what ``get_backend`` says) and the function that runs."""
+
+    name: str
+    fn: AttentionFn = attrs.field(repr=False)
+
+
+# The built-ins plus what code registers itself with ``register_backend``; plugins' backends are not copied
+# here: a pipeline resolves its backend from its own plugin registry (``resolve_backend``).
 _BACKENDS: dict[str, AttentionFn] = {"sdpa": _sdpa, "math": _math}
-BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("diffcore_attention_backend", default="sdpa")
+BACKEND: contextvars.ContextVar[Backend] = contextvars.ContextVar("diffcore_attention_backend",
+                                                                  default=Backend("sdpa", _sdpa))
 
 
 def register_backend(name: str, fn: AttentionFn) -> None:
-    """Add an attention implementation (plugins do this through ``register_attention_backends``)."""
+    """Add an attention implementation for ``use_backend`` in this process (plugins register theirs with the
+    ``register_attention_backends`` hook instead; a pipeline finds them in its registry)."""
     _BACKENDS[name] = fn
 
 
-def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
+def available_backends(registry=None) -> list[str]:
+    names = set(_BACKENDS)
+    if registry is not None:
+        names.update(registry.names("attention_backends"))
+    return sorted(names)
 
 
-def check_backend(name: str) -> str:
-    """``name`` if it is registered; otherwise a ConfigError (a ValueError) listing the alternatives."""
-    if name not in _BACKENDS:
-        raise ConfigError(f"unknown attention backend {name!r} (attention_backend); available: "
-                          f"{', '.join(available_backends())}")
-    return name
+def resolve_backend(name: str, registry=None) -> Backend:
+    """The backend ``name``: built in, registered in this process, or from ``registry``'s plugins; otherwise a
+    ConfigError (a ValueError) listing the alternatives."""
+    if name in _BACKENDS:
+        return Backend(name, _BACKENDS[name])
+    if registry is not None and name in registry.names("attention_backends"):
+        return Backend(name, registry.get("attention_backends", name))
+    raise ConfigError(f"unknown attention backend {name!r} (attention_backend); available: "
+                      f"{', '.join(available_backends(registry))}")
+
+
+def check_backend(name: str, registry=None) -> str:
+    """``name`` if ``resolve_backend`` finds it."""
+    return resolve_backend(name, registry).name
 
 
 @contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
+def use_backend(name: str, registry=None) -> Iterator[None]:
     """Run the enclosed code (in this thread / context only) with backend ``name``."""
-    token = BACKEND.set(check_backend(name))
+    token = BACKEND.set(resolve_backend(name, registry))
     try:
         yield
     finally:
@@ -132,8 +156,8 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def get_backend() -> str:
-    """The backend active in the current context."""
-    return BACKEND.get()
+    """The name of the backend active in the current context."""
+    return BACKEND.get().name
 
 
 def attention(
@@ -152,7 +176,7 @@ def attention(
     the backend then runs on all tokens of this rank's heads, between two all-to-alls (Ulysses), and
     ``attn_mask`` refers to the unsharded sequence. Without ``shard`` the call is local (cross-attention).
     """
-    fn = _BACKENDS[BACKEND.get()]
+    fn = BACKEND.get().fn
     if shard is not None:
         from ..parallel.ulysses import ulysses_attention
 

@@ -1,8 +1,8 @@
 """DenoisingLoopStage: what the three denoising loops (standard, few-step DMD, block-causal) share.
 
 One constructor shape, ``(config, transformers, engine_args=None, *, components=None)``; the engine
-settings every loop honours (``progress``, ``compile``, the step-cache policy: a fresh cache per
-request); one model call through the config's input / timestep / output hooks and the request's step
+settings every loop honours (``progress``, ``compile``, and the running pipeline's step-cache policy: a
+fresh cache per request); one model call through the config's input / timestep / output hooks and the request's step
 cache; and the end of every loop: the latents written, the per-request ``condition`` freed. Subclasses
 implement ``loop(req)``. The stage's name belongs to the pipeline (``add_stage``), not to the stage.
 """
@@ -13,6 +13,7 @@ from typing import Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..cache.base import FACTORY
 from ..configs.engine_args import EngineArgs
 from ..request import Request
 from .base import Out, PipelineStage
@@ -33,16 +34,17 @@ class DenoisingLoopStage(PipelineStage):
         self.config, self.components = config, components
         self.transformers = [t for t in transformers if t is not None]
         self.progress = engine_args.progress
-        self.make_step_cache = engine_args.step_cache_factory()
         if engine_args.compile:  # opt-in: slow first call, faster steps
             for model in self.transformers:
                 if isinstance(model, torch.nn.Module):
                     model.compile()
 
     def start_step_cache(self, req: Request, num_steps: int) -> None:
-        """This request's own step cache (concurrent requests never share one), reset for ``num_steps``."""
-        if self.make_step_cache is not None and req.step_cache is None:
-            req.step_cache = self.make_step_cache()
+        """This request's own step cache (concurrent requests never share one; made with the running
+        pipeline's policy, ``cache.FACTORY``), reset for ``num_steps``."""
+        make = FACTORY.get()
+        if make is not None and req.step_cache is None:
+            req.step_cache = make()
         if req.step_cache is not None:
             req.step_cache.reset(num_steps)
 
