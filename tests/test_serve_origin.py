@@ -137,3 +137,18 @@ def test_16_bit_and_float_uploads_are_refused_not_clipped(mode, array):
     rgb = io.BytesIO()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(rgb, format="TIFF")
     assert decode_upload(rgb.getvalue(), "image", 10**6, 10**6).mode == "RGB"
+
+
+def test_an_uploaded_lora_with_a_nan_is_a_400_and_the_server_is_unchanged(server, toy_gen):
+    import torch
+    from safetensors.torch import save
+
+    layer = toy_gen.components["transformer"].get_submodule("proj_out")
+    up = torch.zeros(layer.out_features, 2)
+    up[0, 0] = float("nan")
+    data = save({"transformer.proj_out.lora_A.weight": torch.ones(2, layer.in_features), "transformer.proj_out.lora_B.weight": up})
+    before = _image(httpx.post(server + "/v1/images/generations", json=BODY))
+    r = httpx.post(server + "/v1/loras", files={"file": ("nan.safetensors", io.BytesIO(data))}, data={"name": "nan"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file" and "NaN" in r.json()["error"]["message"]
+    assert httpx.get(server + "/v1/loras").json()["data"] == []
+    np.testing.assert_array_equal(_image(httpx.post(server + "/v1/images/generations", json=BODY)), before)
