@@ -72,6 +72,10 @@ class ComposedPipelineBase:
 
     pipeline_name: ClassVar[str] = ""
     _required_config_modules: ClassVar[tuple[str, ...]] = ()
+    # Diffusers class names a component must have, where the pipeline cannot run with any other (e.g. the
+    # video VAE of a video pipeline): a folder of another family declared as this pipeline is refused before
+    # loading, instead of failing in the middle of a generation.
+    component_classes: ClassVar[dict[str, tuple[str, ...]]] = {}
     # A composition registered for another pipeline's components (diffcore.tasks): its task, and the
     # default ``strength`` of its requests (diffusers' call default).
     task: ClassVar[Optional[str]] = None
@@ -112,6 +116,15 @@ class ComposedPipelineBase:
                 f"{cls.pipeline_name}: model_index.json lacks required component(s) {', '.join(missing)}; "
                 f"this pipeline needs {', '.join(cls._required_config_modules)}"
             )
+        for name, accepted in cls.component_classes.items():
+            found = components.get(name)
+            found = getattr(found, "class_name", None) or getattr(found, "diffusers_class_name", None) or \
+                (type(found).__name__ if found is not None else None)
+            if found is not None and found not in accepted:
+                raise RegistryError(
+                    f"{cls.pipeline_name}: its component {name!r} is a {found}, but this pipeline runs with "
+                    f"{' or '.join(accepted)}; model_index.json's _class_name does not match the folder's components "
+                    "(a checkpoint of another family?): fix _class_name, or load the folder with its own pipeline")
 
     def new_step_cache(self):
         """One fresh step cache of this pipeline's policy (a request's own), or None without one."""

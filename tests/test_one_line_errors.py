@@ -123,3 +123,18 @@ def test_integer_or_bool_weights_where_floats_belong_are_a_weight_mismatch(toy_f
     save_file(state, str(path))
     with pytest.raises(WeightMismatchError, match=f"{key}.*{dtype}.*floating-point"):
         DiffGenerator.from_pretrained(folder, dtype="float32", progress=False, plugin_manager=toy_manager)
+
+
+def test_a_folder_of_another_family_declared_as_wan_is_refused_before_loading(toy_folder, tmp_path, monkeypatch):
+    """The toy folder (an image model: vae AutoencoderKL) with model_index.json saying WanPipeline."""
+    import shutil
+
+    from diffcore import DiffGenerator, loader
+    from diffcore.errors import RegistryError
+
+    folder = shutil.copytree(toy_folder, tmp_path / "model")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "WanPipeline"}))
+    monkeypatch.setattr(loader, "load_component", lambda *a, **k: pytest.fail("loaded a component"))
+    with pytest.raises(RegistryError, match="component 'vae' is a AutoencoderKL.*AutoencoderKLWan"):
+        DiffGenerator.from_pretrained(folder, dtype="float32", progress=False)

@@ -38,6 +38,7 @@ class WanPipeline(ComposedPipelineBase):
 
     pipeline_name = "WanPipeline"
     _required_config_modules = ("tokenizer", "text_encoder", "transformer", "transformer_2", "vae", "scheduler")
+    component_classes = {"vae": ("AutoencoderKLWan",)}  # a FLUX folder declared as WanPipeline: refused
 
     def create_pipeline_stages(self, engine_args) -> None:
         c, cfg = self.components, self.config
