@@ -185,6 +185,9 @@ def _serve(args) -> int:
             return 2
         try:
             from .serve.ray import run
+
+            import ray  # noqa: F401  (serve.ray imports it only when it runs: check here, before anything starts)
+            import ray.serve  # noqa: F401
         except ImportError as exc:
             print(f"error: --replicas/--ray-address need the ray extra ({exc.name} is missing): "
                   "pip install 'diffcore[ray]'", file=sys.stderr)

@@ -138,3 +138,19 @@ def test_a_folder_of_another_family_declared_as_wan_is_refused_before_loading(to
     monkeypatch.setattr(loader, "load_component", lambda *a, **k: pytest.fail("loaded a component"))
     with pytest.raises(RegistryError, match="component 'vae' is a AutoencoderKL.*AutoencoderKLWan"):
         DiffGenerator.from_pretrained(folder, dtype="float32", progress=False)
+
+
+def test_replicas_without_ray_is_one_line_and_exit_2(capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ModuleNotFoundError("No module named 'ray'", name="ray")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    assert main(["serve", "--replicas", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "need the ray extra (ray is missing)" in err
