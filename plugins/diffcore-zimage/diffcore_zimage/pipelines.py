@@ -10,7 +10,7 @@ from __future__ import annotations
 from diffcore.pipeline import ComposedPipelineBase
 from diffcore.stages import (ConditioningStage, DecodingStage, DenoisingStage, InputValidationStage,
                              LatentPreparationStage, TextEncodingStage, TimestepPreparationStage)
-from diffcore.stages.image_to_image import Img2ImgComposition
+from diffcore.stages.image_to_image import Img2ImgComposition, InpaintComposition
 
 
 class ZImagePipeline(ComposedPipelineBase):
@@ -34,3 +34,10 @@ class ZImageImg2ImgPipeline(Img2ImgComposition, ZImagePipeline):
     """Image-to-image (diffusers' ZImageImg2ImgPipeline): the input image's latents noised to ``strength``."""
 
     pipeline_name = "ZImageImg2ImgPipeline"
+
+
+class ZImageInpaintPipeline(InpaintComposition, ZImagePipeline):
+    """Inpainting on a ZImagePipeline folder (diffusers' ZImageInpaintPipeline): ``image`` + ``mask``; ``strength``
+    defaults to 1 there."""
+
+    default_strength = 1.0

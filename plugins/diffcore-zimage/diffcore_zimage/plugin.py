@@ -23,7 +23,9 @@ def register_pipelines():
 @hookimpl
 def register_compositions():
     return [CompositionRegistration("ZImageImg2ImgPipeline", "ZImagePipeline", "img2img", _P + "ZImageImg2ImgPipeline",
-                                    "Z-Image image-to-image on a text-to-image folder (image, strength)")]
+                                    "Z-Image image-to-image on a text-to-image folder (image, strength)"),
+            CompositionRegistration("ZImageInpaintPipeline", "ZImagePipeline", "inpaint", _P + "ZImageInpaintPipeline",
+                                    "Z-Image inpainting on a text-to-image folder (image, mask, strength)")]
 
 
 @hookimpl
