@@ -16,6 +16,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Optional
 
+from .. import ignored
 from ..errors import EngineShutdownError, QueueFullError
 from ..request import Request
 from . import rows
@@ -129,7 +130,8 @@ def _run_group(pipeline, stages, parts: list[Request]) -> None:
 def _solo(gen, req: Request):
     try:
         start = time.perf_counter()
-        req = gen.pipeline.forward(req)
+        with ignored.tracking([req.params]):  # the ignored-parameter rule, as generate() applies it
+            req = gen.pipeline.forward(req)
         req.timings["total"] = time.perf_counter() - start
         return gen.result(req)
     except Exception as exc:
