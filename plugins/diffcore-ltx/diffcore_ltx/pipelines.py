@@ -48,7 +48,7 @@ class LTX2Pipeline(ComposedPipelineBase):
         if engine_args.cfg_parallel:
             raise ParallelConfigError("LTX2Pipeline: its guidance branches run inside one denoiser call "
                                       "(batched [negative, positive]); cfg_parallel is not supported, drop it")
-        if engine_args.cache or engine_args.cache_policy is not None:
+        if engine_args.cache:
             raise ConfigError("LTX2Pipeline: step caches (cache=...) are not supported by the LTX-2 denoiser yet")
 
 
