@@ -24,7 +24,29 @@ BUILDERS = {
     "T5EncoderModel": lambda: te.tiny_t5_encoder(tk.tiny_t5_tokenizer()),
     "UMT5EncoderModel": lambda: te.tiny_umt5_encoder(tk.tiny_t5_tokenizer()),
     "Qwen2_5_VLForConditionalGeneration": lambda: te.tiny_qwen25vl(tk.tiny_qwen2_tokenizer()),
+    "Qwen3ForCausalLM": lambda: _tiny_qwen3(),
+    "Mistral3ForConditionalGeneration": lambda: _tiny_mistral3(),
 }
+
+
+def _tiny_qwen3():
+    from diffcore.testing.weights import perturb_
+
+    cfg = transformers.Qwen3Config(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)
+    return perturb_(transformers.Qwen3ForCausalLM(cfg), seed=1)
+
+
+def _tiny_mistral3():
+    from diffcore.testing.weights import perturb_
+
+    cfg = transformers.Mistral3Config(
+        text_config=transformers.MistralConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=8),
+        vision_config=transformers.PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=2, head_dim=8, image_size=32, patch_size=8),
+        image_token_index=299, spatial_merge_size=2)
+    return perturb_(transformers.Mistral3ForConditionalGeneration(cfg), seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +109,15 @@ def _rewrite(folder, rename):
     save_file({rename(k): v.contiguous() for k, v in state.items()}, path, metadata={"format": "pt"})
 
 
+def _mistral3_legacy(k: str) -> str:
+    """Mistral3's pre-v5 names (FLUX.2 [dev]'s text encoder): the LM under ``language_model.``."""
+    for new, old in (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
+                     ("model.multi_modal_projector.", "multi_modal_projector."), ("lm_head.", "language_model.lm_head.")):
+        if k.startswith(new):
+            return old + k[len(new):]
+    return k
+
+
 def test_legacy_key_layouts(saved, tmp_path, monkeypatch):
     """Older checkpoints: CLIP keys under ``text_model.``; Qwen2.5-VL's pre-v5 layout (``visual.``,
     ``model.layers``) and its current one (``model.visual.``, ``model.language_model.``)."""
@@ -97,6 +128,7 @@ def test_legacy_key_layouts(saved, tmp_path, monkeypatch):
         ("Qwen2_5_VLForConditionalGeneration",
          lambda k: "model." + k if k.startswith("visual.") else k.replace("model.", "model.language_model.", 1)
          if k.startswith("model.") else k),
+        ("Mistral3ForConditionalGeneration", _mistral3_legacy),
     ]:
         folder = tmp_path / class_name
         shutil.copytree(saved / class_name, folder)
