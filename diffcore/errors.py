@@ -10,8 +10,10 @@ class ConfigError(DiffcoreError, ValueError):
     """A configuration or sampling parameter is invalid."""
 
 
-class SamplingParamError(ConfigError):
-    """A sampling parameter has a bad value; names the parameter and what is accepted."""
+class SamplingParamError(DiffcoreError, ValueError):
+    """A sampling parameter (what one request asks for) has a bad value; names the parameter and what is
+    accepted. Not a ConfigError (how the engine or the model is set up): the server answers each class on
+    its own terms (this one: 400 naming ``param``)."""
 
     def __init__(self, param: str, reason: str):
         self.param, self.reason = param, reason

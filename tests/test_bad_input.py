@@ -84,6 +84,18 @@ def test_engine_budget_applies_to_its_runs(toy_folder, toy_manager):
         gen.generate(prompt="a cat", num_inference_steps=3)
 
 
+def test_sampling_param_errors_are_not_config_errors():
+    """A request's bad parameter and a bad engine/model setup are different classes, each answered by the
+    server on purpose: 400 naming the parameter, or 400 without one."""
+    from diffcore.serve.errors import from_exception
+
+    assert not issubclass(SamplingParamError, ConfigError) and issubclass(SamplingParamError, ValueError)
+    param = from_exception(SamplingParamError("num_frames", "use 21"))
+    assert (param.status, param.param, param.code) == (400, "num_frames", "invalid_value")
+    config = from_exception(ConfigError("unknown dtype"))
+    assert (config.status, config.param, config.code) == (400, None, "invalid_value")
+
+
 def test_engine_arguments_are_typed_errors(toy_folder, toy_manager):
     with pytest.raises(ConfigError, match="unknown attention backend.*available: .*sdpa"):
         DiffGenerator.from_pretrained(toy_folder, attention_backend="flash9", progress=False, plugin_manager=toy_manager)

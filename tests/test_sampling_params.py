@@ -137,7 +137,7 @@ def test_size_the_model_cannot_take(toy_gen, caplog):
     assert out.shape == (1, 28, 32, 3) and "height=30 is not a multiple of 4; using 28" in caplog.text
     toy_gen.config.size_policy = "error"
     try:
-        with pytest.raises(ConfigError, match="height=30 is not a multiple of 4; use e.g. 28"):
+        with pytest.raises(SamplingParamError, match="height=30 is not a multiple of 4; use e.g. 28"):
             toy_gen.generate(prompt="a cat", height=30, output_type="latent")
     finally:
         toy_gen.config.size_policy = "round"

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SamplingParamError
 from ..request import Request
 from .base import Out
 from .dmd import DmdDenoisingStage, dmd_schedule
@@ -49,7 +49,7 @@ class CausalDMDDenoisingStage(DmdDenoisingStage):
         latents = req.latents
         n, frames = causal.num_frames_per_block, latents.shape[2]
         if frames % n:
-            raise ConfigError(f"{frames} latent frames do not split into blocks of {n}")
+            raise SamplingParamError("num_frames", f"{frames} latent frames do not split into blocks of {n}")
         self.start_step_cache(req, len(timesteps))  # the steps of one block
         cache = model.new_kv_cache(latents.shape, causal.local_attn_size, causal.sink_size)
         decode = None

@@ -11,7 +11,7 @@ from typing import ClassVar, Optional
 import attrs
 
 from diffcore.configs.fewstep import CausalConfig, DmdConfig
-from diffcore.errors import ConfigError, SamplingParamError
+from diffcore.errors import SamplingParamError
 
 from .configs import Wan22I2VA14BConfig, Wan22TI2V5BConfig, WanConfig, WanSamplingParams
 
@@ -79,8 +79,9 @@ class SelfForcingWanConfig(WanConfig):
         latent = self.latent_frames(req)
         if latent % n:
             fewer = max(latent // n, 1) * n
-            raise ConfigError(f"num_frames={req.num_frames} gives {latent} latent frames, which do not split into "
-                              f"blocks of {n}; use num_frames={(fewer - 1) * k + 1} or {(fewer + n - 1) * k + 1}")
+            raise SamplingParamError("num_frames", f"num_frames={req.num_frames} gives {latent} latent frames, which do "
+                                                   f"not split into blocks of {n}; use num_frames={(fewer - 1) * k + 1} "
+                                                   f"or {(fewer + n - 1) * k + 1}")
 
 
 # ---- sampling defaults ------------------------------------------------------------------------------

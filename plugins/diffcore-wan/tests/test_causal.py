@@ -13,7 +13,7 @@ import torch
 from diffcore.cli import main
 from diffcore.configs.engine_args import EngineArgs
 from diffcore.configs.fewstep import CausalConfig
-from diffcore.errors import ConfigError
+from diffcore.errors import ConfigError, SamplingParamError
 from diffcore.models.kv_cache import CausalKVCache
 from diffcore.outputs import VideoWriter
 from diffcore.stages import CausalDMDDenoisingStage, DmdDenoisingStage
@@ -179,8 +179,9 @@ def test_step_cache_runs_every_block_through_it(fewstep_folders):
 
 
 def test_frames_that_do_not_fill_blocks_are_refused(fewstep_folders):
-    with pytest.raises(ConfigError, match="num_frames=21 or 29"):  # 25 frames -> 7 latent frames
+    with pytest.raises(SamplingParamError, match="num_frames=21 or 29") as e:  # 25 frames -> 7 latent frames
         ours(fewstep_folders["causal"]).generate(prompt="a cat", num_frames=25, **KW)
+    assert e.value.param == "num_frames"  # the user's parameter, named
 
 
 def test_cli_writes_the_causal_video_progressively(fewstep_folders, tmp_path, capsys):

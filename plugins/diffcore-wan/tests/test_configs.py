@@ -117,7 +117,7 @@ def test_request_errors(wan_folders):
         t2v.generate(prompt="x", image=random_image(32, 32), num_inference_steps=1)  # T2V takes none
     t2v.config.size_policy = "error"
     try:
-        with pytest.raises(ConfigError, match="4k\\+1"):
+        with pytest.raises(SamplingParamError, match="4k\\+1"):
             t2v.generate(prompt="x", num_frames=6, height=32, width=32, num_inference_steps=1)
     finally:
         t2v.config.size_policy = "round"
