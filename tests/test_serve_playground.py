@@ -108,3 +108,52 @@ def test_playground_api_key_messages_and_errors_in_user_words(toy_gen):
     assert shown.endswith("Change it and try again."), shown
     for python_text in ("invalid sampling parameter", "EngineArgs", "max_pixels", "DIFFCORE_MAX_PIXELS"):
         assert python_text not in shown, shown
+
+
+def test_playground_brush_mask_and_strength(tmp_path):
+    """An uploaded picture is masked with the brush (painted pixels turn transparent: OpenAI's mask form), the
+    strength slider is set, the edit comes back, and it equals generate(image=..., mask=<that canvas>, strength=...)."""
+    from PIL import Image
+
+    from diffcore import DiffGenerator
+    from diffcore.testing.checkpoints import write_tiny_flux
+
+    exe = chromium()
+    gen = DiffGenerator.from_pretrained(write_tiny_flux(tmp_path / "flux"), dtype="float32", progress=False)
+    picture = Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    picture.save(tmp_path / "in.png")
+    with running_server(gen, ServeSettings(served_model_name="flux")) as (base, _), sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(base + "/")
+            page.wait_for_function("document.getElementById('model').textContent === 'flux'", timeout=20_000)
+            assert page.is_visible("#image-box") and page.is_visible("#strength-box")
+            page.fill("#prompt", "a yellow square")
+            for field, value in (("#width", "32"), ("#height", "32"), ("#steps", "3"), ("#seed", "5")):
+                page.fill(field, value)
+            page.set_input_files("#image", str(tmp_path / "in.png"))
+            page.wait_for_selector("#mask-canvas[data-ready='1']", timeout=20_000)
+            page.eval_on_selector("#brush", "(e) => { e.value = '48'; }")  # a wide brush: 6 of the picture's 32 px
+            box = page.locator("#mask-canvas").bounding_box()
+            page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5)
+            page.mouse.down()  # one stroke across the middle
+            page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.5, steps=8)
+            page.mouse.up()
+            page.eval_on_selector("#strength", "(e) => { e.value = '0.8'; e.dispatchEvent(new Event('input')); }")
+            assert page.inner_text("#strength-value") == "0.8"
+            mask_url = page.evaluate("document.getElementById('mask-canvas').toDataURL('image/png')")
+            page.click("#generate")
+            page.wait_for_function("(() => { const i = document.querySelector('#result img');"
+                                   " return i && i.complete && i.naturalWidth > 0; })()", timeout=60_000)
+            assert page.inner_text("#error") == ""
+            src = page.get_attribute("#result img", "src")
+        finally:
+            browser.close()
+    mask = Image.open(io.BytesIO(base64.b64decode(mask_url.split(",", 1)[1])))
+    alpha = np.asarray(mask.getchannel("A"))
+    assert mask.size == (32, 32) and 0 < (alpha == 0).sum() < 32 * 32  # the stroke, transparent; the rest kept
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+    want = gen.generate(prompt="a yellow square", image=picture, mask=mask, strength=0.8, height=32, width=32,
+                        num_inference_steps=3, seed=5).images[0]
+    np.testing.assert_array_equal(shown, np.asarray(want))

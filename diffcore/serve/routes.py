@@ -344,11 +344,14 @@ async def playground_js():
 
 @router.get("/v1/playground/info")
 async def playground_info(request: Request):
-    """What the playground needs to lay itself out: the model, whether it takes images, whether it is video."""
+    """What the playground needs to lay itself out: the model, whether it takes images, whether it is video, the
+    extra tasks it serves per request (``img2img``: a strength slider; ``inpaint``: a mask brush)."""
     state = ready_state(request)
     gen = state.generator
     params = gen.sampling_params_cls()
+    tasks = sorted(getattr(gen.pipeline, "compositions", {}))
     return {"model": state.model_name, "video": bool(gen.config.is_video), "audio": bool(gen.config.has_audio),
+            "tasks": tasks,
             "max_images": gen.sampling_params_cls.max_images, "min_images": gen.sampling_params_cls.min_images,
             "defaults": {"num_inference_steps": params.num_inference_steps, "guidance_scale": params.guidance_scale,
                          "height": params.height, "width": params.width}}

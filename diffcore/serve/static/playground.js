@@ -32,7 +32,7 @@ function askForKey(sent) {
 // Field names in the server's messages -> the labels on this page.
 const LABELS = { prompt: "Prompt", negative_prompt: "Negative prompt", size: "Width x height", height: "Height",
   width: "Width", num_inference_steps: "Steps", guidance_scale: "Guidance", seed: "Seed", num_frames: "Frames",
-  image: "Input image", input_reference: "Input image", loras: "LoRA adapters" };
+  image: "Input image", input_reference: "Input image", loras: "LoRA adapters", mask: "Mask", strength: "Strength" };
 
 // An error the server answered, in the page's words: which field, what is wrong, what to do.
 function userError(status, body) {
@@ -82,9 +82,52 @@ async function connect() {
   if (d.height) $("height").value = d.height;
   $("steps").value = d.num_inference_steps;
   $("guidance").value = d.guidance_scale;
-  $("image-box").classList.toggle("hidden", info.max_images === 0);
+  const tasks = info.tasks || [];
+  $("image-box").classList.toggle("hidden", info.max_images === 0 && tasks.length === 0);
+  $("strength-box").classList.toggle("hidden", !tasks.includes("img2img") && !tasks.includes("inpaint"));
   $("frames-box").classList.toggle("hidden", !info.video);
 }
+
+// The mask brush: the uploaded picture on a canvas; painting erases it to transparent, which is OpenAI's mask
+// form (transparent = the area to edit), sent as the edit's `mask` field.
+let masked = false;
+
+function loadMaskCanvas() {
+  const file = $("image").files[0];
+  masked = false;
+  const show = Boolean(file) && (info.tasks || []).includes("inpaint");
+  $("mask-box").classList.toggle("hidden", !show);
+  if (!show) return;
+  const img = new Image();
+  img.onload = () => {
+    const c = $("mask-canvas");
+    c.width = img.naturalWidth; c.height = img.naturalHeight;
+    c.style.width = Math.max(256, Math.min(360, img.naturalWidth)) + "px";
+    c.getContext("2d").drawImage(img, 0, 0);
+    c.dataset.ready = "1";
+  };
+  img.src = URL.createObjectURL(file);
+}
+
+function paint(event) {
+  const c = $("mask-canvas");
+  const rect = c.getBoundingClientRect();
+  const scale = c.width / rect.width;
+  const ctx = c.getContext("2d");
+  ctx.globalCompositeOperation = "destination-out";
+  ctx.beginPath();
+  ctx.arc((event.clientX - rect.left) * scale, (event.clientY - rect.top) * scale,
+          parseFloat($("brush").value) * scale / 2, 0, 2 * Math.PI);
+  ctx.fill();
+  masked = true;
+}
+
+$("mask-canvas").addEventListener("pointerdown", (e) => { $("mask-canvas").setPointerCapture(e.pointerId); paint(e); });
+$("mask-canvas").addEventListener("pointermove", (e) => { if (e.buttons) paint(e); });
+$("clear-mask").addEventListener("click", loadMaskCanvas);
+$("image").addEventListener("change", loadMaskCanvas);
+$("strength").addEventListener("input", () => { $("strength-value").textContent = $("strength").value; });
+const maskBlob = () => new Promise((resolve) => $("mask-canvas").toBlob(resolve, "image/png"));
 
 function params() {
   const p = { prompt: $("prompt").value };
@@ -98,23 +141,40 @@ function params() {
   return p;
 }
 
-function asForm(p, fileField, file) {
+function asForm(p, fileField, file, mask) {
   const form = new FormData();
   for (const [k, v] of Object.entries(p)) form.append(k, String(v));
   form.append(fileField, file);
+  if (mask) form.append("mask", mask, "mask.png");
   return form;
 }
 
 async function generateImage(p, file) {
-  const body = file ? asForm(p, "image", file) : JSON.stringify(Object.assign({ response_format: "b64_json" }, p));
+  const tasks = info.tasks || [];
+  const mask = file && masked && tasks.includes("inpaint") ? await maskBlob() : null;
+  // A picture for a model that serves image-to-image / inpainting: the strength slider says how much is repainted.
+  if (file && (mask || (info.max_images === 0 && tasks.includes("img2img")))) p.strength = parseFloat($("strength").value);
+  const body = file ? asForm(p, "image", file, mask) : JSON.stringify(Object.assign({ response_format: "b64_json" }, p));
   const path = file ? "/v1/images/edits" : "/v1/images/generations";
   const opts = { method: "POST", body };
   if (!file) opts.headers = { "Content-Type": "application/json" };
   const out = await (await api(path, opts)).json();
-  const img = document.createElement("img");
-  img.alt = p.prompt;
-  img.src = "data:image/" + out.output_format + ";base64," + out.data[0].b64_json;
-  return { element: img, seed: out.data[0].seed };
+  const images = out.data.map((item) => {
+    const img = document.createElement("img");
+    img.alt = p.prompt + (item.layer ? " (layer " + item.layer + ")" : "");
+    img.src = "data:image/" + out.output_format + ";base64," + item.b64_json;
+    if (!item.layer) return img;
+    const fig = document.createElement("figure");  // a layered model: its layers side by side, captioned
+    const cap = document.createElement("figcaption");
+    cap.textContent = "layer " + item.layer;
+    fig.append(img, cap);
+    return fig;
+  });
+  if (images.length === 1) return { element: images[0], seed: out.data[0].seed };
+  const row = document.createElement("div");
+  row.className = "layers"; row.style.display = "flex"; row.style.gap = ".5rem";
+  row.append(...images);
+  return { element: row, seed: out.data[0].seed };
 }
 
 async function generateVideo(p, file) {
