@@ -41,7 +41,7 @@ def gguf_file(folder: Path, qtype: str) -> Path:
     """The checkpoint's transformer written as a ``qtype`` GGUF file beside it (once)."""
     from safetensors.torch import load_file
 
-    from diffcore.loader.safetensors_io import find_weight_files
+    from diffcore.loader.weight_files import find_weight_files
     from diffcore.testing.gguf import write_gguf
 
     path = folder.with_name(f"{folder.name}-transformer-{qtype}.gguf")

@@ -24,7 +24,9 @@ from .config_types import build, check_config
 from .containment import explicit_bool
 from .model_index import ComponentSpec, read_json
 from .required_files import check_transformers_folder
-from .safetensors_io import check_pickle_consent, file_keys, find_weight_files, load_into_module, skip_init
+from .safetensors_io import load_into_module, skip_init
+from .weight_files import check_pickle_consent, find_weight_files
+from .weight_reading import file_keys
 from .size_guard import check_depths, guarded_build
 from .transformers_models import load_fast
 

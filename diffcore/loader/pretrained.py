@@ -28,7 +28,7 @@ from ..quantization import LayerQuantizer, check_supported, quantize_model
 from ..records import resolve_ref
 from .components import load_component
 from .model_index import ModelIndex, read_model_index, resolve_model_path
-from .safetensors_io import check_variant
+from .weight_files import check_variant
 
 log = logging.getLogger(__name__)
 
