@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     for model in args.models.split(","):
         gen = load(model, args.threads)
         runner = make_runner(gen, max_queue=1)
-        meta.setdefault("runner", type(runner).__name__)  # SerialRunner: no batching scheduler in the engine
+        meta.setdefault("runner", type(runner).__name__)
         runner.shutdown()
         gen.generate(prompt="warm-up", seed=0, **_params(MODELS[model]))  # first call pays one-time layouts
         for n in clients:
