@@ -316,6 +316,12 @@ def register(workload: Workload) -> None:
     WORKLOADS[workload.name] = workload
 
 
+# LTX-2 without STG: both engines then make the same 2 calls per step (diffcore skips the STG call of a transformer
+# without perturbed attention, a zero term diffusers computes anyway), so this row measures engine speed alone.
+register(attrs.evolve(WORKLOADS["ltx"], name="ltx-nostg", calls_per_step=2,
+                      params={**WORKLOADS["ltx"].params, "stg_scale": 0.0, "audio_stg_scale": 0.0}))
+
+
 def _key(w: Workload) -> str:
     blob = json.dumps({"pipeline": w.pipeline, "settings": w.settings}, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
