@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 # diffusers pipelines/flux2/system_messages.py (BFL's text encoder system prompt)
+# (with its line break after "object", as BFL's source has it: it is part of the tokenized prompt)
 SYSTEM_MESSAGE = ("You are an AI that reasons about image descriptions. You give structured responses focusing on "
-                  "object relationships, object attribution and actions without speculation.")
+                  "object relationships, object\nattribution and actions without speculation.")
 MISTRAL_LAYERS = (10, 20, 30)
 QWEN3_LAYERS = (9, 18, 27)
 

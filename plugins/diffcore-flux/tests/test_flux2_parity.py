@@ -26,7 +26,8 @@ def _image(w, h, seed):
 
 CASES = [
     # kind, prompt, size (h, w) or None, reference sizes (w, h), extra
-    ("dev", "a red circle on a blue background", (64, 48), [], {"guidance_scale": 3.5}),
+    # the whole templated prompt (system message included) fits in 256 tokens of the tiny tokenizer
+    ("dev", "a red circle on a blue background", (64, 48), [], {"guidance_scale": 3.5, "max_sequence_length": 256}),
     ("dev", ["a cat", "two yellow squares"], (32, 64), [], {"guidance_scale": 4.0}),
     ("dev", "make it red", None, [(80, 64)], {"guidance_scale": 2.5}),
     ("dev", "put the cat in the room", (48, 64), [(64, 96), (100, 70), (72, 72)], {"guidance_scale": 4.0}),
@@ -43,7 +44,7 @@ CASES = [
 def test_flux2_parity(flux2_folders, kind, prompt, size, refs, extra):
     folder = flux2_folders[kind]
     images = [_image(w, h, i) for i, (w, h) in enumerate(refs)]
-    kw = dict(prompt=prompt, num_inference_steps=3, max_sequence_length=32, **extra)
+    kw = dict(prompt=prompt, num_inference_steps=3, **{"max_sequence_length": 32, **extra})
     if size:
         kw.update(height=size[0], width=size[1])
     if images:
