@@ -55,9 +55,9 @@ def test_sigkill_then_restart_serves_completed_jobs_and_fails_unfinished_ones(wa
         assert thumb.size == (32, 32) and sheet.size == (32 * 5, 32)  # 5 frames, one row
 
         running = httpx.post(base + "/v1/videos", json={"prompt": "a long one", **FAST,
-                                                        "num_inference_steps": 1000}).json()
+                                                        "num_inference_steps": 250}).json()
         queued = httpx.post(base + "/v1/videos", json={"prompt": "behind it", **FAST,
-                                                       "num_inference_steps": 1000}).json()
+                                                       "num_inference_steps": 250}).json()
         assert wait(base, running["id"], ("in_progress",))["status"] == "in_progress"
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
