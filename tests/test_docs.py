@@ -72,7 +72,8 @@ def workdir(tmp_path_factory):
     import numpy as np
     from PIL import Image
 
-    from diffcore.testing.checkpoints import save_component, tiny_autoencoder_kl, write_tiny_flux
+    from diffcore.testing.checkpoints import save_component, tiny_autoencoder_kl
+    from diffcore_flux.testing import write_tiny_flux
 
     root = tmp_path_factory.mktemp("docs")
     write_tiny_flux(root / "model")

@@ -24,7 +24,8 @@ SHOWN = "http://127.0.0.1:30010"
 
 
 def _edit_model(root):
-    from diffcore.testing.checkpoints import save_component, tiny_autoencoder_kl, write_tiny_flux
+    from diffcore.testing.checkpoints import save_component, tiny_autoencoder_kl
+    from diffcore_flux.testing import write_tiny_flux
 
     folder = write_tiny_flux(root / "edit-model", vae_blocks=(4, 4, 4, 4))  # 4-channel VAE: Kontext encodes ~1 MP
     index = json.loads((folder / "model_index.json").read_text())

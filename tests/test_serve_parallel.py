@@ -122,7 +122,7 @@ def peft_lora(model, rank: int = 2) -> bytes:
 def test_sequence_parallel_server_equals_one_process(tmp_path):
     """sp_degree 2 on a tiny FLUX.1-dev (2 heads): 4 concurrent requests, one bad one, SIGTERM."""
     from diffcore import DiffGenerator
-    from diffcore.testing.checkpoints import write_tiny_flux
+    from diffcore_flux.testing import write_tiny_flux
 
     folder = write_tiny_flux(tmp_path / "flux")
     server = TorchrunServer(2, ["--model", str(folder), "--sp-degree", "2", "--served-model-name", "flux"])

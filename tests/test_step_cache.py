@@ -21,7 +21,7 @@ PARAMS = dict(prompt="a red circle on a blue background", height=32, width=32, n
 
 @pytest.fixture(scope="module")
 def flux_folder(tmp_path_factory):
-    from diffcore.testing.checkpoints import write_tiny_flux
+    from diffcore_flux.testing import write_tiny_flux
 
     return write_tiny_flux(tmp_path_factory.mktemp("cache") / "flux", layers=(2, 2), dynamic_shift=False, vae_seed=0)
 

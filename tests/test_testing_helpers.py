@@ -24,12 +24,12 @@ from diffcore.testing.text_encoders import (
 from diffcore.testing.tokenizers import (
     DEFAULT_WORDS,
     QWEN_SPECIAL_TOKENS,
-    expand_image_tokens,
     tiny_clip_tokenizer,
     tiny_qwen2_tokenizer,
     tiny_t5_tokenizer,
 )
 from diffcore.testing.weights import cosine, max_abs_diff, perturb_, psnr
+from diffcore_qwen.processor import expand_image_tokens  # the one implementation: the Qwen plugin's own
 
 
 @pytest.fixture(autouse=True)

@@ -136,7 +136,7 @@ def test_plugin_for_an_incompatible_core_is_refused_clearly(installed):
 
 def test_generate_runs_a_tiny_model_in_the_venv(installed, tmp_path):
     env, _, _ = installed
-    from diffcore.testing.checkpoints import write_tiny_flux
+    from diffcore_flux.testing import write_tiny_flux
 
     model = write_tiny_flux(tmp_path / "tiny-flux")
     out = tmp_path / "out.png"

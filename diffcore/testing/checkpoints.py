@@ -160,31 +160,3 @@ def tiny_clip(hidden: int = 32, layers: int = 2, seed: int = 0, words=None):
 
     tokenizer = tiny_clip_tokenizer(words)
     return tokenizer, tiny_clip_text_model(tokenizer, hidden=hidden, layers=layers, projection_dim=hidden, seed=seed)
-
-
-def write_tiny_flux(folder: str | Path, pipeline: str = "FluxPipeline", layers: tuple[int, int] = (1, 1),
-                    vae_blocks: tuple[int, ...] = (8, 16), dynamic_shift: bool = True, vae_seed: int = 2) -> Path:
-    """The core tests' one tiny FLUX.1-dev checkpoint, written with diffcore's own modules (no diffusers):
-    ``layers`` = (double, single) blocks, perturbed weights; needs the FLUX plugin (an ImportError says so)."""
-    import torch
-
-    from diffcore_flux.transformer import FluxTransformer2DModel
-
-    from .text_encoders import tiny_t5_encoder
-    from .tokenizers import tiny_t5_tokenizer
-    from .weights import perturb_
-
-    clip_tok, clip = tiny_clip()
-    t5_tok = tiny_t5_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        transformer = FluxTransformer2DModel.from_config(dict(
-            in_channels=16, num_layers=layers[0], num_single_layers=layers[1], attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6)))
-    scheduler = flow_match_scheduler(shift=3.0, use_dynamic_shifting=True) if dynamic_shift else \
-        flow_match_scheduler(shift=3.0)
-    return write_checkpoint(folder, pipeline, {
-        "scheduler": scheduler, "text_encoder": clip, "tokenizer": clip_tok, "text_encoder_2": tiny_t5_encoder(t5_tok),
-        "tokenizer_2": t5_tok, "transformer": perturb_(transformer, seed=1),
-        "vae": tiny_autoencoder_kl(block_out_channels=vae_blocks, seed=vae_seed)})

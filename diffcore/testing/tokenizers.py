@@ -15,7 +15,6 @@ at worst, single bytes (never an error).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
@@ -29,7 +28,6 @@ __all__ = [
     "tiny_clip_tokenizer",
     "tiny_t5_tokenizer",
     "tiny_qwen2_tokenizer",
-    "expand_image_tokens",
 ]
 
 # Words of typical test prompts; anything else still tokenizes (as smaller pieces / bytes / <unk>).
@@ -245,34 +243,3 @@ def tiny_qwen2_tokenizer(words: Sequence[str] | None = None) -> Qwen2Tokenizer:
     )
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
     return tokenizer
-
-
-def expand_image_tokens(
-    text: str | list[str],
-    image_grid_thw,
-    merge_size: int = 2,
-    image_token: str = "<|image_pad|>",
-) -> str | list[str]:
-    """Repeat each ``image_token`` as ``Qwen2VLProcessor`` does: the i-th occurrence (counting across the
-    batch, in order) becomes ``prod(image_grid_thw[i]) // merge_size**2`` copies, one per merged patch
-    fed to the language model.
-
-    Test helper; the runtime Qwen plugin needs the same logic (Qwen2VLProcessor cannot be built
-    without torchvision in transformers 5.24).
-    """
-    single = isinstance(text, str)
-    texts = [text] if single else list(text)
-    counts = [int(_prod(g)) // merge_size**2 for g in image_grid_thw]
-    needed = sum(t.count(image_token) for t in texts)
-    if needed != len(counts):
-        raise ValueError(f"{needed} {image_token} tokens in the text but {len(counts)} images")
-    it = iter(counts)
-    out = [re.sub(re.escape(image_token), lambda _: image_token * next(it), t) for t in texts]
-    return out[0] if single else out
-
-
-def _prod(values) -> int:
-    p = 1
-    for v in (values.tolist() if hasattr(values, "tolist") else values):
-        p *= int(v)
-    return p

@@ -17,9 +17,12 @@ from typing import Any, Sequence
 IMAGE_TOKEN = "<|image_pad|>"
 
 
-def expand_image_tokens(texts: Sequence[str], grid_thw, merge_size: int, image_token: str = IMAGE_TOKEN) -> list[str]:
+def expand_image_tokens(texts: str | Sequence[str], grid_thw, merge_size: int = 2,
+                        image_token: str = IMAGE_TOKEN) -> str | list[str]:
     """Repeat the i-th ``image_token`` (counting across the batch, in order) ``prod(grid_thw[i]) // merge_size**2``
-    times; the counts must match the number of images."""
+    times; the counts must match the number of images. One text in, one text out (the tests' helper too)."""
+    if isinstance(texts, str):
+        return expand_image_tokens([texts], grid_thw, merge_size, image_token)[0]
     counts = [prod(int(v) for v in g) // merge_size**2 for g in (grid_thw.tolist() if hasattr(grid_thw, "tolist") else grid_thw)]
     needed = sum(t.count(image_token) for t in texts)
     if needed != len(counts):
