@@ -55,7 +55,9 @@ def one(args) -> None:
     from diffcore import DiffGenerator
 
     torch.set_num_threads(args.threads)
-    gen = DiffGenerator.from_pretrained(args.folder, dtype="float32", progress=False)
+    # the variant folders link the standard folder's components (allowed explicitly: links leaving a model folder
+    # are refused by default, docs/api.md)
+    gen = DiffGenerator.from_pretrained(args.folder, dtype="float32", progress=False, allow_external_links=True)
     extra = STANDARD if args.mode == "standard" else {}
     warm = dict(prompt="warm up", height=64, width=64, num_frames=9, output_type="np", **extra)
     warm.update({"num_inference_steps": 1} if args.mode == "standard" else {"timesteps": [1000]})
