@@ -77,8 +77,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/serve.json", help="the JSON results file, relative to benchmarks/")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from diffcore.serve.runner import make_runner
-
     clients = [int(c) for c in args.clients.split(",")]
     meta = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "load_at_start": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -86,7 +84,7 @@ def main(argv=None) -> int:
     rows = []
     for model in args.models.split(","):
         gen = load(model, args.threads)
-        runner = make_runner(gen, max_queue=1)
+        runner = gen.make_runner(max_queue=1)
         meta.setdefault("runner", type(runner).__name__)
         runner.shutdown()
         gen.generate(prompt="warm-up", seed=0, **_params(MODELS[model]))  # first call pays one-time layouts

@@ -8,13 +8,13 @@ from typing import Any, Optional
 
 import torch
 
-from . import ignored
 from .configs.engine_args import EngineArgs
 from .errors import SamplingParamError
 from .loader import pretrained as steps
 from .outputs import GenerationResult
 from .plugins import PluginManager, get_plugin_manager
 from .notices import notice
+from .engine import intake
 from .request import Request
 
 log = logging.getLogger(__name__)
@@ -88,12 +88,12 @@ class DiffGenerator:
         latent frames is finished and decoded (``frames``: numpy (B, F, H, W, 3) in [0, 1]). ``loras``:
         ``{adapter name: weight}`` of loaded adapters to apply to this request only.
         """
-        params = self.params_from(dict(
+        req = self.request(dict(
             prompt=prompt, negative_prompt=negative_prompt, image=image, height=height, width=width,
             num_frames=num_frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            true_cfg_scale=true_cfg_scale,
-            max_sequence_length=max_sequence_length, seed=seed, output_type=output_type, loras=loras, **kwargs))
-        return self.run(params, callback=callback, block_callback=block_callback)
+            true_cfg_scale=true_cfg_scale, max_sequence_length=max_sequence_length, seed=seed,
+            output_type=output_type, loras=loras, callback=callback, block_callback=block_callback, **kwargs))
+        return self._run_one(req)
 
     # -- LoRA adapters ------------------------------------------------------------------------------
     def load_lora(self, source, name: Optional[str] = None, weight_name: Optional[str] = None, *,
@@ -132,25 +132,32 @@ class DiffGenerator:
         """``{name: LoraInfo}``: source, format, ranks, target layers and fused weight of each adapter."""
         return self.pipeline.loras.infos
 
+    # -- requests ---------------------------------------------------------------------------------
+    def request(self, kwargs: dict, check_loras: bool = False) -> Request:
+        """generate() keywords -> a validated Request, ready to run (``run_requests``, or a runner's
+        ``submit``): the one conversion every entry point uses (diffcore.engine.intake). Bad input raises
+        here (SamplingParamError names the parameter). ``check_loras``: also refuse adapters that are not
+        loaded now (a server, on arrival; otherwise that is found when the request runs)."""
+        req = intake.request_from(self.pipeline, self.sampling_params_cls, kwargs)
+        if check_loras:
+            self.pipeline.loras.check_selection(req.params.loras)
+        return req
+
     def params_from(self, kwargs: dict):
         """The validated SamplingParams of generate() keywords (SamplingParamError names a bad one), of the
         composition they ask for (``image`` + ``strength``: img2img; ``mask``: inpainting; diffcore.tasks)."""
-        return self.params_class(kwargs).from_user(**kwargs)
+        return intake.params_from(self.pipeline, self.sampling_params_cls, kwargs)
 
     def params_class(self, kwargs: dict):
         """The SamplingParams class of the composition (task) these keywords ask for (diffcore.tasks): the model's
         own, or it plus ``strength`` / ``mask``; SamplingParamError where the model has no such composition."""
-        from .tasks import params_for
-
-        return params_for(kwargs, self.sampling_params_cls, self.pipeline.compositions, self.pipeline.pipeline_name)
+        return intake.params_class(self.pipeline, self.sampling_params_cls, kwargs)
 
     def check(self, kwargs: dict):
         """generate()'s own refusals of these keywords without running anything: the SamplingParams checks,
-        then the pipeline's input validation (the checkpoint's sizes and frame counts, parameters only some
-        checkpoints take, the engine's budget, loaded adapters). Returns the SamplingParams."""
-        params = self.params_from(kwargs)
-        self.pipeline.validate(self.new_request(params))
-        return params
+        the pipeline's input validation (the checkpoint's sizes and frame counts, parameters only some
+        checkpoints take, the engine's budget) and the loaded adapters. Returns the SamplingParams."""
+        return self.request(kwargs, check_loras=True).params
 
     def generate_batch(self, requests: list[dict]) -> list[GenerationResult]:
         """Run several generate() calls (dicts of its keywords) together; results in the same order.
@@ -160,9 +167,6 @@ class DiffGenerator:
         with different prompts, seeds and guidance; each result equals that request's generate().
         Every request is validated first; the first bad one raises before anything runs.
         """
-        from .engine.batching import run_batch
-
-        reqs = []
         if isinstance(requests, (str, bytes)) or not isinstance(requests, (list, tuple)):
             raise SamplingParamError("requests", f"generate_batch takes a list of dicts of generate() keywords, got "
                                                  f"{type(requests).__name__}")
@@ -170,35 +174,42 @@ class DiffGenerator:
             if not isinstance(kwargs, dict):
                 raise SamplingParamError("requests", f"requests[{i}] must be a dict of generate() keywords such as "
                                                      f"{{'prompt': ...}}, got {type(kwargs).__name__} {kwargs!r:.60}")
-            kwargs = dict(kwargs)
-            callback = kwargs.pop("callback", None)
-            reqs.append(self.new_request(self.params_from(kwargs), callback=callback))
-        results = run_batch(self, reqs)
-        for outcome in results:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return results
+        return _raised(self.run_requests([self.request(kwargs) for kwargs in requests]))
+
+    def run_requests(self, reqs: list[Request], starting=None) -> list:
+        """Run validated Requests (from ``request``), batched where compatible: in order, a GenerationResult
+        or the exception that request failed with (None for one ``starting`` dropped; see ``run_batch``)."""
+        from .engine.batching import run_batch
+
+        start = time.perf_counter()
+        validated = [sum(r.timings.values()) for r in reqs]  # the stages that ran when it was made
+        outcomes = run_batch(self.pipeline, reqs, starting)
+        for i, req in enumerate(outcomes):
+            if isinstance(req, Request):
+                req.timings["total"] = validated[i] + time.perf_counter() - start
+                outcomes[i] = self.result(req)
+        return outcomes
 
     def run(self, params, callback=None, block_callback=None) -> GenerationResult:
         """Run one request from a ready SamplingParams. Safe to call from several threads at once."""
-        start = time.perf_counter()
-        if block_callback is not None and not self.streams_blocks:
+        return self._run_one(self.pipeline.validate(self.new_request(params, callback, block_callback)))
+
+    def _run_one(self, req: Request) -> GenerationResult:
+        """One request's run (generate, run): its result (the engine warns about parameters nothing read)."""
+        if req.block_callback is not None and not self.streams_blocks:
             notice(log, "block_callback is ignored: this model does not produce its frames block by block")
-        with ignored.tracking([params]):  # a parameter the caller set that nothing reads is a warning
-            req = self.pipeline.forward(self.new_request(params, callback, block_callback))
-        req.timings["total"] = time.perf_counter() - start
-        return self.result(req)
+        return _raised(self.run_requests([req]))[0]  # run alone: the ignored-parameter rule applies
 
     def new_request(self, params, callback=None, block_callback=None) -> Request:
-        """A fresh Request for ``params``: its own generator (seeded on the CPU), its own state."""
-        for name, fn in (("callback", callback), ("block_callback", block_callback)):
-            if fn is not None and not callable(fn):
-                raise SamplingParamError(name, f"expected a function, got {type(fn).__name__}")
-        prompts = params.prompts
-        return Request(params=params, prompts=prompts, batch_size=len(prompts),
-                       device=torch.device(self.pipeline.engine_args.device),
-                       generator=torch.Generator("cpu").manual_seed(params.seed), callback=callback,
-                       block_callback=block_callback)
+        """A fresh Request for ``params``: its own generator (seeded on the CPU), its own state (not validated:
+        ``pipeline.forward`` validates it as its first stage)."""
+        return intake.new_request(self.pipeline, params, callback, block_callback)
+
+    def make_runner(self, max_batch_size: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64):
+        """The batching scheduler a server hands its requests to (``BatchScheduler``)."""
+        from .engine.batching import BatchScheduler
+
+        return BatchScheduler(self, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue)
 
     def result(self, req: Request) -> GenerationResult:
         """What the caller gets from a finished Request: numpy output (torch for output_type="pt")."""
@@ -222,3 +233,11 @@ def _layers(req: Request) -> Optional[int]:
     """Pictures per prompt when a model makes several (Qwen-Image-Layered's RGBA layers); None otherwise."""
     rows = 0 if req.output is None else req.output.shape[0]
     return rows // req.batch_size if rows > req.batch_size and rows % req.batch_size == 0 else None
+
+
+def _raised(outcomes: list) -> list:
+    """The results, or the first request's exception raised."""
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return outcomes

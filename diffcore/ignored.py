@@ -29,15 +29,29 @@ def record(name: str) -> None:
 
 
 @contextlib.contextmanager
-def tracking(params: Iterable) -> Iterator[None]:
-    """Around one run: afterwards, warn about every field the caller gave that no stage read."""
-    params = list(params)
-    reads: set = set()
+def recording(reads: set) -> Iterator[None]:
+    """Add to ``reads`` the fields read in the enclosed code (a request's validation, later its run: the
+    pipeline keeps them on ``Request.params_read``)."""
     token = _READS.set(reads)
     try:
         yield
     finally:
         _READS.reset(token)
+
+
+def say_unread(params: Iterable, reads: set) -> None:
+    """Warn about every field the caller gave that nothing in ``reads`` read."""
     given = {n for p in params for n in getattr(p, "_given", ())}
     for name in sorted(given - reads - ENGINE_FIELDS):
         notice(log, "%s is ignored: this model does not use it (it was set, but nothing read it)", name)
+
+
+@contextlib.contextmanager
+def tracking(params: Iterable) -> Iterator[None]:
+    """Around one run: afterwards, warn about every field the caller gave that no stage read."""
+    params, reads = list(params), set()
+    try:
+        with recording(reads):
+            yield
+    finally:
+        say_unread(params, reads)

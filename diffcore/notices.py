@@ -1,30 +1,42 @@
-"""Warnings about one request's parameters (a rounded size, an ignored parameter), said once per request.
+"""Warnings about one request's parameters (a rounded size, an ignored parameter), said when it runs.
 
-Why: a server checks each request when it arrives (``DiffGenerator.check`` runs the input validation)
-and the same validation runs again when the request runs; the warnings belong to the run, so the check
-stays silent. A contextvar, so a check in one thread never silences a run in another.
+Why: a request is validated once, when it is made, and may run later (a server validates on arrival
+and queues it) or never (cancelled while it waited). What its validation noticed belongs to its run,
+so ``ComposedPipelineBase.validate`` keeps it on the Request (``Request.notices``) and the pipeline's
+stage loop says it when the request runs. The config hooks that notice things (``round_size``) do not
+see the Request, hence the context variable; outside a validation they log at once.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 from contextvars import ContextVar
-from typing import Iterator
+from typing import Iterator, Optional
 
-_QUIET: ContextVar[bool] = ContextVar("diffcore_quiet_notices", default=False)
+_KEPT: ContextVar[Optional[list]] = ContextVar("diffcore_request_notices", default=None)
 
 
 def notice(logger: logging.Logger, message: str, *args) -> None:
-    """``logger.warning(message, *args)``, unless this context is only checking the request."""
-    if not _QUIET.get():
+    """``logger.warning(message, *args)``, now or (inside ``kept``) when the request runs."""
+    kept_for = _KEPT.get()
+    if kept_for is None:
         logger.warning(message, *args)
+    else:
+        kept_for.append((logger, message, args))
 
 
 @contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Inside the block (a check before the real run) request notices are not logged."""
-    token = _QUIET.set(True)
+def kept(into: list) -> Iterator[None]:
+    """Inside the block (a request's validation) notices are appended to ``into`` instead of logged."""
+    token = _KEPT.set(into)
     try:
         yield
     finally:
-        _QUIET.reset(token)
+        _KEPT.reset(token)
+
+
+def say(pending: list) -> None:
+    """Log the kept notices (once: the list is emptied)."""
+    while pending:
+        logger, message, args = pending.pop(0)
+        logger.warning(message, *args)

@@ -6,16 +6,16 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 
-from . import parallel
+from . import ignored, notices, parallel
 from .cache import base as step_cache
 from .configs import budget
 from .configs.engine_args import EngineArgs
 from .configs.pipeline_config import PipelineConfig
+from .engine import rows
 from .engine.context import EngineContext
 from .errors import ConfigError, PipelineDataflowError, RegistryError
 from .lora.manager import LoraManager
 from .lora.runtime import lora_scope
-from .notices import quiet
 from .parallel import ParallelGroups
 from .request import REQUEST_INPUTS, Request
 from .stages.base import PipelineStage
@@ -213,26 +213,43 @@ class ComposedPipelineBase:
             yield
 
     def validate(self, req: Request) -> Request:
-        """Only the input-validation stage(s), under the engine's context (its budget): what a request would be
-        refused for before any model call (sizes, frame counts, parameters this checkpoint cannot use), and
-        its adapters. A server runs it when a request arrives, so a bad one is refused before it is queued."""
+        """Run ``req``'s input validation (the leading validation stages) under the engine's context (its
+        budget): what a request is refused for before any model call (sizes, frame counts, parameters this
+        checkpoint cannot use). Done once per request, when it is made (diffcore.engine.intake); a server
+        does it when a request arrives, so a bad one is refused before it is queued. ``forward`` goes on
+        from there. What it noticed (a rounded size) is said when the request runs."""
         from .stages.input_validation import InputValidationStage
 
-        if self.for_request(req) is not self:
-            return self.for_request(req).validate(req)
-        self.loras.check_selection(req.params.loras)
-        with quiet(), self.context.applied():  # its warnings are said when the request runs
-            for stage in self.stages:
-                if isinstance(stage, InputValidationStage):
-                    req = stage(req)
+        pipeline = self.for_request(req)  # the composition (task) its parameters ask for
+        with pipeline.context.applied(), notices.kept(req.notices), ignored.recording(req.params_read):
+            while req.stages_done < len(pipeline.stages) and \
+                    isinstance(pipeline.stages[req.stages_done], InputValidationStage):
+                req = pipeline.stages[req.stages_done](req)
+                req.stages_done += 1
         return req
 
-    def forward(self, req: Request) -> Request:
+    def forward(self, req: Request, stop: Optional[int] = None, parts: Optional[list[Request]] = None) -> Request:
+        """The stage loop: run ``req``'s remaining stages, from ``req.stages_done`` up to index ``stop`` (default:
+        the end), under the engine's choices (``running``). Every way of running a request comes through here
+        (in the composition its parameters ask for: ``for_request``).
+
+        ``parts``: ``req`` is a batch merged from these requests (diffcore.engine.rows); a stage that runs per
+        request (``batch == "each"``) runs on every part and its outputs are merged into the batch."""
         if self.for_request(req) is not self:
-            return self.for_request(req).forward(req)
-        with self.running(req):
-            for stage in self.stages:
-                req = stage(req)
+            return self.for_request(req).forward(req, stop, parts)
+        stop = len(self.stages) if stop is None else stop
+        with self.running(req), ignored.recording(req.params_read):
+            notices.say(req.notices)
+            while req.stages_done < stop:
+                stage = self.stages[req.stages_done]
+                if parts is None or stage.batch == "rows":
+                    req = stage(req)
+                else:
+                    for part in parts:
+                        stage(part)
+                    rows.merge_outputs(req, parts, [f.name for f in stage.outputs])
+                req.stages_done += 1
+                notices.say(req.notices)
         return req
 
     def __repr__(self) -> str:

@@ -64,6 +64,9 @@ class Request:
     # A batch of several users' requests (diffcore.engine.rows): the SamplingParams of every row. None for
     # one request, whose rows all follow ``params``; read per-row values with ``per_row``.
     row_params: Optional[list] = None
+    stages_done: int = 0  # how many of the pipeline's stages ran on it (validation runs when it is made)
+    notices: list = attrs.field(factory=list)  # what its validation noticed, said when it runs (diffcore.notices)
+    params_read: set = attrs.field(factory=set)  # the params' fields its stages read (diffcore.ignored)
 
     def per_row(self, name: str) -> list:
         """``params.<name>`` for every row: ``batch_size`` values (rows of a batch may differ)."""

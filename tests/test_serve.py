@@ -110,6 +110,23 @@ def test_what_the_checkpoint_refuses_is_a_400_before_queueing(server, client, to
     assert submitted == []  # refused before the queue
 
 
+def test_a_request_is_made_and_validated_once_and_queued_as_it_is(server, client, toy_gen, monkeypatch):
+    """The route makes the validated Request on arrival; the runner gets that Request (not keywords to parse
+    again), and neither the parameters nor the input validation run a second time."""
+    from diffcore.request import Request
+    from diffcore.stages.input_validation import InputValidationStage
+
+    parsed, validated, queued = [], [], []
+    params_cls, runner = toy_gen.sampling_params_cls, server[1].state.diffcore.runner
+    from_user, forward, submit = params_cls.from_user, InputValidationStage.forward, runner.submit
+    monkeypatch.setattr(params_cls, "from_user", classmethod(lambda cls, **kw: parsed.append(kw) or from_user(**kw)))
+    monkeypatch.setattr(InputValidationStage, "forward", lambda self, req: validated.append(req) or forward(self, req))
+    monkeypatch.setattr(runner, "submit", lambda req, **kw: queued.append(req) or submit(req, **kw))
+    out = client.images.generate(prompt=PROMPT, n=2, size="32x32", extra_body={"seed": 5, "num_inference_steps": 2})
+    assert len(out.data) == 2 and len(parsed) == 2 and len(validated) == 2
+    assert all(isinstance(r, Request) for r in queued) and validated == queued
+
+
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_guidance_is_refused(server, literal):
     """The openai client refuses to send NaN; other clients send the JSON literal, which Python parses."""

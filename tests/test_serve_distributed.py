@@ -313,3 +313,17 @@ def test_serve_exits_1_after_the_ranks_disagree(toy_gen, follower, monkeypatch):
     assert returned == [1]
     name, reason = channel.sent[-1]
     assert name == "stop" and "request 1 of a batch of 1" in reason and channel.closed
+
+
+def test_a_callback_given_to_the_leader_stays_on_rank_0_and_is_called(toy_gen, follower):
+    """Leader.generate_batch takes generate()'s keywords, a step callback included (it was once parsed as an
+    unknown sampling parameter): the callback runs on rank 0, and only the parameters reach the other ranks."""
+    channel = Loopback(follower)
+    leader = leader_of(toy_gen, channel)
+    steps = []
+    result, = leader.generate_batch([dict(KW, seed=3, callback=lambda i, t, latents: steps.append(i))])
+    np.testing.assert_allclose(result.output, toy_gen.generate(**KW, seed=3).output, atol=1e-5)
+    assert steps == [0, 1]
+    (name, payload), = channel.sent
+    assert name == "batch" and payload[0]["seed"] == 3 and "callback" not in payload[0]
+    leader.stop()

@@ -1,5 +1,6 @@
-"""Running many requests together: ``run_batch`` (one call, grouped by compatibility) and
-``BatchScheduler`` (a queue that many threads submit to; it forms batches and hands back results).
+"""Running many requests together: ``run_batch`` (validated Requests through one pipeline's stage loop,
+grouped by compatibility) and ``BatchScheduler`` (a queue that many threads submit to; it forms batches,
+has its served model run them and hands back results).
 
 A group of compatible requests (equal ``rows.batch_key``) runs as one Request with rows through the
 pipeline's ``"rows"`` stages: one text-encoder call, one transformer call per step and branch, one
@@ -42,30 +43,23 @@ def batch_plan(pipeline) -> Optional[int]:
     return first
 
 
-def run_batch(gen, requests: list[Request], starting=None) -> list:
-    """Run Requests together where they are compatible; returns, in order, a GenerationResult or the
-    exception that request failed with (None for one that ``starting`` dropped). ``starting(indices)``
-    (optional) is asked just before each group runs which of its requests still want to: a request
-    cancelled while an earlier group ran is left out."""
-    chosen = [gen.pipeline.for_request(r) for r in requests]  # the composition (task) each request asks for
+def run_batch(pipeline, requests: list[Request], starting=None) -> list:
+    """Run validated Requests through ``pipeline``'s stage loop, together where they are compatible; returns,
+    in order, each finished Request or the exception it failed with (None for one that ``starting``
+    dropped). ``starting(indices)`` (optional) is asked just before each group runs which of its requests
+    still want to: a request cancelled while an earlier group ran is left out."""
+    chosen = [pipeline.for_request(r) for r in requests]  # the composition (task) each request asks for
     if any(c is not chosen[0] for c in chosen):
-        return _by_composition(gen, requests, chosen, starting)
-    pipeline = chosen[0]
-    start = time.perf_counter()
+        return _by_composition(requests, chosen, starting)
+    pipeline = chosen[0] if chosen else pipeline
     first = batch_plan(pipeline)
     if first is None or len(requests) == 1:
-        out = []
-        for i, r in enumerate(requests):
-            out.append(_solo(gen, r) if starting is None or starting([i])[0] else None)
-        return out
-    errors: dict[int, BaseException] = {}
+        return [_alone(pipeline, r) if starting is None or starting([i])[0] else None for i, r in enumerate(requests)]
+    errors: dict[int, Optional[BaseException]] = {}
     live = {}
     for i, req in enumerate(requests):  # alone, up to where rows merge (sizes and CFG are known then)
         try:
-            with pipeline.running(req):
-                for stage in pipeline.stages[:first]:
-                    req = stage(req)
-            live[i] = req
+            live[i] = pipeline.forward(req, stop=first)
         except Exception as exc:  # this request fails alone
             errors[i] = exc
     groups: dict[Any, list[int]] = {}
@@ -74,90 +68,69 @@ def run_batch(gen, requests: list[Request], starting=None) -> list:
     for indices in groups.values():
         if starting is not None:
             keep = starting(indices)
-            dropped = [i for i, k in zip(indices, keep) if not k]
-            for i in dropped:
-                errors[i] = None
+            for i, k in zip(indices, keep):
+                if not k:
+                    errors[i] = None
             indices = [i for i, k in zip(indices, keep) if k]
             if not indices:
                 continue
         parts = [live[i] for i in indices]
         try:
-            _run_group(pipeline, pipeline.stages[first:], parts)
+            if len(parts) == 1:
+                live[indices[0]] = pipeline.forward(parts[0])
+            else:
+                rows.split(pipeline.forward(rows.merge(parts), parts=parts), parts)
         except Exception as exc:  # the group's shared work failed: every request in it fails
             for i in indices:
                 errors[i] = exc
-    out = []
-    for i, req in enumerate(requests):
-        if i in errors:
-            out.append(errors[i])
-        else:
-            req.timings["total"] = time.perf_counter() - start
-            out.append(gen.result(req))
-    return out
+    return [errors[i] if i in errors else live[i] for i in range(len(requests))]
 
 
-def _by_composition(gen, requests: list[Request], chosen: list, starting) -> list:
+def _by_composition(requests: list[Request], chosen: list, starting) -> list:
     """Requests for different compositions (text-to-image, img2img, inpaint) never share rows: each
     composition's requests run as their own batch."""
     out: list = [None] * len(requests)
     for comp in {id(c): c for c in chosen}.values():
         idx = [i for i, c in enumerate(chosen) if c is comp]
         sub_starting = None if starting is None else (lambda ids, idx=idx: starting([idx[j] for j in ids]))
-        for i, result in zip(idx, run_batch(gen, [requests[i] for i in idx], sub_starting)):
+        for i, result in zip(idx, run_batch(comp, [requests[i] for i in idx], sub_starting)):
             out[i] = result
     return out
 
 
-def _run_group(pipeline, stages, parts: list[Request]) -> None:
-    if len(parts) == 1:
-        req = parts[0]
-        with pipeline.running(req):
-            for stage in stages:
-                req = stage(req)
-        return
-    batch = rows.merge(parts)
-    with pipeline.running(batch):  # LoRA selections per row (the batch's row_params)
-        for stage in stages:
-            if stage.batch == "rows":
-                batch = stage(batch)
-            else:
-                for part in parts:
-                    stage(part)
-                rows.merge_outputs(batch, parts, [f.name for f in stage.outputs])
-    rows.split(batch, parts)
-
-
-def _solo(gen, req: Request):
+def _alone(pipeline, req: Request):
+    """One request run by itself (generate, or a batch of one): its result, then a warning for each parameter
+    it was given that nothing read while it was validated and run (the ignored-parameter rule)."""
     try:
-        start = time.perf_counter()
-        with ignored.tracking([req.params]):  # the ignored-parameter rule, as generate() applies it
-            req = gen.pipeline.forward(req)
-        req.timings["total"] = time.perf_counter() - start
-        return gen.result(req)
+        return pipeline.forward(req)
     except Exception as exc:
         return exc
+    finally:
+        ignored.say_unread([req.params], req.params_read)
 
 
 class _Item:
-    __slots__ = ("kwargs", "future", "on_step")
+    __slots__ = ("request", "future")
 
-    def __init__(self, kwargs: dict, future: concurrent.futures.Future, on_step):
-        self.kwargs, self.future, self.on_step = kwargs, future, on_step
+    def __init__(self, request, future: concurrent.futures.Future):
+        self.request, self.future = request, future
 
 
 class BatchScheduler:
-    """Accepts requests from many threads, runs them in batches on one DiffGenerator, one batch at a time.
+    """Accepts requests from many threads, runs them in batches on one served model, one batch at a time.
 
+    ``model``: a ``diffcore.protocols.ServedModel`` (a DiffGenerator, or the torchrun Leader whose
+    batches run on every rank): it makes Requests (``request``) and runs them (``run_requests``).
     A batch starts when ``max_batch_size`` requests wait or the oldest has waited ``max_wait_ms``.
     ``submit`` returns a Future of the request's GenerationResult; a request with bad parameters gets
     its own SamplingParamError on its future while the rest of its batch completes. ``on_batch``
     (optional, settable) is called with each batch's size, for metrics.
     """
 
-    def __init__(self, generator, max_batch_size: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64):
+    def __init__(self, model, max_batch_size: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64):
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_ms >= 0")
-        self.generator = generator
+        self.model = model
         self.max_batch_size, self.max_wait_ms, self.max_queue = max_batch_size, float(max_wait_ms), max_queue
         self.on_batch: Optional[Callable[[int], None]] = None
         self._queue: deque[_Item] = deque()
@@ -168,16 +141,22 @@ class BatchScheduler:
         self._worker.start()
 
     # -- callers ---------------------------------------------------------------------------
-    def submit(self, kwargs: dict, on_step: Optional[Callable[[int, int], None]] = None) -> concurrent.futures.Future:
-        """Queue one generate() call (its keyword arguments). ``on_step(step, num_steps)`` reports progress
-        after every denoising step (step counts from 1)."""
+    def submit(self, request: Request | dict, on_step: Optional[Callable[[int, int], None]] = None
+               ) -> concurrent.futures.Future:
+        """Queue one request: a Request the model made (``model.request``: a server validates on arrival and
+        queues what it got), or generate() keywords, converted when its batch forms (a bad one fails on its
+        own future). ``on_step(step, num_steps)`` reports progress after every denoising step (from 1)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             if self._closed:
                 raise EngineShutdownError()
             if self._depth() >= self.max_queue:
                 raise QueueFullError(self.max_queue)
-            self._queue.append(_Item(dict(kwargs), future, on_step))
+            if isinstance(request, Request):
+                request.callback = _progress(request.callback, on_step, request.params.num_inference_steps)
+            else:
+                request = (dict(request), on_step)
+            self._queue.append(_Item(request, future))
             self._cond.notify_all()
         return future
 
@@ -246,15 +225,10 @@ class BatchScheduler:
                         self._running = 0
 
     def _execute(self, batch: list[_Item]) -> None:
-        gen = self.generator
         reqs, items = [], []
         for item in batch:
             try:
-                kwargs = dict(item.kwargs)
-                callback = kwargs.pop("callback", None)
-                params = gen.params_from(kwargs)
-                reqs.append(gen.new_request(params, callback=_progress(callback, item.on_step,
-                                                                       params.num_inference_steps)))
+                reqs.append(self._request_of(item))
                 items.append(item)
             except Exception as exc:  # bad parameters: this request fails alone
                 item.future.set_exception(exc)
@@ -265,8 +239,12 @@ class BatchScheduler:
                 self.on_batch(len(reqs))
             except Exception:  # metrics must not break serving
                 log.exception("on_batch callback failed")
+
+        def starting(indices):  # False: cancelled while an earlier group of the batch ran
+            return [items[i].future.set_running_or_notify_cancel() for i in indices]
+
         try:
-            outcomes = self._run(reqs, items)
+            outcomes = self.model.run_requests(reqs, starting)
         except BaseException as exc:  # nothing of the batch can complete
             outcomes = [exc if items[i].future.running() else None for i in range(len(reqs))]
         for item, outcome in zip(items, outcomes):
@@ -277,14 +255,13 @@ class BatchScheduler:
             else:
                 item.future.set_result(outcome)
 
-
-    def _run(self, reqs: list[Request], items: list[_Item]) -> list:
-        """``run_batch`` over the batch; each request is marked running as its group starts. (The rank-0
-        side of a parallel server, diffcore.serve.distributed, overrides this to run it on every rank.)"""
-        def starting(indices):  # False: cancelled while an earlier group of the batch ran
-            return [items[i].future.set_running_or_notify_cancel() for i in indices]
-
-        return run_batch(self.generator, reqs, starting)
+    def _request_of(self, item: _Item) -> Request:
+        if isinstance(item.request, Request):
+            return item.request
+        kwargs, on_step = item.request  # submitted as keywords: made here, once
+        req = self.model.request(kwargs)
+        req.callback = _progress(req.callback, on_step, req.params.num_inference_steps)
+        return req
 
 
 def _progress(user, on_step, num_steps: int):

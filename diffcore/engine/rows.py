@@ -30,7 +30,8 @@ CONCAT = ("prompts", "negative_prompts", "latents", "image_latents", "image_embe
 EMBEDS = ("prompt_embeds", "negative_prompt_embeds")
 # Fields a batch sets for itself when it is formed (or that never carry over from its parts).
 _OWN = ("params", "prompts", "batch_size", "device", "generator", "row_params", "callback", "block_callback",
-        "timings", "step_cache", "condition", "output", "audio", "audio_sample_rate", "extra")
+        "timings", "step_cache", "condition", "output", "audio", "audio_sample_rate", "extra", "stages_done",
+        "notices", "params_read")
 
 
 def batch_key(pipeline, req: Request) -> tuple:
@@ -99,6 +100,7 @@ def merge(parts: list[Request]) -> Request:
     batch.callback = _fan_out(parts)
     if mixed:
         merge_cfg(batch, parts)
+    batch.stages_done = first.stages_done  # its parts ran alone up to the same stage
     return batch
 
 

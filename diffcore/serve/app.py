@@ -45,13 +45,12 @@ class ServerState:
         """Start serving ``generator``: the runner (batching scheduler) and the video job table."""
         from .jobs import VideoJobs
         from .loras import AdapterUsers
-        from .runner import make_runner
         from .videos import ENCODERS
 
         s = self.settings
         self.model_name = self.model_name or str(generator.model)
-        runner = make_runner(generator, max_batch_size=s.max_batch_size, max_wait_ms=s.batch_wait_ms,
-                             max_queue=s.max_queue)
+        runner = generator.make_runner(max_batch_size=s.max_batch_size, max_wait_ms=s.batch_wait_ms,
+                                       max_queue=s.max_queue)
         runner.on_batch = self.metrics.batch_size.observe
         self.metrics.queue_depth.set_function(lambda: runner.queue_depth)
         self.lora_users = AdapterUsers(runner)  # DELETE /v1/loras/NAME answers 409 while requests use it

@@ -13,12 +13,14 @@ nothing more, and the server stops (503 meanwhile) and exits 1 for torchrun ``--
 * ``Leader``: rank 0's generator. Reads (config, sampling params, loaded LoRAs) go to the local model;
   state-changing calls go to every rank. The server's runner comes from ``Leader.make_runner``, so the
   routes never know the model is spread over processes.
-* ``LeaderScheduler``: the BatchScheduler whose batches run on every rank. A batch is fixed when it is
-  broadcast: a request can be cancelled while it waits, not once its batch started.
+* ``Leader.run_requests``: what the server's BatchScheduler (``Leader.make_runner``) runs each batch with:
+  the validated Requests' parameters go to every rank (``diffcore.engine.intake.portable``), each rank
+  makes them into Requests by the same conversion and runs them. A batch is fixed when it is broadcast:
+  a request can be cancelled while it waits, not once its batch started.
 * ``follow``: the loop of ranks > 0: receive, run, report; until rank 0 sends ``stop``.
 
-Requests are validated on rank 0 (routes and scheduler) before they are broadcast, so bad input never
-reaches the other ranks. Shutdown: rank 0 (SIGINT/SIGTERM to it, or to torchrun, which forwards the
+Requests are validated on rank 0 when they are made (routes, scheduler, ``generate_batch``) before they
+are broadcast, so bad parameters never reach the other ranks. Shutdown: rank 0 (SIGINT/SIGTERM to it, or to torchrun, which forwards the
 signal to every rank) drains its queue, then broadcasts ``stop``; the other ranks ignore the signal
 and exit 0 when ``stop`` arrives. While idle, rank 0 sends a ``ping`` every ``HEARTBEAT_S`` so the
 waiting ranks' receive never runs into gloo's operation timeout. How `diffcore serve` starts all this
@@ -33,12 +35,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..engine.batching import BatchScheduler, run_batch
+from ..engine import intake
+from ..engine.batching import BatchScheduler
 from ..errors import DiffcoreError, EngineShutdownError
 
 log = logging.getLogger("diffcore.serve")
 HEARTBEAT_S = 60.0  # well under gloo's default 30 min operation timeout
-LOCAL_ONLY = ("callback", "block_callback")  # functions stay on rank 0 (progress, streaming)
 OUTCOME_CHARS = 2000  # of an error's message gathered from every rank
 
 
@@ -111,10 +113,6 @@ class _Renamed(Exception):
         self.renamed = (str(copy), original)
 
 
-def _portable(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if k not in LOCAL_ONLY}
-
-
 class Leader:
     """Rank 0's generator: everything reads the local model; computing and state changes run on every rank."""
 
@@ -153,22 +151,30 @@ class Leader:
             mine = [_outcome(r) for r in result] if isinstance(result, list) else _outcome(result)
             return result, self.channel.report(mine)
 
-    def run_batch(self, kwargs_list: list[dict], requests: list) -> list:
-        """``run_batch`` of ready Requests (from ``kwargs_list``, validated here) on every rank."""
-        n = len(kwargs_list)
-        result, outcomes = self.everywhere("batch", [_portable(k) for k in kwargs_list],
-                                           lambda: run_batch(self.generator, requests))
-        per_rank = [o if isinstance(o, list) else [o] * n for o in outcomes]  # a rank whose whole batch failed
+    def run_requests(self, reqs: list, starting=None) -> list:
+        """Run validated Requests (made here) on every rank: their parameters are broadcast, every rank runs
+        them, rank 0 answers. The batch is fixed before it is broadcast (``starting`` is asked once, for all):
+        every rank must run the same requests."""
+        n = len(reqs)
+        keep = starting(list(range(n))) if starting is not None else [True] * n
+        live = [i for i in range(n) if keep[i]]
+        out: list = [None] * n
+        if not live:
+            return out
+        result, outcomes = self.everywhere("batch", [intake.portable(reqs[i]) for i in live],
+                                           lambda: self.generator.run_requests([reqs[i] for i in live]))
+        m = len(live)
+        per_rank = [o if isinstance(o, list) else [o] * m for o in outcomes]  # a rank whose whole batch failed
         disagreements = {}
-        for i in range(n):
-            theirs = [o[i] for o in per_rank]
+        for j in range(m):
+            theirs = [o[j] for o in per_rank]
             if any(t != theirs[0] for t in theirs):
-                disagreements[i] = self._break(RanksDisagreeError(f"request {i + 1} of a batch of {n}", theirs))
+                disagreements[j] = self._break(RanksDisagreeError(f"request {j + 1} of a batch of {m}", theirs))
         if isinstance(result, BaseException):
             raise result
-        for i, error in disagreements.items():
-            result[i] = error
-        return result
+        for j, i in enumerate(live):
+            out[i] = disagreements.get(j, result[j])
+        return out
 
     def _state_call(self, name: str, payload, local: Callable[[], Any]):
         result, outcomes = self.everywhere(name, payload, local)
@@ -191,15 +197,11 @@ class Leader:
         return self.generate_batch([kwargs])[0]
 
     def generate_batch(self, requests: list[dict]) -> list:
-        reqs = []
-        for kwargs in requests:
-            kwargs = dict(kwargs)
-            reqs.append(self.generator.new_request(self.generator.params_from(kwargs), callback=kwargs.pop("callback", None)))
-        results = self.run_batch(requests, reqs)
-        for outcome in results:
+        outcomes = self.run_requests([self.generator.request(kwargs) for kwargs in requests])
+        for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        return results
+        return outcomes
 
     def load_lora(self, source, name: Optional[str] = None, weight_name: Optional[str] = None, *,
                   component: str = "transformer", ignore_text_encoder: bool = False) -> str:
@@ -226,8 +228,9 @@ class Leader:
 
     # -- the server's side ---------------------------------------------------------------------
     def make_runner(self, max_batch_size: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64):
-        self._runner = LeaderScheduler(self, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                                       max_queue=max_queue)
+        """The batching scheduler whose batches run on every rank (through ``run_requests``); ``stop`` drains it."""
+        self._runner = BatchScheduler(self, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                                      max_queue=max_queue)
         return self._runner
 
     def stop(self) -> None:
@@ -248,28 +251,18 @@ class Leader:
                     self._last_send = time.monotonic()
 
 
-class LeaderScheduler(BatchScheduler):
-    """The BatchScheduler whose batches run on every rank; once every request is done it stops the ranks."""
-
-    def __init__(self, leader: Leader, **options):
-        super().__init__(leader.generator, **options)
-        self.leader = leader
-
-    def _run(self, reqs, items) -> list:
-        # the batch is fixed before it is broadcast: every rank must run the same requests
-        live = [i for i, item in enumerate(items) if item.future.set_running_or_notify_cancel()]
-        out: list = [None] * len(items)
-        if live:
-            results = self.leader.run_batch([items[i].kwargs for i in live], [reqs[i] for i in live])
-            for i, result in zip(live, results):
-                out[i] = result
-        return out
-
-
 # -- ranks > 0 -------------------------------------------------------------------------------------
 def _batch(gen, kwargs_list: list[dict]) -> list:
-    reqs = [gen.new_request(gen.params_from(kwargs)) for kwargs in kwargs_list]  # validated on rank 0
-    return run_batch(gen, reqs)
+    """Rank 0's requests, made here by the same conversion (each may fail alone), run together."""
+    made = []
+    for kwargs in kwargs_list:
+        try:
+            made.append(gen.request(kwargs))
+        except Exception as exc:
+            made.append(exc)
+    reqs = [r for r in made if not isinstance(r, BaseException)]
+    ran = iter(gen.run_requests(reqs) if reqs else [])
+    return [r if isinstance(r, BaseException) else next(ran) for r in made]
 
 
 def _load_lora(gen, payload: dict) -> None:

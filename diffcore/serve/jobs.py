@@ -91,8 +91,10 @@ class VideoJobs:
         if not job.deleted:
             self.store.save_video(job.id, job.record())
 
-    def create(self, kwargs: dict, size: Optional[str], seconds: Optional[str], has_audio: bool = False) -> VideoJob:
-        job = VideoJob(id="video_" + secrets.token_hex(12), model=self.model, prompt=kwargs.get("prompt", ""),
+    def create(self, request, size: Optional[str], seconds: Optional[str], has_audio: bool = False) -> VideoJob:
+        """Queue ``request`` (a validated Request, or generate() keywords) as a new job."""
+        prompt = request.get("prompt", "") if isinstance(request, dict) else request.params.prompt
+        job = VideoJob(id="video_" + secrets.token_hex(12), model=self.model, prompt=prompt,
                        size=size, seconds=seconds, created_at=int(time.time()), has_audio=has_audio)
         with self._lock:
             self._make_room()
@@ -108,7 +110,7 @@ class VideoJobs:
                 self.on_step(step, steps)
 
         try:
-            job.future = self.runner.submit(kwargs, on_step=progress)
+            job.future = self.runner.submit(request, on_step=progress)
         except BaseException:
             with self._lock:
                 self._jobs.pop(job.id, None)

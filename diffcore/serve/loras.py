@@ -87,9 +87,10 @@ class AdapterUsers:
         self._lock = threading.Lock()
         submit = runner.submit
 
-        def tracked(kwargs, *args, **kw):
-            names = [n for n in (kwargs.get("loras") or {}) if isinstance(n, str)]
-            future = submit(kwargs, *args, **kw)
+        def tracked(request, *args, **kw):  # a validated Request (the routes), or generate() keywords
+            loras = request.get("loras") if isinstance(request, dict) else request.params.loras
+            names = [n for n in (loras or {}) if isinstance(n, str)]
+            future = submit(request, *args, **kw)
             if names:
                 with self._lock:
                     self._counts.update(names)

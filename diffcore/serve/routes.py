@@ -1,5 +1,6 @@
 """Image routes, models, kept files, health, metrics and the playground. A thin adapter: requests become
-generate() keyword arguments for the runner; results become OpenAI bodies."""
+generate() keyword arguments, made into validated Requests on arrival and queued on the runner; results
+become OpenAI bodies."""
 from __future__ import annotations
 
 import asyncio
@@ -69,12 +70,13 @@ async def read_body(request: Request) -> tuple[dict, dict[str, list], bool]:
     return body, {}, False
 
 
-def prevalidate(state, kwargs: dict, image_field: str = "image") -> None:
-    """The engine's own refusals, before queueing (a bad request costs no queue slot and never becomes a failed
-    job): the parameter checks and the checkpoint's input validation (``DiffGenerator.check``, no compute).
-    The error names the request's field: ``size`` for height / width, ``image_field`` for the input images."""
+def prevalidate(state, kwargs: dict, image_field: str = "image"):
+    """The request made and checked on arrival, once (``generate()``'s own refusals, no compute: parameters,
+    the checkpoint's input validation, loaded adapters): a bad request costs no queue slot and never becomes a
+    failed job, and the validated Request is what is queued. The error names the request's field: ``size``
+    for height / width, ``image_field`` for the input images."""
     try:
-        state.generator.check(kwargs)
+        return state.generator.request(kwargs, check_loras=True)
     except Exception as exc:
         error = from_exception(exc)
         if error.param in ("height", "width"):
@@ -84,11 +86,11 @@ def prevalidate(state, kwargs: dict, image_field: str = "image") -> None:
         raise error from None
 
 
-def submit_all(state, kwargs_list: list[dict]) -> list:
+def submit_all(state, reqs: list) -> list:
     futures = []
     try:
-        for kwargs in kwargs_list:
-            futures.append(state.runner.submit(kwargs, on_step=state.step_timer()))
+        for req in reqs:
+            futures.append(state.runner.submit(req, on_step=state.step_timer()))
     except BaseException:
         for f in futures:
             state.runner.cancel(f)
@@ -138,9 +140,9 @@ async def render_images(request: Request, state, job: schemas.ImageJob) -> tuple
     for a layered model (one entry per layer), else empty. Raises ClientGone when the client left."""
     if state.generator.config.is_video:
         raise bad_param("model", f"model {state.model_name!r} generates videos; use POST /v1/videos")
-    prevalidate(state, job.kwargs[0])
+    reqs = [prevalidate(state, kwargs) for kwargs in job.kwargs]
     try:
-        futures = submit_all(state, job.kwargs)
+        futures = submit_all(state, reqs)
     except QueueFullError as exc:
         raise from_exception(exc) from None
     results = await wait_all(request, state, futures)

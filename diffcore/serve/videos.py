@@ -50,8 +50,9 @@ ENCODERS = {"video": (encode_video, "video/mp4", ".mp4"), "thumbnail": (encode_t
             "spritesheet": (encode_spritesheet, "image/jpeg", ".jpg")}
 
 
-async def video_request(request: Request, state) -> schemas.VideoSpec:
-    """A POST /v1/videos (or /v1/videos/sync) body, checked as far as the engine can before any compute."""
+async def video_request(request: Request, state) -> tuple:
+    """A POST /v1/videos (or /v1/videos/sync) body, checked as far as the engine can before any compute:
+    ``(its VideoSpec, the validated Request to queue)``."""
     gen = state.generator
     if not gen.config.is_video:
         raise bad_param("model", f"model {state.model_name!r} generates images; use /v1/images/generations")
@@ -72,16 +73,15 @@ async def video_request(request: Request, state) -> schemas.VideoSpec:
         image = (await run_in_threadpool(upload_images, state, raw, "input_reference"))[0]
     fps = getattr(gen.config, "default_fps", None) or 16
     spec = schemas.video_spec(body, state.model_names, gen.sampling_params_cls, fps, form=form, image=image)
-    prevalidate(state, spec.kwargs, image_field="input_reference")
-    return spec
+    return spec, prevalidate(state, spec.kwargs, image_field="input_reference")
 
 
 @router.post("/v1/videos")
 async def create_video(request: Request):
     state = ready_state(request)
-    spec = await video_request(request, state)
+    spec, req = await video_request(request, state)
     try:
-        job = state.jobs.create(spec.kwargs, spec.size, spec.seconds, has_audio=bool(state.generator.config.has_audio))
+        job = state.jobs.create(req, spec.size, spec.seconds, has_audio=bool(state.generator.config.has_audio))
     except QueueFullError as exc:
         raise from_exception(exc) from None
     return JSONResponse(job.to_json(), headers=warning_headers(spec.warnings))
@@ -91,10 +91,10 @@ async def create_video(request: Request):
 async def create_video_sync(request: Request):
     """vLLM-Omni's blocking form: the same body as POST /v1/videos; the answer is the mp4 itself (no job is kept)."""
     state = ready_state(request)
-    spec = await video_request(request, state)
+    spec, req = await video_request(request, state)
     started = time.perf_counter()
     try:
-        futures = submit_all(state, [spec.kwargs])
+        futures = submit_all(state, [req])
     except QueueFullError as exc:
         raise from_exception(exc) from None
     try:
