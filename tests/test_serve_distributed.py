@@ -80,12 +80,15 @@ def test_video_jobs_report_progress_and_finish_through_the_broadcast_runner(toy_
 
     from diffcore.serve.files import FileStore
     from diffcore.serve.jobs import VideoJobs
+    from diffcore.serve.store import StateStore
 
     channel = Loopback(follower)
     leader = leader_of(toy_gen, channel)
-    runner, files = leader.make_runner(max_wait_ms=0), FileStore(60)
+    store = StateStore(None)
+    runner, files = leader.make_runner(max_wait_ms=0), FileStore(store, ttl=60)
     progress = []
-    jobs = VideoJobs(runner, files, "toy", 4, lambda result, path: path.write_bytes(b"mp4"),
+    mp4 = (lambda result, path: path.write_bytes(b"mp4"), "video/mp4", ".mp4")
+    jobs = VideoJobs(runner, files, store, "toy", 4, 60, {"video": mp4},
                      on_step=lambda step, steps: progress.append((step, steps)))
     job = jobs.create(dict(KW, seed=2), "32x32", None)
     deadline = time.monotonic() + 60
@@ -96,7 +99,7 @@ def test_video_jobs_report_progress_and_finish_through_the_broadcast_runner(toy_
     assert [m[0] for m in channel.sent] == ["batch"] and channel.sent[0][1][0]["seed"] == 2
     leader.stop()
     jobs.close()
-    files.close()
+    store.close()
 
 
 def test_a_request_another_rank_ended_differently_fails_and_breaks_the_leader(toy_gen, follower):
