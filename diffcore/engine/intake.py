@@ -9,7 +9,6 @@ What comes out is queued and run as it is: nothing parses or validates it again.
 """
 from __future__ import annotations
 
-import attrs
 import torch
 
 from ..configs.sampling_params import SamplingParams
@@ -55,5 +54,5 @@ def request_from(pipeline, params_cls: type[SamplingParams], kwargs: dict) -> Re
 def portable(req: Request) -> dict:
     """The keywords that rebuild ``req`` in another process (its set parameters; functions stay here)."""
     params = req.params
-    values = ((f.name, getattr(params, f.name)) for f in attrs.fields(type(params)))
+    values = ((name, getattr(params, name)) for name in type(params).parameter_names())
     return {name: value for name, value in values if value is not None}
