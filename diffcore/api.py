@@ -6,8 +6,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from .configs.engine_args import EngineArgs
 from .errors import SamplingParamError
 from .loader import pretrained as steps

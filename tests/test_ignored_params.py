@@ -49,6 +49,6 @@ def test_the_rule_applies_to_a_served_request_too(toy_gen, caplog):
     from diffcore.engine.batching import run_batch
 
     with caplog.at_level(logging.WARNING):
-        (result,) = run_batch(toy_gen, [toy_gen.new_request(toy_gen.params_from({**SMALL, "true_cfg_scale": 4.0}))])
+        (result,) = run_batch(toy_gen.pipeline, [toy_gen.new_request(toy_gen.params_from({**SMALL, "true_cfg_scale": 4.0}))])
     assert not isinstance(result, Exception)
     assert any(m.startswith("true_cfg_scale is ignored") for m in _ignored(caplog))
