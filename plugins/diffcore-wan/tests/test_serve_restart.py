@@ -44,7 +44,9 @@ def test_sigkill_then_restart_serves_completed_jobs_and_fails_unfinished_ones(wa
              "--file-ttl", "600", "--log-level", "warning")
     proc, base = serve_process(*flags)
     try:
-        done = httpx.post(base + "/v1/videos", json={"prompt": "a cat surfing", **FAST}).json()
+        done = httpx.post(base + "/v1/videos", json={"prompt": "a cat surfing", **FAST})
+        assert done.status_code == 200, done.text
+        done = done.json()
         done = wait(base, done["id"], ("completed", "failed"))
         assert done["status"] == "completed" and done["prompt"] == "a cat surfing"
         assert done["expires_at"] - done["completed_at"] == 600
