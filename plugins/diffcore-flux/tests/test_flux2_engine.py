@@ -78,3 +78,14 @@ def test_offloaded_text_encoder_is_not_resident_while_denoising(flux2_folders):
     np.testing.assert_allclose(out, ref, atol=1e-6, rtol=0)
     assert seen and all(active and te_resting for active, te_resting in seen), seen
     assert hooks.moves == ["text_encoder", "transformer", "vae"]
+
+
+def test_teacache_reads_the_probe_and_a_zero_threshold_changes_nothing(flux2_folders):
+    """TeaCache watches cache_probe (the first block's modulated image input): threshold 0 recomputes every step
+    (equal to no cache), a large one skips."""
+    kw = dict(prompt="a hat", seed=3, height=32, width=32, image=[_image(64, 64, 1)], **{**SMALL, "num_inference_steps": 5})
+    plain = _gen(flux2_folders, "dev").generate(**kw).output
+    exact = _gen(flux2_folders, "dev", cache="teacache", cache_threshold=0.0).generate(**kw)
+    np.testing.assert_allclose(exact.output, plain, atol=1e-6)
+    assert exact.cache_stats["skipped"] == 0
+    assert _gen(flux2_folders, "dev", cache="teacache", cache_threshold=10.0).generate(**kw).cache_stats["skipped"] > 0
