@@ -18,7 +18,7 @@ FAMILY = re.compile(r"(?i)flux|qwen|kontext|(?<![a-z])wan(?![a-z])|(?-i:(?<![a-z
 # encoders the fast loader knows are that library's names.
 ALLOWED_FILES = {"models/autoencoder_kl_wan.py", "models/wan_vae_blocks.py"}
 ALLOWED = re.compile(r"^(AutoencoderKLWan|AutoencoderKLQwenImage|diffcore\.models\.autoencoder_kl_wan:\w+|"
-                     r"autoencoder_kl_wan|Qwen2_5_VL\w*)$")
+                     r"autoencoder_kl_wan|Qwen2_5_VL\w*|Qwen3ForCausalLM)$")
 
 
 def _docstrings(tree: ast.AST) -> set[int]:

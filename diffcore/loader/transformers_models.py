@@ -35,8 +35,8 @@ KEY_RENAMES: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
         ("visual.", "model.visual.", ()),
         ("model.", "model.language_model.", ("model.language_model.", "model.visual.")),
     ),
-    "Qwen3ForCausalLM": (),  # FLUX.2 [klein]
-    "Mistral3ForConditionalGeneration": (  # FLUX.2 [dev]; the pre-v5 layout kept the LM under language_model.
+    "Qwen3ForCausalLM": (),
+    "Mistral3ForConditionalGeneration": (  # the pre-v5 layout kept the language model under language_model.
         ("language_model.model.", "model.language_model.", ()),
         ("language_model.lm_head.", "lm_head.", ()),
         ("vision_tower.", "model.vision_tower.", ()),
