@@ -16,11 +16,17 @@ from .errors import CorruptCheckpointError, NonFiniteError
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """One reduction, no copy of ``t``: a NaN or an inf anywhere makes the float32 sum non-finite (quantized
-    tensor subclasses, e.g. packed GGUF weights, are not looked into)."""
+    """One pass, no copy of ``t``: min and max propagate a NaN, and an inf shows in one of them (quantized
+    tensor subclasses, e.g. packed GGUF weights, are not looked into). Why min/max and not a sum: a float32
+    sum of a bf16 tensor converts every element (24x slower at load, measured on a 63M-parameter model), and
+    a sum of large finite weights can overflow to inf, refusing a sound checkpoint."""
     if type(t) not in (torch.Tensor, torch.nn.Parameter) or not t.is_floating_point() or t.numel() == 0:
         return True
-    return bool(torch.isfinite(torch.sum(t, dtype=torch.float32)))
+    try:
+        low, high = torch.aminmax(t.detach())
+    except (RuntimeError, NotImplementedError):  # dtypes without a min/max kernel (float8): the float32 sum
+        return bool(torch.isfinite(torch.sum(t, dtype=torch.float32)))
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _causes(req) -> str:

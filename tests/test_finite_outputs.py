@@ -142,3 +142,17 @@ def test_the_weight_check_can_be_skipped_for_trusted_checkpoints(toy_copy, toy_m
     gen = _load(toy_copy, toy_manager)  # loads; the NaN is then caught at the output, not a black picture
     with pytest.raises(NonFiniteError):
         gen.generate(**SMALL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_the_finite_check_sees_nan_and_inf_in_every_dtype_and_never_overflows(dtype):
+    from diffcore.finite import all_finite
+
+    finite_max = torch.finfo(dtype).max
+    big = torch.full((4096,), finite_max).to(dtype)  # finite weights whose sum overflows every float type
+    assert all_finite(big)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        if bad != bad or dtype is not torch.float8_e4m3fn:  # e4m3fn has no inf: an inf becomes NaN
+            t = torch.ones(64, dtype=torch.float32)
+            t[17] = bad
+            assert not all_finite(t.to(dtype)), (dtype, bad)
