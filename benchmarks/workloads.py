@@ -143,11 +143,11 @@ def build_qwen(s: dict):
                            QwenImageTransformer2DModel)
 
     from diffcore.testing.text_encoders import tiny_qwen25vl
-    from diffcore.testing.tokenizers import tiny_qwen2_tokenizer
     from diffcore.testing.weights import perturb_
+    from diffcore_qwen.testing import tiny_qwen_image_tokenizer
 
     torch.manual_seed(s["seed"])
-    tokenizer = tiny_qwen2_tokenizer()
+    tokenizer = tiny_qwen_image_tokenizer()
     text_encoder = tiny_qwen25vl(tokenizer, seed=s["seed"], **s["text"])
     transformer = QwenImageTransformer2DModel(**s["transformer"])
     mean, std = _latent_stats(s["vae"]["z_dim"], s["seed"])

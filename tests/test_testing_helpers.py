@@ -23,13 +23,14 @@ from diffcore.testing.text_encoders import (
 )
 from diffcore.testing.tokenizers import (
     DEFAULT_WORDS,
-    QWEN_SPECIAL_TOKENS,
+    QWEN2_SPECIAL_TOKENS,
     tiny_clip_tokenizer,
     tiny_qwen2_tokenizer,
     tiny_t5_tokenizer,
 )
 from diffcore.testing.weights import cosine, max_abs_diff, perturb_, psnr
 from diffcore_qwen.processor import expand_image_tokens  # the one implementation: the Qwen plugin's own
+from diffcore_qwen.testing import tiny_qwen_image_tokenizer  # knows the Qwen-Image templates
 
 
 @pytest.fixture(autouse=True)
@@ -198,8 +199,8 @@ def test_t5_tokenizer_layout():
 
 def test_qwen2_special_tokens():
     tok = tiny_qwen2_tokenizer()
-    ids = tok.convert_tokens_to_ids(list(QWEN_SPECIAL_TOKENS))
-    assert ids == list(range(ids[0], ids[0] + len(QWEN_SPECIAL_TOKENS))) and ids[-1] == len(tok) - 1
+    ids = tok.convert_tokens_to_ids(list(QWEN2_SPECIAL_TOKENS))
+    assert ids == list(range(ids[0], ids[0] + len(QWEN2_SPECIAL_TOKENS))) and ids[-1] == len(tok) - 1
     assert set(ids) <= set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>" and tok.bos_token is None
     text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>"
@@ -223,7 +224,7 @@ def _qwen_pipelines():
 def test_qwen_template_prefix_counts():
     """The pipelines drop `start_idx` leading hidden states; with our tokenizer those must be exactly the
     system/user prefix, as with the real Qwen tokenizer (34 for Qwen-Image, 64 for Edit / Edit-Plus)."""
-    tok = tiny_qwen2_tokenizer()
+    tok = tiny_qwen_image_tokenizer()
     templates = _qwen_pipelines()
     assert {k: v[1] for k, v in templates.items()} == {
         "QwenImagePipeline": 34, "QwenImageEditPipeline": 64, "QwenImageEditPlusPipeline": 64}
@@ -341,7 +342,7 @@ def test_expand_image_tokens():
 
 
 def test_qwen25vl_forward_with_image(tmp_path):
-    tok, proc = tiny_qwen2_tokenizer(), tiny_qwen2vl_image_processor()
+    tok, proc = tiny_qwen_image_tokenizer(), tiny_qwen2vl_image_processor()
     model = tiny_qwen25vl(tok)
     cfg = model.config
     assert (cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.video_token_id) == tuple(
@@ -378,7 +379,7 @@ def test_qwen25vl_forward_with_image(tmp_path):
 def test_qwenimage_pipeline_encode_prompt_keeps_only_prompt_tokens():
     from diffusers import QwenImagePipeline
 
-    tok = tiny_qwen2_tokenizer()
+    tok = tiny_qwen_image_tokenizer()
     te = tiny_qwen25vl(tok)
     pipe = QwenImagePipeline(scheduler=None, vae=None, text_encoder=te, tokenizer=tok, transformer=None)
     embeds, mask = pipe.encode_prompt(["a cat", "a red circle on a blue background"], device="cpu")

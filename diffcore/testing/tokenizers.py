@@ -22,9 +22,7 @@ from transformers import AddedToken, CLIPTokenizer, Qwen2Tokenizer, T5Tokenizer
 
 __all__ = [
     "DEFAULT_WORDS",
-    "QWEN_SPECIAL_TOKENS",
-    "QWEN_IMAGE_SYSTEM_PROMPT",
-    "QWEN_EDIT_SYSTEM_PROMPT",
+    "QWEN2_SPECIAL_TOKENS",
     "tiny_clip_tokenizer",
     "tiny_t5_tokenizer",
     "tiny_qwen2_tokenizer",
@@ -49,22 +47,8 @@ DEFAULT_WORDS: tuple[str, ...] = tuple(
     hello world test prompt negative empty""".split()
 )
 
-# diffusers' Qwen-Image prompt templates wrap the prompt in these system prompts; the pipelines drop
-# the first 34 (Qwen-Image) / 64 (Qwen-Image-Edit, Edit-Plus) hidden states, which is the token count
-# of "<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n" with the real Qwen tokenizer.
-QWEN_IMAGE_SYSTEM_PROMPT = (
-    "Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
-    "relationships of the objects and background:"
-)
-QWEN_EDIT_SYSTEM_PROMPT = (
-    "Describe the key features of the input image (color, shape, size, texture, objects, background), "
-    "then explain how the user's text instruction should alter or modify the image. Generate a new image "
-    "that meets the user's requirements while maintaining consistency with the original input where "
-    "appropriate."
-)
-
 # Qwen2 / Qwen2.5-VL special tokens, in the real tokenizer's id order (151643 ... 151656).
-QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
+QWEN2_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
     "<|im_start|>",
     "<|im_end|>",
@@ -211,25 +195,24 @@ def tiny_t5_tokenizer(words: Sequence[str] | None = None) -> T5Tokenizer:
 
 
 # --------------------------------------------------------------------------------------------- Qwen2
-def _qwen_corpus(words: Sequence[str] | None) -> list[str]:
-    """Text segments (between special tokens) of the Qwen-Image templates plus the word corpus."""
-    segments = ["system\n" + QWEN_IMAGE_SYSTEM_PROMPT, "system\n" + QWEN_EDIT_SYSTEM_PROMPT]
-    segments += ["\n", "user\n", "assistant\n", "Picture 1: ", "Picture 2: ", "Picture 3: "]
+def _qwen2_corpus(words: Sequence[str] | None, texts: Sequence[str]) -> list[str]:
+    """Text segments (between special tokens): ``texts`` (a family's templates), chat-turn pieces, the words."""
+    segments = list(texts) + ["\n", "user\n", "assistant\n", "Picture 1: ", "Picture 2: ", "Picture 3: "]
     return segments + _default_corpus(words)
 
 
-def tiny_qwen2_tokenizer(words: Sequence[str] | None = None) -> Qwen2Tokenizer:
+def tiny_qwen2_tokenizer(words: Sequence[str] | None = None, texts: Sequence[str] = ()) -> Qwen2Tokenizer:
     """A tiny real ``Qwen2Tokenizer``: byte-level BPE + Qwen special tokens as (special) added tokens.
 
-    Every pre-token of the Qwen-Image system prompts is one token, so the templated prefixes have the
-    real tokenizer's lengths: 34 tokens for ``QwenImagePipeline``, 64 for ``QwenImageEditPipeline`` /
-    ``QwenImageEditPlusPipeline``. Special tokens follow the BPE vocab in the real order
-    (``QWEN_SPECIAL_TOKENS``); eos is ``<|im_end|>``, pad ``<|endoftext|>``, no bos/unk (as Qwen2.5-VL).
+    Every pre-token of ``texts`` is one token, so a family's templated prefixes can have the real
+    tokenizer's lengths (the Qwen plugin's ``diffcore_qwen.testing.tiny_qwen_image_tokenizer`` passes its
+    system prompts). Special tokens follow the BPE vocab in the real order (``QWEN2_SPECIAL_TOKENS``); eos
+    is ``<|im_end|>``, pad ``<|endoftext|>``, no bos/unk (as Qwen2.5-VL).
     """
     probe = Qwen2Tokenizer(vocab={"<|endoftext|>": 0}, merges=[])
-    pretoks = _pretokens(probe, _qwen_corpus(words))
+    pretoks = _pretokens(probe, _qwen2_corpus(words, texts))
     vocab, merges = _build_bpe((list(p) for p in pretoks), _byte_alphabet())
-    for tok in QWEN_SPECIAL_TOKENS:
+    for tok in QWEN2_SPECIAL_TOKENS:
         vocab[tok] = len(vocab)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
@@ -241,5 +224,5 @@ def tiny_qwen2_tokenizer(words: Sequence[str] | None = None) -> Qwen2Tokenizer:
         model_max_length=131072,
         errors="replace",
     )
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_SPECIAL_TOKENS])
     return tokenizer

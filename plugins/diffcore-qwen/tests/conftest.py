@@ -60,11 +60,11 @@ def build_qwen_pipeline(variant: str = "t2i", seed: int = 0):
                            QwenImageEditPlusPipeline, QwenImagePipeline, QwenImageTransformer2DModel)
 
     from diffcore.testing.text_encoders import tiny_qwen25vl, tiny_qwen2vl_image_processor
-    from diffcore.testing.tokenizers import tiny_qwen2_tokenizer
+    from diffcore_qwen.testing import tiny_qwen_image_tokenizer
     from diffcore.testing.weights import perturb_
 
     torch.manual_seed(seed)
-    tokenizer = tiny_qwen2_tokenizer()
+    tokenizer = tiny_qwen_image_tokenizer()
     text_encoder = tiny_qwen25vl(tokenizer, hidden=32, seed=seed)
     transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                                               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
@@ -134,11 +134,11 @@ def build_qwen_layered(seed: int = 0):
                            QwenImageTransformer2DModel)
 
     from diffcore.testing.text_encoders import tiny_qwen25vl, tiny_qwen2vl_image_processor
-    from diffcore.testing.tokenizers import tiny_qwen2_tokenizer
+    from diffcore_qwen.testing import tiny_qwen_image_tokenizer
     from diffcore.testing.weights import perturb_
 
     torch.manual_seed(seed)
-    tokenizer = tiny_qwen2_tokenizer()
+    tokenizer = tiny_qwen_image_tokenizer()
     text_encoder = tiny_qwen25vl(tokenizer, hidden=32, seed=seed)
     # z_dim 8, not 4: diffusers takes a 4-channel (RGBA) input for latents when z_dim is 4
     transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=32, out_channels=8, num_layers=2,
