@@ -52,3 +52,16 @@ def test_qwen_edit_inpaint_parity(qwen_folders, make_vl_processor):
         mask_image=mask, strength=0.9, generator=torch.Generator("cpu").manual_seed(1), output_type="np", **kw).images
     gen = DiffGenerator.from_pretrained(folder, dtype="float32", progress=False)
     assert_parity(gen.generate(mask=mask, strength=0.9, seed=1, output_type="np", **kw).output, ref)
+
+
+def test_qwen_tasks_batch_equals_solo(t2i):
+    """Inpaints with different masks and prompt lengths (true CFG) share a batch; img2img runs as its own; each == solo."""
+    from diffcore.testing.concurrency import assert_batch_equals_solo
+
+    base = dict(height=32, width=32, num_inference_steps=3, negative_prompt=" ", true_cfg_scale=2.0, output_type="np")
+    requests = [dict(prompt="a cat", image=random_picture(32, 32, 1), mask=box_mask(32, 32), strength=0.7, seed=1, **base),
+                dict(prompt="two yellow squares on a white background", image=random_picture(40, 40, 2),
+                     mask=box_mask(40, 40, (0, 0, 0.5, 1)), strength=0.7, seed=2, **base),
+                dict(prompt="a dog", image=random_picture(32, 32, 3), strength=0.7, seed=3, **base)]
+    counts = assert_batch_equals_solo(t2i, requests)
+    assert counts["batch"] == sum(counts["solo"]) - counts["solo"][0]  # the two inpaints share their calls
