@@ -116,7 +116,7 @@ def test_playground_brush_mask_and_strength(tmp_path):
     from PIL import Image
 
     from diffcore import DiffGenerator
-    from diffcore.testing.checkpoints import write_tiny_flux
+    from diffcore_flux.testing import write_tiny_flux
 
     exe = chromium()
     gen = DiffGenerator.from_pretrained(write_tiny_flux(tmp_path / "flux"), dtype="float32", progress=False)
