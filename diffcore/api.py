@@ -20,7 +20,10 @@ log = logging.getLogger(__name__)
 
 
 class DiffGenerator:
-    """A loaded pipeline, ready to generate. Build it with ``from_pretrained``."""
+    """A loaded pipeline, ready to generate. Build it with ``from_pretrained``. It is a
+    ``diffcore.protocols.ServedModel``: what ``diffcore serve`` serves."""
+
+    broken: Optional[str] = None  # (diffcore.protocols.ServedModel) one process never falls out of step
 
     def __init__(self, pipeline, sampling_params_cls, model: str, folder: Path, load_time: float, registry=None):
         self.pipeline, self.sampling_params_cls = pipeline, sampling_params_cls
@@ -45,7 +48,7 @@ class DiffGenerator:
     @property
     def rank(self) -> int:
         """This process's rank in a sequence/CFG parallel run (0 in one process): rank 0 writes outputs."""
-        groups = getattr(self.pipeline, "parallel", None)
+        groups = self.pipeline.parallel
         return 0 if groups is None else groups.rank
 
     @classmethod
@@ -217,8 +220,8 @@ class DiffGenerator:
             output = req.output.float().cpu()
         elif params.output_type != "latent":
             output = req.output.float().cpu().numpy()
-        fps = params.fps if params.fps is not None else getattr(self.config, "default_fps", None)
-        stats = getattr(req.step_cache, "stats", None)
+        fps = (params.fps or self.config.default_fps) if self.config.is_video else None
+        stats = req.step_cache.stats if req.step_cache is not None else None
         audio = req.audio.float().cpu().numpy() if req.audio is not None and output is not None else None
         return GenerationResult(output=output, latents=req.latents, timings=dict(req.timings),
                                 is_video=self.config.is_video, fps=fps, output_type=params.output_type,

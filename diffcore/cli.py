@@ -107,7 +107,7 @@ def _generate_streaming(gen, output: str, kwargs: dict):
     def on_block(block, latents, frames):
         nonlocal writer
         if writer is None:
-            fps = kwargs.get("fps") or getattr(gen.config, "default_fps", None) or 16
+            fps = kwargs.get("fps") or gen.config.default_fps
             writer = VideoWriter(output, fps)
         writer.append(frames[0])
 

@@ -13,6 +13,7 @@ import numpy as np
 from .audio import mux_into_mp4, write_wav
 from .errors import InputError
 
+DEFAULT_FPS = 16  # a video's frame rate when neither the request nor the model says (PipelineConfig.default_fps)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 MEDIA_SUFFIXES = IMAGE_SUFFIXES | {".mp4", ".wav"}
 
@@ -133,7 +134,7 @@ class GenerationResult:
         if suffix == ".mp4":
             item = np.asarray(self.output[index])
             frames = item if self.is_video else item[None]
-            write_video(frames, path, self.fps or 16)
+            write_video(frames, path, self.fps or DEFAULT_FPS)
             if self.audios is not None:
                 mux_into_mp4(path, self.audios[index], self.audio_sample_rate)
         elif suffix in IMAGE_SUFFIXES:

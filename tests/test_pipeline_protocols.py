@@ -252,3 +252,46 @@ def test_config_hook_reads_follow_the_stage_class_not_its_name(toy_gen):
 
     with pytest.raises(ConfigError, match="keys its reads by stage class"):
         ToyPipeline(toy_gen.components, KeyedByName())
+
+
+def test_the_served_model_protocol_names_what_a_server_uses(toy_gen):
+    """DiffGenerator and the torchrun Leader are both ServedModels (the server and the scheduler use nothing
+    else of them); an object lacking part of it is not one."""
+    from diffcore.protocols import ServedModel
+    from diffcore.serve.distributed import Leader
+
+    class Silent:
+        rank, world_size = 0, 1
+
+        def send(self, message):
+            pass
+
+    leader = Leader(toy_gen, Silent(), heartbeat_s=3600)
+    try:
+        assert isinstance(toy_gen, ServedModel) and isinstance(leader, ServedModel)
+        assert toy_gen.broken is None and leader.broken is None
+    finally:
+        leader.stop()
+    assert not isinstance(toy_gen.pipeline, ServedModel)
+
+
+def test_the_block_cache_protocol_is_a_protocol():
+    """A model is a BlockCacheModel when it has the whole protocol; a part of it is not enough."""
+    from diffcore.cache import CacheState, supports_step_cache
+    from diffcore.protocols import BlockCacheModel
+
+    class NoTail(torch.nn.Module):  # part of the protocol only
+        cache_num_blocks = 2
+
+        def cache_embed(self, hidden_states, timestep, **kwargs):
+            return CacheState(hidden_states)
+
+        def cache_blocks(self, state, start, stop):
+            return state
+
+    class Blocks(NoTail):
+        def cache_tail(self, state):
+            return state.hidden
+
+    assert isinstance(Blocks(), BlockCacheModel) and supports_step_cache(Blocks())
+    assert not supports_step_cache(NoTail()) and not supports_step_cache(torch.nn.Linear(2, 2))

@@ -30,7 +30,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = ("cache_embed", "cache_blocks", "cache_tail", "cache_num_blocks")
 # What makes one fresh step cache (a request's own), set by the pipeline around its forward from its
 # ``cache_policy``; None: no step cache. The denoising loops read it (``DenoisingLoopStage.start_step_cache``).
 FACTORY: contextvars.ContextVar[Optional[Callable[[], Any]]] = contextvars.ContextVar("diffcore_step_cache",
@@ -53,7 +52,10 @@ def state_rel_l1(state: CacheState, now: torch.Tensor, before: torch.Tensor) -> 
 
 
 def supports_step_cache(model: Any) -> bool:
-    return all(hasattr(model, name) for name in PROTOCOL)
+    """Whether ``model`` implements the block-cache protocol (``diffcore.protocols.BlockCacheModel``)."""
+    from ..protocols import BlockCacheModel
+
+    return isinstance(model, BlockCacheModel)
 
 
 def rel_l1(now: torch.Tensor, before: torch.Tensor) -> float:

@@ -10,6 +10,7 @@ import attrs
 
 from ..offload import MODES
 from ..quantization import SCHEMES
+from . import budget
 from .engine_args import EngineArgs
 
 
@@ -58,9 +59,9 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
     Flag("allow_external_links", "follow links in the model folder that lead outside it (refused by default: "
                                  "docs/api.md)", {"action": "store_true"}),
     Flag("num_threads", "torch CPU threads (default: torch's)", {"type": int}),
-    Flag("max_pixels", "budget: most pixels per frame (default 4096*4096 or DIFFCORE_MAX_PIXELS)", {"type": int}),
-    Flag("max_frames", "budget: most video frames (default 257 or DIFFCORE_MAX_FRAMES)", {"type": int}),
-    Flag("max_steps", "budget: most denoising steps (default 1000 or DIFFCORE_MAX_STEPS)", {"type": int}),
+    *(Flag(name, f"budget: {what} (default {budget.DEFAULTS[name]:,} or {budget.ENV[name]})", {"type": int})
+      for name, what in (("max_pixels", "most pixels per frame"), ("max_frames", "most video frames"),
+                         ("max_steps", "most denoising steps"))),
     Flag("sp_degree", "Ulysses sequence-parallel degree (launch sp-degree x (2 with --cfg-parallel) ranks with "
                       "torchrun)", {"type": int}),
     Flag("cfg_parallel", "run the conditional and unconditional CFG branches on two ranks", {"action": "store_true"}),

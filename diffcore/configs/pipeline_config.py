@@ -14,6 +14,7 @@ import torch
 
 from ..errors import ConfigError, SamplingParamError
 from ..notices import notice
+from ..outputs import DEFAULT_FPS
 from .engine_args import parse_dtype
 from .fewstep import CausalConfig, DmdConfig
 
@@ -55,7 +56,7 @@ class PipelineConfig:
     # The denoiser components (what quantization and layer offload apply to).
     denoiser_components: ClassVar[tuple[str, ...]] = ("transformer",)
 
-    default_fps: Optional[int] = None
+    default_fps: int = DEFAULT_FPS  # frames per second of the model's videos (a request's ``fps`` overrides it)
     # Few-step distilled checkpoints (DmdDenoisingStage) and block-causal ones (CausalDMDDenoisingStage).
     dmd: Optional[DmdConfig] = None
     causal: Optional[CausalConfig] = None
@@ -103,7 +104,8 @@ class PipelineConfig:
         return rounded
 
     def resolve_size(self, req: "Request", components: dict) -> None:
-        """Set req.height / req.width (and num_frames for video) from params and model defaults."""
+        """Set req.height / req.width (and num_frames for video) from params and model defaults. The input
+        images are already decoded (``req.images``, RGB PIL): size from them, never decode them again."""
         p = req.params
         req.height = self.round_size("height", p.height or self.default_size(components)[0])
         req.width = self.round_size("width", p.width or self.default_size(components)[1])

@@ -45,7 +45,7 @@ def batch_key(pipeline, req: Request) -> tuple:
     p = req.params
     cfg = None if pipeline.config.mixed_cfg_batches else req.do_cfg  # see merge_cfg
     return (req.height, req.width, req.num_frames, cfg, p.num_inference_steps, p.max_sequence_length,
-            p.output_type == "latent", _hashable(getattr(p, "timesteps", None)), getattr(p, "flow_shift", None),
+            p.output_type == "latent", _hashable(p.timesteps), p.flow_shift,
             len(req.images or ()), getattr(type(p), "task", None), getattr(p, "strength", None),
             pipeline.config.batch_key(req))
 

@@ -260,7 +260,7 @@ class LoraManager:
     def request_selection(self, req) -> dict:
         """The adapters a Request's forward runs with: its ``params.loras``, or for a batch whose rows
         come from requests with different adapters, per-row weight tensors (0 where a row lacks one)."""
-        rows = getattr(req, "row_params", None)
+        rows = req.row_params
         if not rows:
             return self.check_selection(req.params.loras)
         per_row = [self.check_selection(p.loras) for p in rows]

@@ -85,7 +85,7 @@ class ServerState:
             self.load_error = f"{type(exc).__name__}: {exc}"
 
     def require_ready(self) -> None:
-        broken = getattr(self.generator, "broken", None)  # a generator over parallel ranks that fell out of step
+        broken = self.generator.broken if self.generator is not None else None  # ranks that fell out of step
         if broken:
             raise APIError(503, f"the server is stopping for a restart: {broken}", type="server_error",
                            code="out_of_step")

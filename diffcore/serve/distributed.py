@@ -114,7 +114,8 @@ class _Renamed(Exception):
 
 
 class Leader:
-    """Rank 0's generator: everything reads the local model; computing and state changes run on every rank."""
+    """Rank 0's generator: everything reads the local model; computing and state changes run on every rank.
+    A ``diffcore.protocols.ServedModel``, like the DiffGenerator it wraps."""
 
     def __init__(self, generator, channel: Channel, heartbeat_s: float = HEARTBEAT_S,
                  on_broken: Optional[Callable[[str], None]] = None):
@@ -130,7 +131,7 @@ class Leader:
                                            daemon=True)
         self._heartbeat.start()
 
-    def __getattr__(self, name):  # config, sampling_params_cls, loras, pipeline, params_from, ...
+    def __getattr__(self, name):  # reads: config, sampling_params_cls, loras, pipeline, request, model, ...
         return getattr(self.generator, name)
 
     # -- what runs on every rank ---------------------------------------------------------------

@@ -197,8 +197,7 @@ def upload_pixel_limit(state) -> int:
     """--max-upload-pixels, or the engine's own pixel budget (EngineArgs.max_pixels / DIFFCORE_MAX_PIXELS)."""
     if state.settings.max_upload_pixels is not None:
         return state.settings.max_upload_pixels
-    engine = getattr(state.generator.pipeline, "engine_args", None)
-    return engine.budget().max_pixels if engine is not None and hasattr(engine, "budget") else 4096 * 4096
+    return state.generator.pipeline.engine_args.budget().max_pixels
 
 
 def upload_images(state, images: list[bytes], field: str = "image") -> list:

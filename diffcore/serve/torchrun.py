@@ -86,7 +86,7 @@ class LeaderLoader:
 
 def close_groups(generator, channel: Channel) -> None:
     channel.close()
-    groups = getattr(generator.pipeline, "parallel", None)
+    groups = generator.pipeline.parallel
     if groups is not None:
         groups.close()
 

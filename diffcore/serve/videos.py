@@ -71,7 +71,7 @@ async def video_request(request: Request, state) -> tuple:
         if gen.sampling_params_cls.max_images == 0:
             raise bad_param("input_reference", f"model {state.model_name!r} is text-to-video; it takes no input image")
         image = (await run_in_threadpool(upload_images, state, raw, "input_reference"))[0]
-    fps = getattr(gen.config, "default_fps", None) or 16
+    fps = gen.config.default_fps
     spec = schemas.video_spec(body, state.model_names, gen.sampling_params_cls, fps, form=form, image=image)
     return spec, prevalidate(state, spec.kwargs, image_field="input_reference")
 

@@ -7,8 +7,8 @@ clean keys/values into the cache for the blocks after it. Finished blocks are de
 video VAE is causal in time, so this equals decoding the whole video at the end) and handed to the
 request's ``block_callback``, which is what makes streaming possible.
 
-The model protocol: ``model.new_kv_cache(latent_shape, window, sink)`` and ``forward(...,
-kv_cache=cache, start_frame=s)`` on one block of latent frames starting at video frame ``s``.
+The model protocol (``diffcore.protocols.CausalModel``): ``model.new_kv_cache(latent_shape, window, sink)``
+and ``forward(..., kv_cache=cache, start_frame=s)`` on one block of latent frames starting at frame ``s``.
 Everything per generation (cache, block index, decoder state) is local to ``forward``. The stage's
 time includes the block decodes; ``timings["block_decoding"]`` says how much of it they took.
 """
@@ -19,6 +19,7 @@ import time
 import torch
 
 from ..errors import ConfigError, SamplingParamError
+from ..protocols import CausalModel
 from ..request import Request
 from .base import Out
 from .dmd import DmdDenoisingStage, dmd_schedule
@@ -40,6 +41,9 @@ class CausalDMDDenoisingStage(DmdDenoisingStage):
             raise ConfigError(f"{type(config).__name__} has no block-causal recipe (config.causal)")
         if len(self.transformers) != 1:
             raise ConfigError("block-causal generation runs one transformer (two-expert models are not causal)")
+        if not isinstance(self.transformers[0], CausalModel):
+            raise ConfigError(f"{type(self.transformers[0]).__name__} cannot denoise block by block: it has no "
+                              "new_kv_cache (the diffcore.protocols.CausalModel protocol)")
         if components is not None:
             self.outputs = (Out("latents", torch.Tensor), Out("output", torch.Tensor))
 

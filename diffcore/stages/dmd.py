@@ -51,12 +51,12 @@ class FlowGrid:
 
 def dmd_schedule(config, req: Request) -> tuple[list[float], FlowGrid]:
     """The request's timesteps (``params.timesteps`` or the config's, warped if the recipe says so) and grid."""
-    dmd: Optional[DmdConfig] = getattr(config, "dmd", None)
+    dmd: Optional[DmdConfig] = config.dmd
     if dmd is None:
         raise ConfigError(f"{type(config).__name__} has no few-step recipe (config.dmd); a DMD stage needs one")
-    shift = getattr(req.params, "flow_shift", None) or dmd.shift
+    shift = req.params.flow_shift or dmd.shift
     grid = FlowGrid(shift)
-    timesteps = list(getattr(req.params, "timesteps", None) or dmd.timesteps)
+    timesteps = list(req.params.timesteps or dmd.timesteps)
     return (grid.warp(timesteps) if dmd.warp else [float(t) for t in timesteps]), grid
 
 

@@ -99,7 +99,7 @@ def _warn_ignored(cfg, p, do_cfg: bool) -> None:
     """Parameters this model or request will not use, reported as diffusers does (a warning, not silence)."""
     if not cfg.is_video:
         for name in ("num_frames", "fps"):
-            if getattr(p, name, None) is not None:
+            if getattr(p, name) is not None:
                 notice(log, "%s=%s is ignored: this model makes images, not videos", name, getattr(p, name))
     if p.negative_prompt is not None and not do_cfg:
         why = {"cfg": "guidance_scale <= 1", "true_cfg": "true_cfg_scale <= 1"}.get(cfg.cfg, "this model does not use it")
@@ -120,24 +120,24 @@ class InputValidationStage(PipelineStage):
 
     def forward(self, req: Request) -> Request:
         cfg, p = self.config, req.params
-        if getattr(p, "timesteps", None) is not None and getattr(cfg, "dmd", None) is None:
+        if p.timesteps is not None and cfg.dmd is None:
             raise SamplingParamError("timesteps", "this model samples with num_inference_steps; a list of timesteps "
                                                   "is for few-step (DMD-distilled) models")
         limits = budget.current()
         limits.check_steps(p.num_inference_steps)
-        if getattr(p, "timesteps", None) is not None:
+        if p.timesteps is not None:
             limits.check_steps(len(p.timesteps))
+        images = p.images  # decoded once, here, before the sizes: a config sizes the output from req.images
+        req.images = [load_image(im, i) for i, im in enumerate(images)] if images else None
         self.config.resolve_size(req, self.components)
         limits.check_size(req.height, req.width, req.num_frames if cfg.is_video else None)
         scheduler = self.components.get("scheduler")
-        if getattr(cfg, "dmd", None) is None and scheduler is not None:
+        if cfg.dmd is None and scheduler is not None:
             if getattr(scheduler, "config", {}).get("use_dynamic_shifting"):  # mu needs the latents: shift only
-                if getattr(p, "flow_shift", None) is not None:
+                if p.flow_shift is not None:
                     with_flow_shift(scheduler, p.flow_shift)
             else:  # the request's flow_shift and step count, refused now rather than after text encoding
                 request_schedule(cfg, scheduler, req)
-        images = p.images
-        req.images = [load_image(im, i) for i, im in enumerate(images)] if images else None
         want = cfg.wants_cfg(p)
         negatives = p.negative_prompts(req.batch_size, cfg.default_negative_prompt)
         if cfg.cfg == "true_cfg" and want and negatives is None:

@@ -39,7 +39,7 @@ def request_schedule(config, base, req: Request, device=None):
     integer timesteps (UniPC) repeats timesteps when the steps are many and the shift large (Wan with
     400 steps), and the sampler would run off its end after all the compute."""
     n = req.params.num_inference_steps
-    shift = getattr(req.params, "flow_shift", None)
+    shift = req.params.flow_shift
     scheduler = with_flow_shift(base, shift) if shift is not None else copy.deepcopy(base)
 
     def build(steps: int):

@@ -104,9 +104,7 @@ class FluxKontextConfig(FluxDevConfig):
         """Without an explicit size, keep the input image's aspect ratio at ~max_area pixels."""
         p = req.params
         if p.height is None or p.width is None:
-            from diffcore.stages.input_validation import load_image
-
-            w0, h0 = load_image(p.images[0]).size if p.images else (1024, 1024)
+            w0, h0 = req.images[0].size if req.images else (1024, 1024)
             aspect = w0 / h0
             width, height = round((self.max_area * aspect) ** 0.5), round((self.max_area / aspect) ** 0.5)
             req.height, req.width = p.height or height // 16 * 16, p.width or width // 16 * 16

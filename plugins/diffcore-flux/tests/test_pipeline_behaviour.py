@@ -59,6 +59,20 @@ def test_kontext_requires_an_image(flux_folders):
         gen.generate(prompt="make it red", height=32, width=32)
 
 
+def test_kontext_sizes_from_the_image_it_decoded_once(flux_folders, tmp_path, monkeypatch):
+    """Without a size, Kontext keeps the input's aspect: it reads the image input validation decoded
+    (req.images), never the file a second time."""
+    gen = DiffGenerator.from_pretrained(flux_folders["kontext"], dtype="float32", progress=False)
+    monkeypatch.setattr(gen.config, "max_area", 64 * 32)
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (80, 40), (200, 30, 30)).save(path)
+    opened, real_open = [], Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    req = gen.request(dict(prompt="make it blue", image=str(path)))
+    assert (req.width, req.height) == (64, 32)  # the 2:1 aspect at max_area
+    assert opened == [path] and req.images[0].size == (80, 40)  # decoded once
+
+
 def test_missing_component_is_named(flux_folders, tmp_path):
     folder = tmp_path / "broken"
     shutil.copytree(flux_folders["dev"], folder)

@@ -198,11 +198,8 @@ class QwenImageEditConfig(QwenImageConfig):
         """Without an explicit size: the reference input's aspect at ~1 MP (its VAE size), floored to the model's multiple."""
         p = req.params
         height, width = p.height, p.width
-        if (height is None or width is None) and p.images:
-            from diffcore.stages.input_validation import load_image
-
-            ref = self.size_reference % len(p.images)
-            h, w = self.vae_size(load_image(p.images[ref], ref))
+        if (height is None or width is None) and req.images:
+            h, w = self.vae_size(req.images[self.size_reference % len(req.images)])
             height, width = height or h, width or w
         req.height = self.round_size("height", height or self.default_size(components)[0])
         req.width = self.round_size("width", width or self.default_size(components)[1])

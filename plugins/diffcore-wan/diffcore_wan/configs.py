@@ -357,10 +357,8 @@ class WanI2VConfig(WanConfig):
     def resolve_height_width(self, req, components) -> None:
         """Without an explicit size, keep the image's aspect ratio at the default area (diffusers' example)."""
         p = req.params
-        if (p.height is None or p.width is None) and p.images:
-            from diffcore.stages.input_validation import load_image
-
-            w0, h0 = load_image(p.images[0]).size
+        if (p.height is None or p.width is None) and req.images:
+            w0, h0 = req.images[0].size
             area, m = self.default_height * self.default_width, self.size_multiple
             h = max(round((area * h0 / w0) ** 0.5) // m * m, m)
             w = max(round((area * w0 / h0) ** 0.5) // m * m, m)
