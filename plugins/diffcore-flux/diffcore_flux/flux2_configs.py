@@ -103,12 +103,9 @@ class Flux2DevConfig(PipelineConfig):
     # ---- sizes and references ---------------------------------------------------------------
     def resolve_size(self, req, components) -> None:
         """Check the references; without an explicit size use the first reference's encoded size, else 1024^2."""
-        from diffcore.stages.input_validation import load_image
-
         p = req.params
         height, width = p.height, p.width
-        # the references as the validation stage decoded them, if it already did
-        refs = getattr(req, "images", None) or [load_image(im, i) for i, im in enumerate(p.images)]
+        refs = req.images or []  # the references as the validation stage decoded them
         for i, im in enumerate(refs):
             check_reference(im, i)
         if refs:

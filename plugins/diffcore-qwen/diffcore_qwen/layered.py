@@ -20,7 +20,7 @@ import attrs
 
 from diffcore.configs import PipelineConfig
 from diffcore.errors import SamplingParamError
-from diffcore.stages import DecodingStage, InputValidationStage, load_image
+from diffcore.stages import DecodingStage, InputValidationStage
 
 from .configs import QwenImageConfig, QwenImageEditConfig, QwenImageSamplingParams, calculate_dimensions
 
@@ -82,7 +82,7 @@ class QwenImageLayeredConfig(QwenImageConfig):
         return h, w
 
     def resolve_size(self, req, components) -> None:
-        h, w = self.condition_size(load_image(req.params.images[0]), req.params.resolution)
+        h, w = self.condition_size(req.images[0], req.params.resolution)  # decoded by the validation stage
         m = self.size_multiple
         req.height, req.width = h // m * m, w // m * m
 

@@ -13,7 +13,6 @@ import torch
 from diffcore import DiffGenerator
 from diffcore.errors import ConfigError, SamplingParamError
 from diffcore.plugins import get_plugin_manager
-from diffcore.request import Request
 from diffcore_wan import configs as C
 from wan_testlib import ours, random_image, reference
 
@@ -126,10 +125,7 @@ def test_request_errors(wan_folders):
 def test_i2v_default_size_keeps_the_image_aspect(wan_folders):
     """No size given: ~480x832 pixels at the image's aspect, multiples of 16 (diffusers' documented recipe)."""
     gen = ours(wan_folders["i2v21"])
-    params = gen.sampling_params_cls.from_user(prompt="x", image=random_image(1000, 500))
-    req = Request(params=params, prompts=["x"], batch_size=1, device=torch.device("cpu"),
-                  generator=torch.Generator().manual_seed(0))
-    gen.config.resolve_size(req, gen.components)
+    req = gen.request(dict(prompt="x", image=random_image(1000, 500)))  # sizes resolved from the decoded image
     assert (req.height, req.width, req.num_frames) == (432, 880, 81)
 
 

@@ -135,10 +135,8 @@ class ZImageConfig(PipelineConfig):
     def resolve_size(self, req, components) -> None:
         """Without a size, img2img keeps the input image's (rounded to a multiple of 16)."""
         p = req.params
-        if p.images and (p.height is None or p.width is None):
-            from diffcore.stages.input_validation import load_image
-
-            w, h = load_image(p.images[0]).size
+        if req.images and (p.height is None or p.width is None):
+            w, h = req.images[0].size
             req.height = self.round_size("height", p.height or h)
             req.width = self.round_size("width", p.width or w)
             return
