@@ -135,5 +135,14 @@ class EngineShutdownError(DiffcoreError):
         super().__init__("the batch scheduler has been shut down and accepts no new requests; create a new one")
 
 
+class RequestCancelledError(DiffcoreError):
+    """The request was cancelled while it ran (client gone, timeout, DELETE): the engine stopped it at the next
+    denoising step boundary and freed its compute; there is no result."""
+
+    def __init__(self, steps_done: int = 0):
+        self.steps_done = steps_done
+        super().__init__(f"the request was cancelled while it ran; it stopped after {steps_done} denoising step(s)")
+
+
 class ParallelConfigError(ConfigError):
     """A sequence/CFG parallel layout cannot run: wrong world size, heads not divisible, unsupported model."""

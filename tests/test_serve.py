@@ -240,10 +240,9 @@ def test_request_timeout_and_disconnect_drop_queued_requests(toy_gen):
     toy_gen.generate(prompt=PROMPT, height=96, width=96, num_inference_steps=20)
     steps = min(1000, int(20 * 5.0 / (time.perf_counter() - start)))  # ~5 s of engine time (1000: the step budget)
     with running_server(toy_gen, ServeSettings(request_timeout=1.5)) as (base, app):
-        long = {"prompt": PROMPT, "size": "96x96", "num_inference_steps": steps, "seed": 0}
-        holder = threading.Thread(target=_post, args=(base, "/v1/images/generations", json.dumps(long).encode()),
-                                  kwargs={"timeout": 60})
-        holder.start()
+        # straight to the engine: over HTTP it would pass --request-timeout too, and stop at its next step
+        runner = app.state.diffcore.runner
+        holder = runner.submit(dict(prompt=PROMPT, height=96, width=96, num_inference_steps=steps, seed=0))
         deadline, registry = time.monotonic() + 10, app.state.diffcore.metrics.registry
         while not registry.get_sample_value("diffcore_batch_size_count") and time.monotonic() < deadline:
             time.sleep(0.01)  # until the long one is in the engine
@@ -251,7 +250,7 @@ def test_request_timeout_and_disconnect_drop_queued_requests(toy_gen):
         with pytest.raises(httpx.ReadTimeout):
             _post(base, "/v1/images/generations", short, timeout=0.4)
         response = _post(base, "/v1/images/generations", short, timeout=30)
-        holder.join(60)
+        runner.cancel(holder)  # stops at its next step
         metrics = httpx.get(base + "/metrics").text
     assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
     assert 'diffcore_requests_dropped_total{reason="disconnect"} 1.0' in metrics

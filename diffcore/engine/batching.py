@@ -7,6 +7,11 @@ pipeline's ``"rows"`` stages: one text-encoder call, one transformer call per st
 VAE decode for all of them. Every request keeps its own noise (its own generator), prompts and
 per-row guidance, so its result equals its solo run. Requests that fail on their own (bad
 parameters, an unreadable image) fail alone; the others complete.
+
+Cancellation is step-level: ``BatchScheduler.cancel`` on a running request makes its step callback raise
+``RequestCancelledError`` at the next denoising step boundary. Alone (or with every row of its batch
+cancelled) the run stops there and the compute is free for the next batch; in a batch with live rows its
+future ends there and its rows ride along to the batch's end (``rows._fan_out``), the others unchanged.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from collections import deque
 from typing import Any, Callable, Optional
 
 from .. import ignored
-from ..errors import EngineShutdownError, QueueFullError
+from ..errors import EngineShutdownError, QueueFullError, RequestCancelledError
 from ..request import Request
 from . import rows
 
@@ -102,18 +107,22 @@ def _alone(pipeline, req: Request):
     """One request run by itself (generate, or a batch of one): its result, then a warning for each parameter
     it was given that nothing read while it was validated and run (the ignored-parameter rule)."""
     try:
-        return pipeline.forward(req)
-    except Exception as exc:
+        out = pipeline.forward(req)
+    except RequestCancelledError as exc:  # stopped part-way: its unread parameters say nothing
         return exc
-    finally:
+    except Exception as exc:
         ignored.say_unread([req.params], req.params_read)
+        return exc
+    ignored.say_unread([req.params], req.params_read)
+    return out
 
 
 class _Item:
-    __slots__ = ("request", "future")
+    __slots__ = ("request", "future", "stop")
 
     def __init__(self, request, future: concurrent.futures.Future):
         self.request, self.future = request, future
+        self.stop = threading.Event()  # set by cancel() while it runs: stop at the next step boundary
 
 
 class BatchScheduler:
@@ -123,7 +132,9 @@ class BatchScheduler:
     batches run on every rank): it makes Requests (``request``) and runs them (``run_requests``).
     A batch starts when ``max_batch_size`` requests wait or the oldest has waited ``max_wait_ms``.
     ``submit`` returns a Future of the request's GenerationResult; a request with bad parameters gets
-    its own SamplingParamError on its future while the rest of its batch completes. ``on_batch``
+    its own SamplingParamError on its future while the rest of its batch completes. ``cancel`` drops a
+    waiting request, and stops a running one at its next denoising step (where ``model.stops_at_steps``,
+    true unless the model says otherwise: a batch spread over torchrun ranks runs to its end on all). ``on_batch``
     (optional, settable) is called with each batch's size, for metrics.
     """
 
@@ -137,6 +148,8 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._closed = False
         self._running = 0
+        self._current: list[_Item] = []  # the batch that runs now
+        self._stops = bool(getattr(model, "stops_at_steps", True))
         self._worker = threading.Thread(target=self._loop, name="diffcore-batch-scheduler", daemon=True)
         self._worker.start()
 
@@ -152,21 +165,28 @@ class BatchScheduler:
                 raise EngineShutdownError()
             if self._depth() >= self.max_queue:
                 raise QueueFullError(self.max_queue)
+            item = _Item(None, future)
             if isinstance(request, Request):
-                request.callback = _progress(request.callback, on_step, request.params.num_inference_steps)
+                request.callback = self._progress(item, request.callback, on_step, request.params.num_inference_steps)
             else:
                 request = (dict(request), on_step)
-            self._queue.append(_Item(request, future))
+            item.request = request
+            self._queue.append(item)
             self._cond.notify_all()
         return future
 
     def cancel(self, future: concurrent.futures.Future) -> bool:
-        """Drop a request that has not started; False once it runs (or ran)."""
+        """Drop a request that has not started (True). A running one (False) is stopped at its next denoising
+        step boundary: its future then ends with ``RequestCancelledError`` (see the module's docstring)."""
         with self._cond:
-            if not future.cancel():
-                return False
-            self._queue = deque(item for item in self._queue if item.future is not future)
-            return True
+            if future.cancel():
+                self._queue = deque(item for item in self._queue if item.future is not future)
+                return True
+            if self._stops:
+                for item in self._current:
+                    if item.future is future:
+                        item.stop.set()
+            return False
 
     @property
     def queue_depth(self) -> int:
@@ -209,7 +229,7 @@ class BatchScheduler:
                 item = self._queue.popleft()
                 if not item.future.cancelled():  # marked running only when its group starts (run_batch)
                     batch.append(item)
-            self._running = len(batch)
+            self._running, self._current = len(batch), batch
             return batch
 
     def _loop(self) -> None:
@@ -222,7 +242,7 @@ class BatchScheduler:
                     self._execute(batch)
                 finally:
                     with self._cond:
-                        self._running = 0
+                        self._running, self._current = 0, []
 
     def _execute(self, batch: list[_Item]) -> None:
         reqs, items = [], []
@@ -248,7 +268,7 @@ class BatchScheduler:
         except BaseException as exc:  # nothing of the batch can complete
             outcomes = [exc if items[i].future.running() else None for i in range(len(reqs))]
         for item, outcome in zip(items, outcomes):
-            if outcome is None or item.future.cancelled():
+            if outcome is None or item.future.done():  # cancelled: waiting, or at a step (_progress)
                 continue
             if isinstance(outcome, BaseException):
                 item.future.set_exception(outcome)
@@ -260,19 +280,24 @@ class BatchScheduler:
             return item.request
         kwargs, on_step = item.request  # submitted as keywords: made here, once
         req = self.model.request(kwargs)
-        req.callback = _progress(req.callback, on_step, req.params.num_inference_steps)
+        req.callback = self._progress(item, req.callback, on_step, req.params.num_inference_steps)
         return req
 
+    def _progress(self, item: _Item, user, on_step, num_steps: int):
+        """The request's step callback: the cancellation check (end its future, raise ``RequestCancelledError``
+        to stop the loop), then its own ``callback`` (if any), then ``on_step(step, num_steps)``."""
+        if user is None and on_step is None and not self._stops:
+            return None
 
-def _progress(user, on_step, num_steps: int):
-    """The request's step callback: its own ``callback`` (if any), then ``on_step(step, num_steps)``."""
-    if user is None and on_step is None:
-        return None
+        def callback(step, t, latents):
+            if item.stop.is_set():
+                error = RequestCancelledError(step + 1)
+                if not item.future.done():
+                    item.future.set_exception(error)
+                raise error
+            if user is not None:
+                user(step, t, latents)
+            if on_step is not None:
+                on_step(step + 1, num_steps)
 
-    def callback(step, t, latents):
-        if user is not None:
-            user(step, t, latents)
-        if on_step is not None:
-            on_step(step + 1, num_steps)
-
-    return callback
+        return callback

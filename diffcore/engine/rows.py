@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import attrs
 import torch
 
+from ..errors import RequestCancelledError
 from ..request import PromptEmbeds, Request
 
 # Fields every request of a batch shares (the batch key includes what decides them).
@@ -119,15 +120,23 @@ def merge_outputs(batch: Request, parts: list[Request], names) -> None:
 
 
 def _fan_out(parts: list[Request]) -> Optional[Callable]:
-    """The batch's step callback: each request's own callback, with its own rows of the latents."""
+    """The batch's step callback: each request's own callback, with its own rows of the latents. A request
+    cancelled at a step (its callback raised ``RequestCancelledError``) hears no more; once every request
+    of the batch is, the batch stops there."""
     if all(r.callback is None for r in parts):
         return None
     spans = row_spans(parts)
+    stopped: set[int] = set()
 
     def callback(step, t, latents):
-        for r, (a, b) in zip(parts, spans):
-            if r.callback is not None:
-                r.callback(step, t, latents[a:b])
+        for k, (r, (a, b)) in enumerate(zip(parts, spans)):
+            if r.callback is not None and k not in stopped:
+                try:
+                    r.callback(step, t, latents[a:b])
+                except RequestCancelledError:
+                    stopped.add(k)
+        if len(stopped) == len(parts):
+            raise RequestCancelledError(step + 1)
 
     return callback
 

@@ -117,6 +117,8 @@ class Leader:
     """Rank 0's generator: everything reads the local model; computing and state changes run on every rank.
     A ``diffcore.protocols.ServedModel``, like the DiffGenerator it wraps."""
 
+    stops_at_steps = False  # a batch runs on every rank: stopping one rank's loop would strand the others
+
     def __init__(self, generator, channel: Channel, heartbeat_s: float = HEARTBEAT_S,
                  on_broken: Optional[Callable[[str], None]] = None):
         self.generator, self.channel = generator, channel

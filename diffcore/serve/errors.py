@@ -5,7 +5,7 @@ import logging
 from typing import Optional
 
 from ..errors import (ConfigError, DiffcoreError, EngineShutdownError, InputError, LoraError, LoraInUseError,
-                      LoraNotFoundError, QueueFullError, SamplingParamError)
+                      LoraNotFoundError, QueueFullError, RequestCancelledError, SamplingParamError)
 
 log = logging.getLogger("diffcore.serve")
 
@@ -46,6 +46,8 @@ def from_exception(exc: BaseException, param: Optional[str] = None) -> APIError:
     if isinstance(exc, QueueFullError):
         return APIError(429, str(exc) or "the request queue is full; retry later", type="rate_limit_error",
                         code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(exc, RequestCancelledError):  # nginx's 499 "client closed request": nobody waits for it
+        return APIError(499, str(exc), code="cancelled")
     if isinstance(exc, EngineShutdownError):
         return APIError(503, str(exc) or "the server is shutting down", type="server_error", code="shutting_down")
     if isinstance(exc, (InputError, ConfigError)):

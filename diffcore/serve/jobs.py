@@ -207,7 +207,7 @@ class VideoJobs:
         return jobs[:limit], len(jobs) > limit
 
     def delete(self, job_id: str) -> VideoJob:
-        """Forget a job: a queued one leaves the queue; a running one finishes, and its result is dropped."""
+        """Forget a job: a queued one leaves the queue; a running one stops at its next denoising step."""
         job = self.get(job_id)
         job.deleted = True
         if job.future is not None and not job.future.done():

@@ -16,6 +16,8 @@ class Metrics:
                                  buckets=_LATENCY, registry=self.registry)
         self.dropped = Counter("diffcore_requests_dropped", "queued requests dropped before they ran, by reason",
                                ("reason",), registry=self.registry)
+        self.cancelled = Counter("diffcore_requests_cancelled", "running requests stopped at a denoising step "
+                                 "boundary, by reason (disconnect, timeout, delete)", ("reason",), registry=self.registry)
         self.queue_depth = Gauge("diffcore_queue_depth", "requests waiting for the engine", registry=self.registry)
         self.batch_size = Histogram("diffcore_batch_size", "requests per engine batch",
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=self.registry)

@@ -98,6 +98,17 @@ def submit_all(state, reqs: list) -> list:
     return futures
 
 
+def cancel_all(state, futures: list, reason: str) -> None:
+    """Drop the waiting ones, stop the running ones at their next denoising step; counted by ``reason``."""
+    for f in futures:
+        if f.done():
+            continue
+        if state.runner.cancel(f):
+            state.metrics.dropped.labels(reason).inc()
+        else:
+            state.metrics.cancelled.labels(reason).inc()
+
+
 async def wait_all(request: Request, state, futures: list) -> list:
     """Wait for the engine; a client that disconnects or a request past --request-timeout is dropped."""
     loop = asyncio.get_running_loop()
@@ -110,9 +121,9 @@ async def wait_all(request: Request, state, futures: list) -> list:
         gone = await request.is_disconnected()
         if gone or loop.time() >= deadline:
             reason = "disconnect" if gone else "timeout"
-            for f in futures:
-                if state.runner.cancel(f):
-                    state.metrics.dropped.labels(reason).inc()
+            cancel_all(state, futures, reason)
+            for waiter in pending:  # nobody reads what a cancelled request ends with
+                waiter.cancel()
             if gone:
                 raise ClientGone()
             raise APIError(504, f"the request took longer than --request-timeout ({state.settings.request_timeout:g} s)",

@@ -137,7 +137,11 @@ async def get_video(request: Request, video_id: str):
 
 @router.delete("/v1/videos/{video_id}")
 async def delete_video(request: Request, video_id: str):
-    job = ready_state(request).jobs.delete(video_id)
+    state = ready_state(request)
+    running = state.jobs.get(video_id).status == "in_progress"
+    job = state.jobs.delete(video_id)  # a running one stops at its next denoising step
+    if running:
+        state.metrics.cancelled.labels("delete").inc()
     return {"id": job.id, "object": "video.deleted", "deleted": True}
 
 

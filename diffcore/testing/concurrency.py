@@ -87,3 +87,16 @@ def assert_batch_equals_solo(gen, requests: list[dict], max_diff: float = 1e-4, 
                 f"request {i} ({requests[i]}): batched {name} differs from solo: max |diff| {diff:.3g}, "
                 f"PSNR {quality:.1f} dB")
     return {"solo": solo_calls, "batch": batch_calls}
+
+
+def mark_cancels(runner, calls: list) -> list:
+    """A list that gets ``len(calls)`` each time ``runner.cancel`` is called (the transformer calls made up to
+    the cancellation, to count how many more the cancelled request made)."""
+    marks, cancel = [], runner.cancel
+
+    def marked(future):
+        marks.append(len(calls))
+        return cancel(future)
+
+    runner.cancel = marked
+    return marks
