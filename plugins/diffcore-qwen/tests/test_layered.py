@@ -99,3 +99,29 @@ def test_server_answers_one_entry_per_layer(layered):
         got = Image.open(io.BytesIO(base64.b64decode(entry.b64_json)))
         assert got.mode == "RGBA"
         np.testing.assert_array_equal(np.asarray(got), np.asarray(layer))
+
+
+def test_server_honours_a_transparent_background_with_real_rgba_layers(layered):
+    """Issue 29: background='transparent' is honoured where the model has alpha (Layered's RGBA layers come back
+    with their alpha), and refused as a 400 naming it where the format cannot carry alpha (jpeg)."""
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    from diffcore.serve.settings import ServeSettings
+    from diffcore.testing.serving import openai_client, png_bytes, running_server
+
+    image = _rgba(40, 48, 2)
+    want = layered.generate(prompt="a cat", image=image, layers=2, num_inference_steps=2, seed=5)
+    assert any(np.asarray(layer)[..., 3].min() < 255 for layer in want.images)  # the alpha is not trivially opaque
+    sent = dict(image=("in.png", png_bytes(image), "image/png"), prompt="a cat")
+    extra = {"layers": 2, "num_inference_steps": 2, "seed": 5, "background": "transparent"}
+    with running_server(layered, ServeSettings(served_model_name="layered")) as (base, _):
+        client = openai_client(base)
+        out = client.images.edit(**sent, extra_body={**extra, "output_format": "png"})
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.images.edit(**sent, extra_body={**extra, "output_format": "jpeg"})
+    assert "background" in str(refused.value)
+    assert len(out.data) == 2
+    for entry, layer in zip(out.data, want.images):
+        got = Image.open(io.BytesIO(base64.b64decode(entry.b64_json)))
+        assert got.mode == "RGBA"
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(layer))
