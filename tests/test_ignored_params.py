@@ -52,3 +52,25 @@ def test_the_rule_applies_to_a_served_request_too(toy_gen, caplog):
         (result,) = run_batch(toy_gen.pipeline, [toy_gen.new_request(toy_gen.params_from({**SMALL, "true_cfg_scale": 4.0}))])
     assert not isinstance(result, Exception)
     assert any(m.startswith("true_cfg_scale is ignored") for m in _ignored(caplog))
+
+
+def test_the_rule_applies_to_each_request_of_a_merged_batch(toy_gen, caplog):
+    """Rows merged into one batch (one transformer call per step for all) still get the rule, each for what it
+    was given: the request that set true_cfg_scale is warned once, the one that set guidance_scale (read by the
+    merged stages through its row's parameters) is not."""
+    from diffcore.engine.batching import run_batch
+
+    plain = toy_gen.request({**SMALL})
+    ignored_one = toy_gen.request({**SMALL, "seed": 4, "true_cfg_scale": 4.0})
+    guided = toy_gen.request({**SMALL, "seed": 5, "guidance_scale": 3.0})
+    calls = []
+    hook = toy_gen.components["transformer"].register_forward_pre_hook(lambda m, a, kw: calls.append(1),
+                                                                      with_kwargs=True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            results = run_batch(toy_gen.pipeline, [plain, ignored_one, guided])
+    finally:
+        hook.remove()
+    assert not any(isinstance(r, Exception) for r in results)
+    assert len(calls) < 3 * SMALL["num_inference_steps"]  # rows did share transformer calls
+    assert _ignored(caplog) == ["true_cfg_scale is ignored: this model does not use it (it was set, but nothing read it)"]

@@ -83,11 +83,17 @@ def run_batch(pipeline, requests: list[Request], starting=None) -> list:
         try:
             if len(parts) == 1:
                 live[indices[0]] = pipeline.forward(parts[0])
+                shared_reads: set = set()
             else:
-                rows.split(pipeline.forward(rows.merge(parts), parts=parts), parts)
+                merged = rows.merge(parts)
+                rows.split(pipeline.forward(merged, parts=parts), parts)
+                shared_reads = merged.params_read  # what the merged stages read, for every row
         except Exception as exc:  # the group's shared work failed: every request in it fails
             for i in indices:
                 errors[i] = exc
+            continue
+        for part in parts:  # the ignored-parameter rule, as for a request run alone
+            ignored.say_unread([part.params], part.params_read | shared_reads)
     return [errors[i] if i in errors else live[i] for i in range(len(requests))]
 
 
