@@ -42,25 +42,11 @@ from diffcore.models.embeddings import TimestepEmbedding, Timesteps
 from diffcore.models.dit import FeedForward, modulate, rotary_table, rotate
 from diffcore.models.linear import Linear
 from diffcore.parallel import sequence_shard
+from diffcore.models.norms import RMSNorm
 
 Shape3 = tuple[int, int, int]
 RopeTables = tuple[torch.Tensor, torch.Tensor]
 
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm with diffusers' dtype handling: statistics in fp32, cast to a half weight's dtype before scaling."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return x * self.weight
 
 
 class QwenTimestepProjEmbeddings(nn.Module):

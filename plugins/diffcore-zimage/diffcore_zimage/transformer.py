@@ -31,6 +31,7 @@ from diffcore.models.dit import rotate
 from diffcore.models.embeddings import timestep_embedding
 from diffcore.models.linear import Linear
 from diffcore.parallel import sequence_shard
+from diffcore.models.norms import RMSNorm
 
 from .key_layouts import LAYOUTS
 
@@ -40,21 +41,6 @@ SEQ_MULTI_OF = 32
 
 def padded(n: int) -> int:
     return n + (-n) % SEQ_MULTI_OF
-
-
-class RMSNorm(nn.Module):
-    """diffusers' RMSNorm: statistics in fp32, cast to a half weight's dtype before scaling."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return x * self.weight
 
 
 class TimestepEmbedder(nn.Module):
