@@ -46,6 +46,7 @@ def register_modules():
         # classes local to diffusers' LTX-2 pipelines: model_index.json names their library "ltx2"
         ModuleRegistration("LTX2TextConnectors", "diffcore_ltx.connectors:LTX2TextConnectors", library="ltx2"),
         ModuleRegistration("LTX2Vocoder", "diffcore_ltx.vocoder:LTX2Vocoder", library="ltx2"),
+        ModuleRegistration("LTX2VocoderWithBWE", "diffcore_ltx.bwe:LTX2VocoderWithBWE", library="ltx2"),  # LTX-2.3
     ]
 
 

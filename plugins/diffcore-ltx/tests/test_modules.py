@@ -6,7 +6,7 @@ import torch
 
 from diffcore.testing.weights import perturb_
 
-from ltx_testlib import AUDIO_VAE, CONNECTORS, TRANSFORMER, VIDEO_VAE, VOCODER
+from ltx_testlib import AUDIO_VAE, CONNECTORS, TRANSFORMER, VIDEO_VAE, VIDEO_VAE_23, VOCODER, VOCODER_23, fill_bwe_buffers_
 
 ATOL = 2e-5
 
@@ -124,9 +124,62 @@ def test_vocoder_matches_diffusers():
         _close(ref(mel), wave)
 
 
-def test_ltx23_vocoder_is_refused():
+def test_ltx23_vocoder_stage_matches_diffusers():
+    """LTX-2.3's vocoder stages: anti-aliased SnakeBeta activations, no final tanh, no output bias."""
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder as Ref
+
+    from diffcore_ltx.vocoder import LTX2Vocoder
+
+    config = {**VOCODER, "act_fn": "snakebeta", "antialias": True, "final_act_fn": None, "final_bias": False}
+    ref, mine = _pair(Ref, LTX2Vocoder, config)
+    mel = torch.randn(1, 2, 9, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _close(ref(mel), mine(mel))
+        plain = {k: v for k, v in mine.state_dict().items() if "act" not in k}
+        snake = LTX2Vocoder.from_config({**config, "act_fn": "snake"}).eval()
+        assert (snake.load_state_dict(ref.state_dict(), strict=False).unexpected_keys
+                == [k for k in ref.state_dict() if k.endswith(".act.beta") and "act_out" not in k])
+        assert plain  # the non-activation weights exist in both
+
+
+def test_bwe_vocoder_matches_diffusers():
+    """LTX2VocoderWithBWE (LTX-2.3): 16 kHz vocoder -> causal log-mel -> bandwidth extender + x3 resampler."""
+    from diffusers.pipelines.ltx2.vocoder import LTX2VocoderWithBWE as Ref
+
+    from diffcore_ltx.bwe import LTX2VocoderWithBWE
+
+    torch.manual_seed(5)
+    ref = fill_bwe_buffers_(perturb_(Ref(**VOCODER_23).eval(), seed=5))
+    mine = LTX2VocoderWithBWE.from_config(VOCODER_23).eval()
+    mine.load_state_dict(ref.state_dict(), strict=True)
+    assert mine.output_sampling_rate == 48000
+    mel = torch.randn(1, 2, 9, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        wave = mine(mel)
+        assert wave.shape == (1, 2, 9 * 160 * 3)  # 160 samples per mel frame at 16 kHz, then x3 to 48 kHz
+        _close(ref(mel), wave)
+        # the extender matters: without its residual the output is the resampled 16 kHz waveform only
+        mine.bwe_generator.conv_out.weight.zero_()
+        assert (mine(mel) - wave).abs().max() > 1e-3
+
+
+def test_vocoder_refuses_what_no_checkpoint_uses():
     from diffcore.errors import ConfigError
     from diffcore_ltx.vocoder import LTX2Vocoder
 
-    with pytest.raises(ConfigError, match="LTX-2.3"):
-        LTX2Vocoder.from_config({**VOCODER, "act_fn": "snakebeta", "antialias": True})
+    with pytest.raises(ConfigError, match="antialias"):
+        LTX2Vocoder.from_config({**VOCODER, "act_fn": "leaky_relu", "antialias": True})
+    with pytest.raises(ConfigError, match="act_fn"):
+        LTX2Vocoder.from_config({**VOCODER, "act_fn": "relu"})
+
+
+def test_ltx23_video_vae_matches_diffusers():
+    """LTX-2.3's video VAE: a zero-padded decoder with its own widths."""
+    from diffusers import AutoencoderKLLTX2Video as Ref
+
+    from diffcore_ltx.video_vae import AutoencoderKLLTX2Video
+
+    ref, mine = _pair(Ref, AutoencoderKLLTX2Video, VIDEO_VAE_23)
+    z = torch.randn(1, 8, 2, 2, 3, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _close(ref.decode(z).sample, mine.decode(z))
