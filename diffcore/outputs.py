@@ -69,7 +69,8 @@ class GenerationResult:
 
     ``output``: float32 in [0, 1], (B, H, W, 3) for images or (B, F, H, W, 3) for videos: numpy, or a
     torch tensor for output_type="pt" (None when output_type="latent"); ``images`` / ``frames``: PIL
-    views of it; ``latents``: the final latents; ``timings``: seconds per stage; ``cache_stats``: the
+    views of it; ``latents``: the final latents (for output_type="latent", in the form the model's diffusers
+    pipeline returns them: ``PipelineConfig.latent_output``); ``timings``: seconds per stage; ``cache_stats``: the
     step cache's counters for this request (None without a cache); ``audios``: the sound track of each
     item, float32 (B, channels, samples) in [-1, 1] at ``audio_sample_rate`` Hz (None for silent models);
     ``audio``: the first item's, (channels, samples). ``layers``: for a model that makes several pictures per

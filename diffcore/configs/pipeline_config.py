@@ -247,6 +247,11 @@ class PipelineConfig:
         z = denormalize(self.unpack_latents(latents, req), vae)
         return self.to_pixels(vae.decode(z.to(vae.dtype)))
 
+    def latent_output(self, components: dict, latents: torch.Tensor, req: "Request") -> torch.Tensor:
+        """What ``output_type="latent"`` returns: by default the loop's latents as they are (diffusers' choice
+        for most pipelines); a model whose diffusers pipeline returns them unpacked / de-normalised overrides it."""
+        return latents
+
     def to_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """VAE output in [-1, 1], channels first -> [0, 1] float32, channels last."""
         pixels = (pixels.float() / 2 + 0.5).clamp(0, 1)

@@ -75,7 +75,7 @@ class DecodingStage(PipelineStage):
     def forward(self, req: Request) -> Request:
         finite.check_latents(req.latents, req)  # NaN would decode to a black picture: an error naming the cause
         if req.params.output_type == "latent":
-            req.output = req.latents
+            req.output = req.latents = self.config.latent_output(self.components, req.latents, req)
             return req
         req.output = self.config.decode(self.components, req.latents, req)
         finite.check_output(req.output, req)

@@ -275,6 +275,11 @@ class Flux2KleinConfig(Flux2DevConfig):
     def guidance(self, components, req):
         return None  # klein has no guidance embedding; base models run real CFG
 
+    def latent_output(self, components, latents, req):
+        """diffusers' klein pipelines return de-normalised, unpatchified (B, 32, H/8, W/8) VAE latents for
+        ``output_type="latent"`` ([dev]'s returns the packed, normalised tokens: the default)."""
+        return components["vae"].denormalize(self.unpack_latents(latents, req))
+
 
 @attrs.define(kw_only=True)
 class Flux2KleinKVConfig(Flux2KleinConfig):

@@ -54,3 +54,19 @@ def test_flux2_parity(flux2_folders, kind, prompt, size, refs, extra):
     ours = gen.generate(seed=7, output_type="np", **kw).output
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     assert_parity(ours, ref)
+
+
+@pytest.mark.parametrize("kind,refs", [("dev", []), ("klein", []), ("klein-kv", [(64, 64)])])
+def test_latent_output_is_what_diffusers_returns(flux2_folders, kind, refs):
+    """output_type="latent": [dev] gives the packed, normalised tokens (B, h*w, 128); klein and klein-KV the
+    de-normalised, unpatchified VAE latents (B, 32, H/8, W/8), as diffusers' pipelines do."""
+    kw = dict(prompt="a red cat", height=32, width=48, num_inference_steps=2, max_sequence_length=32)
+    if refs:
+        kw["image"] = [_image(w, h, i) for i, (w, h) in enumerate(refs)]
+    ref = _diffusers(flux2_folders[kind], kind)(generator=torch.Generator("cpu").manual_seed(3), output_type="latent",
+                                                  **kw).images
+    gen = DiffGenerator.from_pretrained(flux2_folders[kind], dtype="float32", progress=False)
+    ours = gen.generate(seed=3, output_type="latent", **kw).latents
+    c = gen.components["transformer"].config["in_channels"]  # 4x the VAE's latent channels (2x2 patches)
+    assert tuple(ours.shape) == tuple(ref.shape) == ((1, 2 * 3, c) if kind == "dev" else (1, c // 4, 4, 6))
+    assert float((ours - ref).abs().max()) <= 2e-3
