@@ -46,6 +46,27 @@ class DiffGenerator:
         return any(isinstance(s, CausalDMDDenoisingStage) and s.components is not None for s in self.pipeline.stages)
 
     @property
+    def can_preview(self) -> bool:
+        """Whether ``generate(on_preview=...)`` can show what a request is becoming (diffcore.previews): the
+        denoising loop hands out each step's predicted clean latents and the model decodes them to one picture."""
+        from .stages.loop import DenoisingLoopStage
+
+        return self.config.previews and any(isinstance(s, DenoisingLoopStage) and s.hands_out_x0
+                                            for s in self.pipeline.stages)
+
+    def attach_previews(self, req: Request, on_preview, partial_images=None) -> Request:
+        """Have ``req`` call ``on_preview(Preview)`` at ``partial_images`` of its denoising steps, spread evenly
+        (default 3 with ``on_preview``); SamplingParamError names a bad value or a model that cannot preview."""
+        from . import previews
+
+        count = previews.check(on_preview, partial_images)
+        if count and not self.can_preview:
+            raise SamplingParamError("on_preview", f"{type(self.pipeline).__name__} cannot show previews (its "
+                                                   "denoising loop does not hand out whole-picture latents per step)")
+        req.x0_callback = previews.x0_callback(self.config, self.components, req, on_preview, count)
+        return req
+
+    @property
     def rank(self) -> int:
         """This process's rank in a sequence/CFG parallel run (0 in one process): rank 0 writes outputs."""
         groups = self.pipeline.parallel
@@ -81,20 +102,26 @@ class DiffGenerator:
     def generate(self, prompt=None, negative_prompt=None, image=None, height=None, width=None, num_frames=None,
                  num_inference_steps=None, guidance_scale=None, true_cfg_scale=None,
                  max_sequence_length=None, seed: int = 0, output_type: str = "pil", callback=None,
-                 block_callback=None, loras: Optional[dict] = None, **kwargs) -> GenerationResult:
+                 block_callback=None, loras: Optional[dict] = None, on_preview=None, partial_images=None,
+                 **kwargs) -> GenerationResult:
         """Generate; parameters left as None take the model's defaults. Unknown keywords are errors.
 
         ``callback(step, timestep, latents)`` is called after every denoising step. Block-causal video
         models (``WanCausalDMDPipeline``) call ``block_callback(block, latents, frames)`` as each block of
         latent frames is finished and decoded (``frames``: numpy (B, F, H, W, 3) in [0, 1]). ``loras``:
-        ``{adapter name: weight}`` of loaded adapters to apply to this request only.
+        ``{adapter name: weight}`` of loaded adapters to apply to this request only. ``on_preview(preview)``
+        receives ``partial_images`` previews (default 3), spread over the steps: the predicted clean picture
+        decoded at reduced cost (``diffcore.previews.Preview``: ``index``, ``step``, ``output``, ``images``).
         """
+        from . import previews
+
+        previews.check(on_preview, partial_images)  # before any work
         req = self.request(dict(
             prompt=prompt, negative_prompt=negative_prompt, image=image, height=height, width=width,
             num_frames=num_frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             true_cfg_scale=true_cfg_scale, max_sequence_length=max_sequence_length, seed=seed,
             output_type=output_type, loras=loras, callback=callback, block_callback=block_callback, **kwargs))
-        return self._run_one(req)
+        return self._run_one(self.attach_previews(req, on_preview, partial_images))
 
     # -- LoRA adapters ------------------------------------------------------------------------------
     def load_lora(self, source, name: Optional[str] = None, weight_name: Optional[str] = None, *,

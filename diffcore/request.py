@@ -60,6 +60,7 @@ class Request:
     timings: dict = attrs.field(factory=dict)
     callback: Any = None  # per-step callback(step, timestep, latents) for this request
     block_callback: Any = None  # block-causal video: callback(block, latents, frames) per finished block
+    x0_callback: Any = None  # callback(step, num_steps, x0) after every step: the predicted clean latents (previews)
     extra: dict = attrs.field(factory=dict)  # scratch space for plugin-specific stages
     # A batch of several users' requests (diffcore.engine.rows): the SamplingParams of every row. None for
     # one request, whose rows all follow ``params``; read per-row values with ``per_row``.

@@ -53,6 +53,9 @@ class PipelineConfig:
     # Rows with and without CFG may share a batch (the engine leaves do_cfg out of the batch key): the config's
     # wants_cfg alone decides per row whether CFG runs (no other condition, such as true CFG's negative prompt).
     mixed_cfg_batches: ClassVar[bool] = False
+    # Whether ``decode`` of a step's predicted clean latents makes a preview of the final picture (diffcore.previews);
+    # False where one picture is not what decode makes of the latents (layers, audio + video tokens).
+    previews: ClassVar[bool] = True
     # The denoiser components (what quantization and layer offload apply to).
     denoiser_components: ClassVar[tuple[str, ...]] = ("transformer",)
 

@@ -31,8 +31,8 @@ CONCAT = ("prompts", "negative_prompts", "latents", "image_latents", "image_embe
 EMBEDS = ("prompt_embeds", "negative_prompt_embeds")
 # Fields a batch sets for itself when it is formed (or that never carry over from its parts).
 _OWN = ("params", "prompts", "batch_size", "device", "generator", "row_params", "callback", "block_callback",
-        "timings", "step_cache", "condition", "output", "audio", "audio_sample_rate", "extra", "stages_done",
-        "notices", "params_read")
+        "x0_callback", "timings", "step_cache", "condition", "output", "audio", "audio_sample_rate", "extra",
+        "stages_done", "notices", "params_read")
 
 
 def batch_key(pipeline, req: Request) -> tuple:
@@ -98,7 +98,7 @@ def merge(parts: list[Request]) -> Request:
     for field in attrs.fields(Request):  # what the per-request stages before the merge produced
         if field.name not in _OWN and not (mixed and field.name in ("do_cfg", "negative_prompts")):
             setattr(batch, field.name, merge_field(field.name, [getattr(r, field.name) for r in parts]))
-    batch.callback = _fan_out(parts)
+    batch.callback, batch.x0_callback = _fan_out(parts)
     if mixed:
         merge_cfg(batch, parts)
     batch.stages_done = first.stages_done  # its parts ran alone up to the same stage
@@ -119,12 +119,10 @@ def merge_outputs(batch: Request, parts: list[Request], names) -> None:
         setattr(batch, name, merge_field(name, [getattr(r, name) for r in parts]))
 
 
-def _fan_out(parts: list[Request]) -> Optional[Callable]:
-    """The batch's step callback: each request's own callback, with its own rows of the latents. A request
-    cancelled at a step (its callback raised ``RequestCancelledError``) hears no more; once every request
-    of the batch is, the batch stops there."""
-    if all(r.callback is None for r in parts):
-        return None
+def _fan_out(parts: list[Request]) -> tuple[Optional[Callable], Optional[Callable]]:
+    """The batch's step callback and x0 callback: each request's own, with its own rows of the latents (of the
+    predicted clean latents). A request cancelled at a step (its callback raised ``RequestCancelledError``) hears
+    no more; once every request of the batch is, the batch stops there."""
     spans = row_spans(parts)
     stopped: set[int] = set()
 
@@ -138,7 +136,13 @@ def _fan_out(parts: list[Request]) -> Optional[Callable]:
         if len(stopped) == len(parts):
             raise RequestCancelledError(step + 1)
 
-    return callback
+    def x0_callback(step, num_steps, x0):
+        for k, (r, (a, b)) in enumerate(zip(parts, spans)):
+            if r.x0_callback is not None and k not in stopped:
+                r.x0_callback(step, num_steps, x0[a:b])
+
+    return (None if all(r.callback is None for r in parts) else callback,
+            None if all(r.x0_callback is None for r in parts) else x0_callback)
 
 
 def row_spans(parts: list[Request]) -> list[tuple[int, int]]:

@@ -171,6 +171,14 @@ class FlowMatchEulerDiscreteScheduler(SchedulerBase):
         self._step_index += 1
         return prev_sample.to(model_output.dtype)
 
+    def predicted_x0(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
+        """The clean sample this step's velocity predicts, ``x - sigma * v`` (previews), before ``step``;
+        changes nothing ``step`` reads."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        x0 = sample.to(torch.float32) - self.sigmas[self._step_index] * model_output
+        return x0.to(model_output.dtype)
+
     def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:
         """Forward flow process ``sigma * noise + (1 - sigma) * sample`` at ``timestep`` (img2img, inpaint)."""
         sigmas = self.sigmas.to(device=sample.device, dtype=sample.dtype)

@@ -181,19 +181,33 @@ class UniPCMultistepScheduler(SchedulerBase):
         alpha, sigma = self._alpha_sigma(self.sigmas[index].to(device))
         return alpha, sigma, torch.log(alpha) - torch.log(sigma)
 
+    def _x0(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The clean sample the model output predicts at the current step."""
+        pt = self.config.prediction_type
+        sigma = self.sigmas[self._step_index]
+        alpha_t, sigma_t = self._alpha_sigma(sigma)
+        if pt == "epsilon":
+            return (sample - sigma_t * model_output) / alpha_t
+        if pt == "sample":
+            return model_output
+        if pt == "v_prediction":
+            return alpha_t * sample - sigma_t * model_output
+        return sample - sigma * model_output  # flow_prediction: v = noise - x0
+
+    def predicted_x0(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
+        """The clean sample this step's model output predicts (previews), before ``step``; changes nothing
+        ``step`` reads."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        return self._x0(model_output, sample)
+
     def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """Turn the network output into the x0 prediction (predict_x0) or the noise prediction."""
         pt = self.config.prediction_type
         sigma = self.sigmas[self._step_index]
         alpha_t, sigma_t = self._alpha_sigma(sigma)
         if self.predict_x0:
-            if pt == "epsilon":
-                return (sample - sigma_t * model_output) / alpha_t
-            if pt == "sample":
-                return model_output
-            if pt == "v_prediction":
-                return alpha_t * sample - sigma_t * model_output
-            return sample - sigma * model_output  # flow_prediction: v = noise - x0
+            return self._x0(model_output, sample)
         if pt == "epsilon":
             return model_output
         if pt == "sample":

@@ -34,6 +34,7 @@ class CausalDMDDenoisingStage(DmdDenoisingStage):
     clean keys/values always runs in full."""
 
     outputs = (Out("latents", torch.Tensor), Out("output", torch.Tensor, required=False))
+    hands_out_x0 = False  # a step sees one block: finished blocks go to block_callback instead
 
     def __init__(self, config, transformers: list, engine_args=None, *, components: dict | None = None):
         super().__init__(config, transformers, engine_args, components=components)

@@ -54,9 +54,9 @@ class DenoisingStage(DenoisingLoopStage):
                     uncond = self._predict_uncond(req, model, latents, t, uncond_kwargs, i, rows)
             if rows:
                 pred = combine_rows(self.config, pred, uncond, rows, t, req, expert)
+            x0 = scheduler.predicted_x0(pred, t, latents) if self.wants_x0(req) else None
             latents = scheduler.step(pred, t, latents)
-            if req.callback is not None:
-                req.callback(i, t, latents)
+            self.step_done(req, i, len(req.timesteps), t, latents, x0)
         return latents
 
 

@@ -93,9 +93,8 @@ class DmdDenoisingStage(DenoisingLoopStage):
         for i, t in enumerate(self.steps(timesteps, bar_desc)):
             model = self.transformers[self.config.select_denoiser(torch.tensor(t), req, len(self.transformers))]
             v = self.predict(req, model, x, torch.tensor(t, dtype=torch.float32, device=x.device), kwargs, i, branch)
-            x = to_x0(x, v, grid.sigma(t))
+            x = x0 = to_x0(x, v, grid.sigma(t))
             if i < len(timesteps) - 1:
                 x = renoise(x, grid.sigma(timesteps[i + 1]), req.generator)
-            if req.callback is not None:
-                req.callback(i, torch.tensor(t), x)
+            self.step_done(req, i, len(timesteps), torch.tensor(t), x, x0)
         return x

@@ -130,6 +130,11 @@ class MaskedSteps:
             kept = self.scheduler.scale_noise(self.init, self.timesteps[i + 1:i + 2], self.noise)
         return (1 - self.mask) * kept + self.mask * latents
 
+    def predicted_x0(self, model_output, timestep, sample):
+        """The prediction where the mask repaints, the input picture's latents where it keeps."""
+        x0 = self.scheduler.predicted_x0(model_output, timestep, sample)
+        return (1 - self.mask) * self.init + self.mask * x0
+
     def __getattr__(self, name):
         return getattr(self.scheduler, name)
 

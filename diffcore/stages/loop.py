@@ -3,8 +3,9 @@
 One constructor shape, ``(config, transformers, engine_args=None, *, components=None)``; the engine
 settings every loop honours (``progress``, ``compile``, and the running pipeline's step-cache policy: a
 fresh cache per request); one model call through the config's input / timestep / output hooks and the request's step
-cache; and the end of every loop: the latents written, the per-request ``condition`` freed. Subclasses
-implement ``loop(req)``. The stage's name belongs to the pipeline (``add_stage``), not to the stage.
+cache; the end of every step (``step_done``: the request's callback, then its ``x0_callback`` with the predicted
+clean latents, which previews decode); and the end of every loop: the latents written, the per-request
+``condition`` freed. Subclasses implement ``loop(req)``. The stage's name belongs to the pipeline (``add_stage``), not to the stage.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ class DenoisingLoopStage(PipelineStage):
 
     outputs = (Out("latents", torch.Tensor),)
     consumes = ("condition",)  # freed after the loop: per-request tensors must not outlive it into decoding
+    # Whether ``step_done`` hands each step's predicted clean latents of the whole image to ``req.x0_callback``
+    # (previews). The block-causal loop does not (its steps see one block; it streams finished blocks instead).
+    hands_out_x0: bool = True
 
     def __init__(self, config, transformers: list, engine_args: Optional[EngineArgs] = None, *,
                  components: Optional[dict] = None):
@@ -59,6 +63,21 @@ class DenoisingLoopStage(PipelineStage):
         else:
             out = model(hidden_states=inp, timestep=timestep, **kwargs)
         return self.config.model_output(out, req)
+
+    def wants_x0(self, req: Request) -> bool:
+        """Whether this step's predicted clean latents are wanted (computing them costs a little): ``step_done``'s
+        ``x0`` may be left None otherwise."""
+        return self.hands_out_x0 and req.x0_callback is not None
+
+    def step_done(self, req: Request, step: int, num_steps: int, t, latents: torch.Tensor,
+                  x0: Optional[torch.Tensor] = None) -> None:
+        """The end of denoising step ``step`` (from 0) of ``num_steps``: ``req.callback(step, t, latents)`` (which
+        raises ``RequestCancelledError`` to stop a cancelled request here), then ``req.x0_callback(step,
+        num_steps, x0)`` with the predicted clean latents, in the latents' own (packed) layout."""
+        if req.callback is not None:
+            req.callback(step, t, latents)
+        if x0 is not None and self.wants_x0(req):
+            req.x0_callback(step, num_steps, x0)
 
     def steps(self, timesteps: Iterable, desc: str = "denoising"):
         """``timesteps`` behind the engine's progress bar."""

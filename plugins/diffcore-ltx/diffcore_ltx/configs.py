@@ -133,6 +133,7 @@ class LTX2Config(PipelineConfig):
     is_video: bool = True
     default_fps: Optional[int] = 24
     has_audio: ClassVar[bool] = True
+    previews: ClassVar[bool] = False  # the latents hold video and audio tokens (diffcore.previews)
     required_frames_step: ClassVar[int] = 8
 
     def default_size(self, components) -> tuple[int, int]:

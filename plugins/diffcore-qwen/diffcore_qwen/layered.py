@@ -73,6 +73,7 @@ class QwenImageLayeredSamplingParams(QwenImageSamplingParams):
 @attrs.define(kw_only=True)
 class QwenImageLayeredConfig(QwenImageConfig):
     has_alpha: ClassVar[bool] = True  # RGBA layers (the server keeps them for background="transparent")
+    previews: ClassVar[bool] = False  # decode makes several layers per prompt, not one picture (diffcore.previews)
     default_negative_prompt: Optional[str] = None  # diffusers: no CFG without a negative prompt
     cfg_norm_rescale: bool = False  # per request: cfg_normalize
 
