@@ -53,7 +53,7 @@ class InitLatentsStage(PipelineStage):
 
         cfg = self.config
         pixels = to_tensor([resize(req.images[0], req.height, req.width)])
-        z = cfg.encode_init_image(self.components, pixels, req)  # one image for every prompt of the request
+        z = self.encode(pixels, req)  # one image for every prompt of the request
         dtype = cfg.latent_dtype(self.components)
         noise = torch.randn(cfg.latent_shape(req, self.components), generator=req.generator, dtype=dtype, device="cpu")
         init = cfg.pack_latents(torch.cat([z] * req.batch_size).to(req.device, dtype), req)
@@ -61,6 +61,10 @@ class InitLatentsStage(PipelineStage):
         req.latents = req.scheduler.scale_noise(init, req.timesteps[:1].repeat(req.batch_size), noise)
         req.init_latents, req.init_noise = init, noise
         return req
+
+    def encode(self, pixels: torch.Tensor, req: Request) -> torch.Tensor:
+        """The picture's normalised latents (the config's ``encode_init_image``: a posterior sample)."""
+        return self.config.encode_init_image(self.components, pixels, req)
 
 
 class InpaintValidationStage(InputValidationStage):
@@ -79,22 +83,24 @@ class InpaintValidationStage(InputValidationStage):
 
 
 class MaskPreparationStage(PipelineStage):
-    """The mask at latent resolution, one value per latent channel, packed like the latents (1 = repaint)."""
+    """The mask at latent resolution, one value per latent channel, packed like the latents (1 = repaint).
+    ``mode``: how the binarised pixel mask is brought to latent size (``torch.nn.functional.interpolate``):
+    diffusers' FLUX.1 / Qwen-Image inpaint use ``"nearest"``, FLUX.2 [klein] ``"bilinear"`` (a soft edge)."""
 
     inputs = (In("mask"), In("latents", torch.Tensor), In("height", int), In("width", int))
     outputs = (Out("latent_mask", torch.Tensor),)
     batch = "each"
 
-    def __init__(self, config, components: dict):
+    def __init__(self, config, components: dict, mode: str = "nearest"):
         super().__init__()
-        self.config, self.components = config, components
+        self.config, self.components, self.mode = config, components, mode
 
     def forward(self, req: Request) -> Request:
         from ..masks import mask_tensor
 
         shape = self.config.latent_shape(req, self.components)
         h, w = shape[-2:]
-        m = torch.nn.functional.interpolate(mask_tensor(req.mask, req.height, req.width), size=(h, w))
+        m = torch.nn.functional.interpolate(mask_tensor(req.mask, req.height, req.width), size=(h, w), mode=self.mode)
         m = m.view([1] * (len(shape) - 2) + [h, w]).expand(shape).contiguous()
         req.latent_mask = self.config.pack_latents(m.to(req.device, req.latents.dtype), req)
         return req

@@ -31,6 +31,9 @@ def register_compositions():
                                 "FLUX.1 image-to-image (image, strength)"),
         CompositionRegistration("FluxInpaintPipeline", "FluxPipeline", "inpaint", P + "FluxInpaintPipeline",
                                 "FLUX.1 inpainting (image, mask, strength)"),
+        CompositionRegistration("Flux2KleinInpaintPipeline", "Flux2KleinPipeline", "inpaint",
+                                "diffcore_flux.flux2_inpaint:Flux2KleinInpaintPipeline",
+                                "FLUX.2 [klein] inpainting (image, mask, strength; the picture is also a reference)"),
     ]
 
 

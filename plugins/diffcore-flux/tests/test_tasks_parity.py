@@ -73,7 +73,8 @@ def test_plugins_command_lists_the_compositions(capsys):
     _plugins(argparse.Namespace(json=True))
     flux = next(p for p in json.loads(capsys.readouterr().out)["plugins"] if p["name"] == "flux")
     assert {(c["name"], c["pipeline"], c["task"]) for c in flux["compositions"]} == {
-        ("FluxImg2ImgPipeline", "FluxPipeline", "img2img"), ("FluxInpaintPipeline", "FluxPipeline", "inpaint")}
+        ("FluxImg2ImgPipeline", "FluxPipeline", "img2img"), ("FluxInpaintPipeline", "FluxPipeline", "inpaint"),
+        ("Flux2KleinInpaintPipeline", "Flux2KleinPipeline", "inpaint")}
     _plugins(argparse.Namespace(json=False))
     assert "task      inpaint on FluxPipeline: FluxInpaintPipeline" in capsys.readouterr().out
 
