@@ -63,5 +63,6 @@ def test_serve_examples_run(tmp_path, monkeypatch):
                     exec(compile(code, block.where, "exec"), namespace)
                 except Exception:
                     pytest.fail(f"example at {block.where} failed:\n{traceback.format_exc()}", pytrace=False)
-    for name, size in {"circle.png": 64, "square-0.webp": 64, "square-1.webp": 64, "edited.png": 32}.items():
+    for name, size in {"circle.png": 64, "square-0.webp": 64, "square-1.webp": 64, "edited.png": 32, "streamed.png": 64,
+                       "partial-0.png": 64, "partial-1.png": 64}.items():
         assert decode_image((work / name).read_bytes()).shape == (size, size, 3), name

@@ -58,10 +58,11 @@ def normalize(body: dict, form: bool, video: bool) -> tuple[dict, list[str]]:
     """(diffcore's fields, warnings) for a request body that may use a peer's field names."""
     body = merge_extra_body(body, form)
     warnings = []
-    for key in sorted(set(body) & set(HARMLESS)):
+    for key in sorted(set(body) & set(HARMLESS) - (set() if video else {"stream"})):  # images stream (streaming.py)
         value = body.pop(key)
         if key == "stream" and value not in (None, False, "false", "False"):
-            raise bad_param("stream", "streaming is not supported: leave stream out (or false)")
+            raise bad_param("stream", "a video job is not streamed: leave stream out (or false); poll GET "
+                                      "/v1/videos/{id} for its progress")
         if key != "stream":
             warnings.append(f"{key} ignored: {HARMLESS[key]}")
     outputs = body.pop("num_outputs_per_prompt", None)

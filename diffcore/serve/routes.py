@@ -159,20 +159,29 @@ async def render_images(request: Request, state, job: schemas.ImageJob) -> tuple
     results = await wait_all(request, state, futures)
 
     def encode():
-        out = []
-        for i, (kw, r) in enumerate(zip(job.kwargs, results)):
-            if r.layers:  # several pictures per output (Qwen-Image-Layered): one entry per layer, saying which
-                out += [(schemas.encode_image(im, job.output_format, job.output_compression), kw["seed"],
-                         {"output_index": i, "layer": k + 1}) for k, im in enumerate(r.images[:r.layers])]
-            else:
-                out.append((schemas.encode_image(r.images[0], job.output_format, job.output_compression), kw["seed"], {}))
+        out = [item for i, r in enumerate(results) for item in encode_result(job, i, r)]
         image = results[0].images[0]
         return out, f"{image.width}x{image.height}"
 
     return await run_in_threadpool(encode)
 
 
-async def run_images(request: Request, state, job: schemas.ImageJob) -> Response:
+def encode_result(job: schemas.ImageJob, i: int, result) -> list[tuple[bytes, int, dict]]:
+    """Output ``i``'s encoded picture(s): [(image, seed, which)]; ``which`` is ``{"output_index", "layer"}`` for a
+    layered model (one entry per layer), else empty."""
+    seed = job.kwargs[i]["seed"]
+    if result.layers:  # several pictures per output (Qwen-Image-Layered): one entry per layer, saying which
+        return [(schemas.encode_image(im, job.output_format, job.output_compression), seed,
+                 {"output_index": i, "layer": k + 1}) for k, im in enumerate(result.images[:result.layers])]
+    return [(schemas.encode_image(result.images[0], job.output_format, job.output_compression), seed, {})]
+
+
+async def run_images(request: Request, state, job: schemas.ImageJob, events: str = "image_generation") -> Response:
+    """Answer an images request: one JSON body, or with ``stream`` server-sent ``events`` (serve.streaming)."""
+    if job.stream:
+        from .streaming import stream_images
+
+        return await stream_images(request, state, job, events)
     try:
         encoded, size = await render_images(request, state, job)
     except ClientGone:
@@ -257,7 +266,7 @@ async def images_edits(request: Request):
     if mask is not None:
         for kwargs in job.kwargs:
             kwargs["mask"] = mask
-    return await run_images(request, state, job)
+    return await run_images(request, state, job, "image_edit")
 
 
 def upload_mask(state, data: bytes):

@@ -27,7 +27,8 @@ MAX_N = 10
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 
 # OpenAI fields that mean nothing for a diffusion model: accepted and ignored, so clients work unchanged.
-IGNORED = ("user", "quality", "style", "moderation", "partial_images", "input_fidelity")
+IGNORED = ("user", "quality", "style", "moderation", "input_fidelity")
+MAX_PARTIAL_IMAGES = 3  # OpenAI's limit on previews per streamed image
 BACKGROUNDS = ("auto", "opaque", "transparent")
 
 
@@ -40,6 +41,9 @@ class ImageJob:
     output_format: str = "png"
     output_compression: Optional[int] = None
     warnings: list = attrs.field(factory=list)  # peer fields accepted and ignored (peers.py)
+    stream: bool = False  # answer with server-sent events (serve.streaming)
+    partial_images: int = 0  # previews per image before the final one, when streamed
+    background: str = "auto"
 
 
 @attrs.define
@@ -72,6 +76,15 @@ def _int_field(body: dict, field: str, form: bool, default=None, lo=None, hi=Non
     return value
 
 
+def _bool_field(body: dict, field: str) -> bool:
+    value = body.get(field)
+    if isinstance(value, str):  # a form's text (or "false" from a JSON client, as before streaming existed)
+        value = convert(field, value, bool, True)
+    if value is not None and not isinstance(value, bool):
+        raise bad_param(field, f"{field} must be true or false, got {value!r}")
+    return bool(value)
+
+
 def check_fields(body: dict, route_fields: tuple[str, ...], params_cls) -> None:
     """Every field is the route's own, one of the model's parameters, or an OpenAI field ignored here."""
     allowed = set(route_fields) | set(extra_kinds(params_cls))
@@ -100,7 +113,7 @@ def check_model(body: dict, served) -> None:
 
 
 IMAGE_FIELDS = ("prompt", "n", "size", "response_format", "output_format", "output_compression", "model", "image",
-                "image[]", "stream", "background")
+                "image[]", "stream", "partial_images", "background")
 
 
 def check_background(body: dict, alpha: bool, output_format: str) -> None:
@@ -136,9 +149,11 @@ def image_job(body: dict, served: str, params_cls, form: bool = False, images: O
     compression = _int_field(body, "output_compression", form, lo=0, hi=100)
     check_background(body, alpha, output_format)
     extras = diffusion_extras(body, params_cls, form)
-    stream = body.get("stream")
-    if stream not in (None, False, "false"):
-        raise bad_param("stream", "streaming partial images is not supported")
+    stream = _bool_field(body, "stream")
+    partial = _int_field(body, "partial_images", form, default=0, lo=0, hi=MAX_PARTIAL_IMAGES)
+    if stream and response_format != "b64_json":
+        raise bad_param("response_format", "streamed images come as b64_json: leave response_format out "
+                                           "(or b64_json), or leave stream out for urls")
     base = dict(prompt=prompt, height=height, width=width, **extras)
     if images:
         base["image"] = images if len(images) > 1 else images[0]
@@ -156,7 +171,8 @@ def image_job(body: dict, served: str, params_cls, form: bool = False, images: O
         kw = {k: v for k, v in base.items() if v is not None}
         kw["seed"] = seed + i if isinstance(seed, int) and not isinstance(seed, bool) else seed
         kwargs.append(kw)
-    return ImageJob(kwargs, response_format, output_format, compression, warnings)
+    return ImageJob(kwargs, response_format, output_format, compression, warnings, stream, partial,
+                    body.get("background") or "auto")
 
 
 VIDEO_FIELDS = ("prompt", "model", "seconds", "size", "input_reference")
