@@ -18,11 +18,15 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 MEDIA_SUFFIXES = IMAGE_SUFFIXES | {".mp4", ".wav"}
 
 
+def to_uint8(array) -> np.ndarray:
+    """Floats in [0, 1] -> uint8 pixels, rounded: how every saved or streamed picture and frame is made."""
+    return (np.clip(np.asarray(array), 0, 1) * 255).round().astype(np.uint8)
+
+
 def to_pil(array):
     from PIL import Image
 
-    array = np.asarray(array)  # a torch tensor (output_type="pt") too
-    return Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
+    return Image.fromarray(to_uint8(array))  # a torch tensor (output_type="pt") too
 
 
 class VideoWriter:
@@ -39,7 +43,7 @@ class VideoWriter:
         self.frames = 0
 
     def append(self, frames: np.ndarray) -> None:
-        data = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+        data = to_uint8(frames)
         h, w = data.shape[1:3]
         if h % 2 or w % 2:  # yuv420p needs even sizes
             data = np.pad(data, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")

@@ -141,6 +141,8 @@ class Guard:
         self.hosts = origin.allowed_hosts(state.settings)
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            return await self._websocket(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         request_id = "req_" + secrets.token_hex(8)
@@ -177,6 +179,24 @@ class Guard:
             route = getattr(scope.get("route"), "path", None) or ("/v1/*" if scope["path"].startswith("/v1/") else "other")
             self.state.metrics.requests.labels(route, str(status[0])).inc()
             self.state.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+    async def _websocket(self, scope, receive, send):
+        """A WebSocket handshake: the Host / Origin rules, and a wrong API key refused; without a key in the
+        headers the route asks for it in the first message (``websocket_authorized``: serve.realtime)."""
+        error = origin.refuse(scope, self.state.settings, self.hosts)
+        given = dict(scope["headers"]).get(b"authorization")
+        if error is None and self.key is not None and given is not None and not hmac.compare_digest(given, self.key):
+            error = APIError(401, "incorrect API key", code="invalid_api_key")
+        scope.setdefault("state", {})["websocket_authorized"] = self.key is None or given is not None
+        if error is None:
+            return await self.app(scope, receive, send)
+        await receive()  # websocket.connect
+        if "websocket.http.response" in scope.get("extensions", {}):  # the refusal as an HTTP answer
+            start, data = _json(error.status, error.body(), error.headers)
+            await send({**start, "type": "websocket.http.response.start"})
+            await send({"type": "websocket.http.response.body", "body": data})
+        else:
+            await send({"type": "websocket.close", "code": 1008})  # the server answers 403
 
     def _refuse(self, scope) -> Optional[APIError]:
         error = origin.refuse(scope, self.state.settings, self.hosts)  # other web sites (docs/serve.md)
@@ -230,7 +250,7 @@ def create_app(settings: Optional[ServeSettings] = None, generator=None, loader:
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
-    from . import chat, loras, routes, videos
+    from . import chat, loras, realtime, routes, videos
 
     settings = settings or ServeSettings()
     state = ServerState(settings, model_name)
@@ -275,6 +295,7 @@ def create_app(settings: Optional[ServeSettings] = None, generator=None, loader:
     app.include_router(videos.router)
     app.include_router(loras.router)
     app.include_router(chat.router)
+    app.include_router(realtime.router)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

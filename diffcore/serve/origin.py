@@ -10,6 +10,8 @@ a DNS-rebinding page (``evil.example`` resolving to 127.0.0.1) talks to the serv
 * a state-changing request (anything but GET/HEAD/OPTIONS) that carries an ``Origin`` must come from the
   server's own origin or one listed with ``--cors-origin``; else 403 ``cross_origin``. Clients that are not
   browsers send no ``Origin`` and are not affected;
+* a WebSocket handshake (``/v1/realtime/video``) that carries an ``Origin`` must come from the same origins
+  (cross-site WebSocket hijacking: a page can read a WebSocket's answers, so no method is "safe" there);
 * JSON routes take ``Content-Type: application/json`` only (415 otherwise; see ``routes.read_body``).
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ def allowed_hosts(settings) -> frozenset[str]:
 
 
 def refuse(scope, settings, hosts: frozenset[str]) -> Optional[APIError]:
-    """The Host / Origin refusal of one HTTP request, or None."""
+    """The Host / Origin refusal of one HTTP request or WebSocket handshake, or None."""
     headers = dict(scope["headers"])
     host = headers.get(b"host", b"").decode("latin-1")
     if host and "*" not in hosts and _hostname(host) not in hosts:
@@ -49,7 +51,9 @@ def refuse(scope, settings, hosts: frozenset[str]) -> Optional[APIError]:
                              "if clients reach it under that name, start it with --allowed-host "
                              f"{_hostname(host) or host}", code="invalid_host")
     origin = headers.get(b"origin")
-    if origin is None or scope["method"] in SAFE_METHODS:
+    websocket = scope["type"] == "websocket"  # a page may read what a WebSocket answers: its Origin always counts
+    what = "WebSocket connection" if websocket else scope["method"]
+    if origin is None or (not websocket and scope["method"] in SAFE_METHODS):
         return None
     origin = origin.decode("latin-1")
     if origin in settings.cors_origins or "*" in settings.cors_origins:
@@ -57,6 +61,7 @@ def refuse(scope, settings, hosts: frozenset[str]) -> Optional[APIError]:
     parts = urlsplit(origin) if origin != "null" else None
     if parts is not None and parts.scheme in ("http", "https") and parts.netloc.lower() == host.lower():
         return None  # the server's own pages (the playground)
-    return APIError(403, f"cross-origin {scope['method']} from {origin!r} refused: only this server's own pages and "
-                         "the origins given with --cors-origin may change state (generate, upload, delete)",
+    return APIError(403, f"cross-origin {what} from {origin!r} refused: only this server's own pages and "
+                         "the origins given with --cors-origin may change state (generate, upload, delete) or "
+                         "open a WebSocket",
                     code="cross_origin")

@@ -5,7 +5,8 @@ the DMD loop of ``DmdDenoisingStage`` while its self-attention sees a per-reques
 clean earlier blocks; then one more forward of the clean block at ``context_timestep`` writes its
 clean keys/values into the cache for the blocks after it. Finished blocks are decoded at once (the
 video VAE is causal in time, so this equals decoding the whole video at the end) and handed to the
-request's ``block_callback``, which is what makes streaming possible.
+request's ``block_callback``, which is what makes streaming possible. ``req.condition["cond"]`` is read
+at the start of every block, so the callback may replace it (a prompt change mid-stream: diffcore.serve.realtime).
 
 The model protocol (``diffcore.protocols.CausalModel``): ``model.new_kv_cache(latent_shape, window, sink)``
 and ``forward(..., kv_cache=cache, start_frame=s)`` on one block of latent frames starting at frame ``s``.
@@ -60,11 +61,12 @@ class CausalDMDDenoisingStage(DmdDenoisingStage):
         decode = None
         if self.components is not None and req.params.output_type != "latent":
             decode = self.config.stream_decoder(self.components, req)
-        cond, out, pixels = req.condition["cond"], torch.empty_like(latents), []
+        out, pixels = torch.empty_like(latents), []
         num_blocks = frames // n
         for b in range(num_blocks):
             s = b * n
-            kwargs = dict(cond, kv_cache=cache, start_frame=s)
+            # read per block: a block_callback may swap in another prompt's condition for the blocks after it
+            kwargs = dict(req.condition["cond"], kv_cache=cache, start_frame=s)
             x0 = self.denoise(latents[:, :, s:s + n], timesteps, grid, kwargs, req,
                               bar_desc=f"block {b + 1}/{num_blocks}", branch=f"block{b}")
             context_t = torch.tensor(causal.context_timestep, dtype=torch.float32, device=x0.device)
