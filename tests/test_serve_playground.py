@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,21 +12,8 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
 
 from diffcore.serve.settings import ServeSettings  # noqa: E402
+from diffcore.testing.browser import FLAGS, chromium  # noqa: E402
 from diffcore.testing.serving import running_server  # noqa: E402
-
-# The flags a closed-network machine needs (no background connections, no GPU, root without a sandbox).
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None and Path("/usr/bin/chromium").exists():
-        path = "/usr/bin/chromium"
-    if path is None:
-        pytest.skip("no chromium on this machine: `apt-get install chromium` (bash scripts/install-browser.sh, "
-                    "which .ci/run calls, does it as root); skipping the browser test")
-    return path
 
 
 def test_playground_generates_in_a_browser(toy_gen, tmp_path):

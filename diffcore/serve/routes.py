@@ -372,6 +372,7 @@ async def playground_info(request: Request):
     params = gen.sampling_params_cls()
     tasks = sorted(getattr(gen.pipeline, "compositions", {}))
     return {"model": state.model_name, "video": bool(gen.config.is_video), "audio": bool(gen.config.has_audio),
+            "realtime": bool(getattr(gen, "streams_blocks", False)),  # WebSocket /v1/realtime/video (serve.realtime)
             "tasks": tasks,
             "max_images": gen.sampling_params_cls.max_images, "min_images": gen.sampling_params_cls.min_images,
             "defaults": {"num_inference_steps": params.num_inference_steps, "guidance_scale": params.guidance_scale,

@@ -86,6 +86,7 @@ async function connect() {
   $("image-box").classList.toggle("hidden", info.max_images === 0 && tasks.length === 0);
   $("strength-box").classList.toggle("hidden", !tasks.includes("img2img") && !tasks.includes("inpaint"));
   $("frames-box").classList.toggle("hidden", !info.video);
+  $("live-box").classList.toggle("hidden", !info.realtime);  // realtime.js: block-causal models stream live
 }
 
 // The mask brush: the uploaded picture on a canvas; painting erases it to transparent, which is OpenAI's mask

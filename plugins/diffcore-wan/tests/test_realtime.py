@@ -255,3 +255,54 @@ def test_a_video_model_without_causal_blocks_gets_an_error_frame(fewstep_folders
                 ws.recv(timeout=WAIT)
     assert error["error"]["code"] == "model_not_realtime" and error["error"]["param"] == "model"
     assert closed.value.rcvd.code == 1008
+
+
+def test_playground_live_panel_streams_and_switches_the_prompt_in_a_browser(causal):
+    """The playground's live panel in headless chromium: the key goes in the first message, block 0 is painted
+    while block 1 is still held, a prompt typed mid-stream applies from block 3, and the last frame painted is
+    exactly the last frame of that switched generation."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
+    from diffcore.testing.browser import FLAGS, chromium
+
+    exe = chromium()
+    want = switched(causal, "a red cat", "a blue dog", 2)[0]
+    read = threading.Event()
+    real_change = realtime.Generation.change_prompt
+
+    def change(self, prompt):
+        real_change(self, prompt)
+        read.set()
+
+    settings = ServeSettings(served_model_name="self-forcing", api_key="live-key")
+    with running_server(causal, settings) as (base, _), sync_api.sync_playwright() as pw, \
+            mock.patch.object(realtime.Generation, "change_prompt", change), Gate(causal, 1, read) as gate:
+        browser = pw.chromium.launch(executable_path=exe, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(base + "/")
+            page.wait_for_selector("#key-box:not(.hidden)", timeout=WAIT * 1000)
+            page.fill("#api-key", "live-key")
+            page.dispatch_event("#api-key", "change")
+            page.wait_for_selector("#live-box:not(.hidden)", timeout=WAIT * 1000)
+            for field, value in (("#prompt", "a red cat"), ("#width", "48"), ("#height", "32"), ("#frames", "21"),
+                                 ("#seed", "2")):
+                page.fill(field, value)
+            page.click("#live-start")
+            page.wait_for_function("+document.getElementById('live-canvas').dataset.framesShown >= 5",
+                                   timeout=WAIT * 1000)
+            assert gate.waiting.is_set() and 1 not in gate.finished  # painted while block 1 is not computed
+            page.fill("#live-prompt", "a blue dog")
+            page.click("#live-send")
+            page.wait_for_function("document.getElementById('live-status').textContent === 'done' && "
+                                   "+document.getElementById('live-canvas').dataset.framesShown === 21",
+                                   timeout=WAIT * 1000)
+            log = page.inner_text("#live-log")
+            shown = page.evaluate("Array.from(document.getElementById('live-canvas').getContext('2d')"
+                                  ".getImageData(0, 0, 48, 32).data)")
+            assert page.inner_text("#live-error") == ""
+        finally:
+            browser.close()
+    assert 'prompt "a blue dog" from block 3' in log and "done: 21 frames" in log, log
+    painted = np.asarray(shown, np.uint8).reshape(32, 48, 4)
+    assert (painted[..., 3] == 255).all()
+    np.testing.assert_array_equal(painted[..., :3], want[-1])
