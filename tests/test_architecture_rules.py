@@ -18,7 +18,7 @@ FAMILY = re.compile(r"(?i)flux|qwen|kontext|(?<![a-z])wan(?![a-z])|(?-i:(?<![a-z
 # encoders the fast loader knows are that library's names.
 ALLOWED_FILES = {"models/autoencoder_kl_wan.py", "models/wan_vae_blocks.py"}
 ALLOWED = re.compile(r"^(AutoencoderKLWan|AutoencoderKLQwenImage|diffcore\.models\.autoencoder_kl_wan:\w+|"
-                     r"autoencoder_kl_wan|Qwen2_5_VL\w*|Qwen3ForCausalLM)$")
+                     r"autoencoder_kl_wan|Qwen2_5_VL\w*|Qwen3ForCausalLM|Qwen3Model)$")
 # The testing kit also builds tiny transformers Qwen2 / Qwen2-VL / Qwen2.5-VL objects (tokenizer, vision
 # processor, text encoder): a text stack that several families share (Qwen-Image, Z-Image), named by the
 # library's versioned model types ("qwen2"), not a family. Family helpers live in the plugins' own testing.

@@ -25,6 +25,7 @@ BUILDERS = {
     "UMT5EncoderModel": lambda: te.tiny_umt5_encoder(tk.tiny_t5_tokenizer()),
     "Qwen2_5_VLForConditionalGeneration": lambda: te.tiny_qwen25vl(tk.tiny_qwen2_tokenizer()),
     "Qwen3ForCausalLM": lambda: _tiny_qwen3(),
+    "Qwen3Model": lambda: _tiny_qwen3().model,  # Z-Image's text encoder: the base model, saved without lm_head
     "Mistral3ForConditionalGeneration": lambda: _tiny_mistral3(),
 }
 

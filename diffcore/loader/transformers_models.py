@@ -36,6 +36,7 @@ KEY_RENAMES: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = {
         ("model.", "model.language_model.", ("model.language_model.", "model.visual.")),
     ),
     "Qwen3ForCausalLM": (),
+    "Qwen3Model": (),  # Z-Image's text encoder (the base model: no lm_head)
     "Mistral3ForConditionalGeneration": (  # the pre-v5 layout kept the language model under language_model.
         ("language_model.model.", "model.language_model.", ()),
         ("language_model.lm_head.", "lm_head.", ()),
