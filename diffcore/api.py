@@ -59,12 +59,18 @@ class DiffGenerator:
         (default 3 with ``on_preview``); SamplingParamError names a bad value or a model that cannot preview."""
         from . import previews
 
+        count = self._preview_count(on_preview, partial_images)
+        req.x0_callback = previews.x0_callback(self.config, self.components, req, on_preview, count)
+        return req
+
+    def _preview_count(self, on_preview, partial_images) -> int:
+        from . import previews
+
         count = previews.check(on_preview, partial_images)
         if count and not self.can_preview:
             raise SamplingParamError("on_preview", f"{type(self.pipeline).__name__} cannot show previews (its "
                                                    "denoising loop does not hand out whole-picture latents per step)")
-        req.x0_callback = previews.x0_callback(self.config, self.components, req, on_preview, count)
-        return req
+        return count
 
     @property
     def rank(self) -> int:
@@ -113,9 +119,7 @@ class DiffGenerator:
         receives ``partial_images`` previews (default 3), spread over the steps: the predicted clean picture
         decoded at reduced cost (``diffcore.previews.Preview``: ``index``, ``step``, ``output``, ``images``).
         """
-        from . import previews
-
-        previews.check(on_preview, partial_images)  # before any work
+        self._preview_count(on_preview, partial_images)  # refused before any work
         req = self.request(dict(
             prompt=prompt, negative_prompt=negative_prompt, image=image, height=height, width=width,
             num_frames=num_frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
