@@ -1,7 +1,10 @@
 """The per-step guidance policy (PipelineConfig.guidance_active): rows that stop needing CFG stop costing an
-unconditional call, and a batch whose rows disagree still gives each row its solo result.
+unconditional call, and a batch whose rows disagree still gives each row its solo result. And guidance with more
+than two predictions (``guidance_branches`` / ``combine_predictions``): an extra branch costs one call per step,
+its combination reaches the output, and rows of a batch that disagree get their solo results.
 
-The toy config's policy is "CFG only in the first ``cfg_steps`` steps" (a per-request sampling parameter).
+The toy config's policy is "CFG only in the first ``cfg_steps`` steps" (a per-request sampling parameter); its
+extra branch is the prompt's features zeroed, weighted by ``zero_prompt_scale``.
 """
 from __future__ import annotations
 
@@ -69,3 +72,18 @@ def test_rows_that_disagree_get_their_solo_results(toy_gen, calls, select_rows, 
         assert calls.sizes == [3, 3, 3, 2, 3, 1]
     else:
         assert calls.sizes == [3, 3, 3, 3, 3, 3]
+
+
+def test_an_extra_guidance_branch_costs_one_call_and_is_combined(toy_gen, calls):
+    plain = toy_gen.generate(**KW, seed=1).output
+    calls.sizes.clear()
+    extra = toy_gen.generate(**KW, seed=1, zero_prompt_scale=2.0).output
+    assert calls.sizes == [1] * (3 * STEPS)  # cond, uncond, zero_prompt at every step
+    assert np.abs(extra - plain).max() > 1e-3
+    calls.sizes.clear()
+    rows = [dict(KW, seed=3, zero_prompt_scale=1.5), dict(KW, prompt="a blue square", seed=4),
+            dict(KW, seed=5, zero_prompt_scale=0.5, cfg_steps=1)]
+    solo = [toy_gen.generate(**r).output for r in rows]
+    batch = [res.output for res in toy_gen.generate_batch(rows)]
+    for alone, together in zip(solo, batch):  # row 2 (scale 0) gets an exact zero term from the shared call
+        np.testing.assert_allclose(together, alone, atol=1e-5)

@@ -4,7 +4,8 @@ Real gloo process groups: each configuration is one ``torchrun`` launch of
 ``diffcore.testing.parallel`` running every case (FLUX dev and Kontext, Qwen-Image T2I and Edit,
 Wan 2.1 T2V and I2V (CLIP image context), Wan 2.2 A14B with two experts, Wan 2.2 TI2V-5B with an image,
 Qwen-Image-Edit-2509 (Edit Plus) with two input images of different sizes, FLUX.2 [klein] base with CFG and
-two references, Z-Image with CFG truncation, FLUX inpainting and Qwen-Image image-to-image, and FBCache), on tiny
+two references, Z-Image with CFG truncation, FLUX inpainting and Qwen-Image image-to-image, FBCache, and LTX-2.0 /
+2.3 with their extra guidance branches under CFG parallelism, frames and sound), on tiny
 perturbed checkpoints built by the plugins' builders. Each rank's output must equal
 rank 0's bit for bit and the one-process output (this pytest process, same code without parallel
 options) to fp32 max |diff| <= 1e-4 and PSNR >= 60 dB. Token counts are odd so sequence
@@ -50,12 +51,14 @@ def cases(tmp_path_factory):
     flux = _load(ROOT / "plugins/diffcore-flux/tests/conftest.py", "_par_flux_conftest")
     qwen = _load(ROOT / "plugins/diffcore-qwen/tests/conftest.py", "_par_qwen_conftest")
     wan = _load(ROOT / "plugins/diffcore-wan/tests/wan_testlib.py", "_par_wan_testlib")
+    ltx = _load(ROOT / "plugins/diffcore-ltx/tests/ltx_testlib.py", "_par_ltx_testlib")
     builders = {"flux_dev": lambda: flux.build_flux_pipeline(), "flux_kontext": lambda: flux.build_flux_pipeline(kontext=True),
                 "qwen_t2i": lambda: qwen.build_qwen_pipeline("t2i"), "qwen_edit": lambda: qwen.build_qwen_pipeline("edit"),
                 "wan21": lambda: wan.build_wan_pipeline("t2v21"), "wan22_a14b": lambda: wan.build_wan_pipeline("t2v22"),
                 "wan22_ti2v": lambda: wan.build_wan_pipeline("ti2v"), "wan21_i2v": lambda: wan.build_wan_pipeline("i2v21"),
                 "qwen_edit_plus": lambda: qwen.build_qwen_pipeline("plus"),
-                "flux2_klein_base": lambda: flux.build_flux2_pipeline("klein-base")}
+                "flux2_klein_base": lambda: flux.build_flux2_pipeline("klein-base"),
+                "ltx2": lambda: ltx.diffusers_pipeline(), "ltx23": lambda: ltx.diffusers_pipeline(version="2.3")}
     folders = {}
     for name, build in builders.items():
         build().save_pretrained(root / name)
@@ -93,6 +96,12 @@ def cases(tmp_path_factory):
                                   cfg_normalization=True, seed=9, **cfg), None),
     ]
     out = [{"name": n, "model": folders[m], "engine": {}, "generate": g, "image": i} for n, m, g, i in specs]
+    # LTX-2 (frames and waveform compared): CFG + STG + modality isolation = 4 branches a step, shared out 2 + 2
+    # between the CFG ranks; with CFG off, 3 (odd: one rank's share is padded). No sequence parallelism (refused).
+    ltx_args = dict(ltx.SMALL, prompt="a red cat plays a drum", seed=4)
+    out += [{"name": name, "model": folders[model], "engine": {}, "generate": dict(ltx_args, **extra), "image": None,
+             "layouts": ["cfg"]} for name, model, extra in (
+        ("ltx2_all_guidance", "ltx2", {}), ("ltx23_no_cfg", "ltx23", dict(guidance_scale=1.0, audio_guidance_scale=1.0)))]
     # image-to-image and inpainting compositions on the same loaded checkpoints
     out.append({"name": "flux_dev_inpaint", "model": folders["flux_dev"], "engine": {},
                 "generate": dict(specs[0][2], num_inference_steps=3, strength=0.8), "image": [48, 48, 5],
@@ -131,6 +140,7 @@ def _launch(nproc: int, cases: list, engine: dict, out: Path) -> None:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_parallel_equals_one_process(layout, cases, references, tmp_path):
     nproc, engine = LAYOUTS[layout]
+    cases = [c for c in cases if layout in c.get("layouts", LAYOUTS)]
     _launch(nproc, cases, engine, tmp_path)
     report = []
     for case in cases:

@@ -228,6 +228,25 @@ class PipelineConfig:
         scale = broadcast_rows(scale, cond)
         return uncond + scale * (cond - uncond)
 
+    def guidance_branches(self, req: "Request", step: int, t: torch.Tensor) -> tuple[str, ...]:
+        """Names of the extra predictions a step makes beside the conditional and unconditional ones, for
+        guidance that needs more than CFG (LTX-2: a call with perturbed self-attention, one with the audio/video
+        cross-attention off). Each is one model call on the whole batch with ``req.condition[name]``'s kwargs;
+        ``combine_predictions`` combines them. None by default."""
+        return ()
+
+    def combine_predictions(self, preds: dict, rows: list[int], latents: torch.Tensor, t: torch.Tensor,
+                            req: "Request", expert: int) -> torch.Tensor:
+        """A step's predictions by branch -> the one the scheduler steps with. ``preds["cond"]`` holds every row;
+        ``preds["uncond"]`` (present when CFG runs this step) only ``rows``; each ``guidance_branches`` entry every
+        row. Default: CFG of the two branches per row (``combine_guidance``); a config guiding in another space
+        (x0), with more terms or a rescale overrides this."""
+        if "uncond" not in preds:
+            return preds["cond"]
+        from ..stages.guidance import combine_rows
+
+        return combine_rows(self, preds["cond"], preds["uncond"], rows, t, req, expert)
+
     def hook_inputs(self) -> dict:
         """``{stage class: (In(...), ...)}``: Request fields this config's hooks read inside stages of that class
         (or a subclass, whatever the pipeline names them) beyond the stage's own inputs. The pipeline adds

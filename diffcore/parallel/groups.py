@@ -1,7 +1,8 @@
 """The process groups one pipeline owns, their layout check, and the contextvar that carries them.
 
-Rank layout (world = sp_degree x (2 if cfg_parallel else 1)): rank ``r`` computes CFG branch
-``r // sp_degree`` (0 = conditional, 1 = unconditional) and sequence shard ``r % sp_degree``. The
+Rank layout (world = sp_degree x (2 if cfg_parallel else 1)): rank ``r`` computes the guidance branches
+``r // sp_degree``, ``r // sp_degree + 2``, ... of a step (0 = conditional, 1 = unconditional, then a config's
+extra branches, e.g. LTX-2's perturbed and modality-isolated calls) and sequence shard ``r % sp_degree``. The
 sequence-parallel group of a rank is the ``sp_degree`` ranks of its branch; its CFG group is the
 two ranks holding the same shard of the two branches.
 
@@ -138,15 +139,18 @@ class ParallelGroups:
                 if self.rank in ranks:
                     self.cfg_group = group
 
-    def gather_branches(self, mine: torch.Tensor) -> list[torch.Tensor]:
-        """``[conditional, unconditional]`` prediction from this rank's branch and its CFG partner's."""
+    def gather_branches(self, mine: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+        """All ``count`` predictions of a step, in branch order, from this rank's share (branches
+        ``cfg_rank``, ``cfg_rank + 2``, ...) and its CFG partner's. Every prediction has the same shape; the
+        shorter share is padded with zeros so one all-gather serves any number of branches."""
         import torch.distributed as dist
 
         self.stats["branch_gathers"] += 1
-        mine = mine.contiguous()
-        out = [torch.empty_like(mine) for _ in range(2)]
-        dist.all_gather(out, mine, group=self.cfg_group)
-        return out
+        per_rank = (count + 1) // 2
+        stacked = torch.stack(mine + [torch.zeros_like(mine[0])] * (per_rank - len(mine))).contiguous()
+        out = [torch.empty_like(stacked) for _ in range(2)]
+        dist.all_gather(out, stacked, group=self.cfg_group)
+        return [out[i % 2][i // 2] for i in range(count)]
 
     def close(self) -> None:
         """Destroy the groups (and the default group if diffcore created it)."""

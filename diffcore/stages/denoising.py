@@ -6,7 +6,7 @@ import torch
 from .. import finite, parallel
 from ..request import Request
 from .base import In, Out, PipelineStage
-from .guidance import combine_rows, guided_rows, row_view, take_rows, uncond_kwargs_for
+from .guidance import guided_rows, row_view, take_rows, uncond_kwargs_for
 from .loop import DenoisingLoopStage
 
 
@@ -14,10 +14,12 @@ class DenoisingStage(DenoisingLoopStage):
     """Run the denoiser(s) over the timesteps and step the request's scheduler.
 
     Everything that changes during the loop lives on the Request (latents, scheduler, the step cache of
-    this request), so one stage serves concurrent requests. Under CFG parallelism (the pipeline's
-    parallel groups are current) each rank predicts one branch; the two predictions are all-gathered,
-    then combined exactly as in one process. Which rows run the unconditional branch at a step is the
-    config's per-step guidance policy (``guidance.py``).
+    this request), so one stage serves concurrent requests. A step's predictions are branches: the
+    conditional one, the unconditional one for the rows the config's per-step guidance policy guides
+    (``guidance.py``), and any extra ones the config asks for (``guidance_branches``); the config combines
+    them (``combine_predictions``). Under CFG parallelism (the pipeline's parallel groups are current) the
+    two ranks of a CFG group share the branches out and all-gather them, then combine exactly as in one
+    process.
     """
 
     inputs = (In("latents", torch.Tensor), In("timesteps", torch.Tensor), In("scheduler"), In("condition", dict),
@@ -33,27 +35,36 @@ class DenoisingStage(DenoisingLoopStage):
         view = row_view(req, rows)
         return self.predict(view, model, take_rows(latents, rows, req.batch_size), t, narrowed, step, "uncond")
 
+    def _predict_branches(self, req: Request, model, latents, t, step: int, rows: list[int], names: list[str],
+                          groups) -> dict:
+        """Every prediction the step needs, by branch name. Under CFG parallelism the branches are shared out
+        between the two ranks of a CFG group (``gather_branches``), the unconditional one for the whole batch."""
+        condition = req.condition
+
+        def one(name: str, whole: bool) -> torch.Tensor:
+            if name == "uncond" and not whole:
+                return self._predict_uncond(req, model, latents, t, condition.get("uncond"), step, rows)
+            return self.predict(req, model, latents, t, condition[name], step, name)
+
+        if groups is None or not groups.cfg_parallel or len(names) == 1:
+            return {name: one(name, whole=False) for name in names}
+        mine = [one(name, whole=True) for name in names[groups.cfg_rank::2]]
+        preds = dict(zip(names, groups.gather_branches(mine, len(names))))
+        if "uncond" in preds:
+            preds["uncond"] = take_rows(preds["uncond"], rows, req.batch_size)
+        return preds
+
     def loop(self, req: Request) -> torch.Tensor:
         scheduler, latents = req.scheduler, req.latents
-        cond_kwargs, uncond_kwargs = req.condition["cond"], req.condition.get("uncond")
         self.start_step_cache(req, len(req.timesteps))
         groups = parallel.current()
         for i, t in enumerate(self.steps(req.timesteps)):
             expert = self.config.select_denoiser(t, req, len(self.transformers))
             model = self.transformers[expert]
             rows = guided_rows(self.config, req, i, t)  # the per-step guidance policy (stages/guidance.py)
-            if rows and groups is not None and groups.cfg_parallel:
-                # CFG parallel: this rank runs one branch; its partner rank runs the other
-                branch = ("cond", "uncond")[groups.cfg_rank]
-                mine = self.predict(req, model, latents, t, (cond_kwargs, uncond_kwargs)[groups.cfg_rank], i, branch)
-                pred, uncond = groups.gather_branches(mine)
-                uncond = take_rows(uncond, rows, req.batch_size)
-            else:
-                pred = self.predict(req, model, latents, t, cond_kwargs, i, "cond")
-                if rows:
-                    uncond = self._predict_uncond(req, model, latents, t, uncond_kwargs, i, rows)
-            if rows:
-                pred = combine_rows(self.config, pred, uncond, rows, t, req, expert)
+            names = ["cond", *(["uncond"] if rows else []), *self.config.guidance_branches(req, i, t)]
+            preds = self._predict_branches(req, model, latents, t, i, rows, names, groups)
+            pred = self.config.combine_predictions(preds, rows, latents, t, req, expert)
             x0 = scheduler.predicted_x0(pred, t, latents) if self.wants_x0(req) else None
             latents = scheduler.step(pred, t, latents)
             self.step_done(req, i, len(req.timesteps), t, latents, x0)

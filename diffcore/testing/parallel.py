@@ -4,8 +4,10 @@
 
 ``CASES.json`` is a list of ``{"name", "model" (folder), "engine" (EngineArgs, e.g. sp_degree,
 cfg_parallel, cache), "generate" (generate() keywords), "image" ([width, height, seed], a list of those
-for several input images, or null), optionally "mask" ([width, height]: an inpainting box mask)}``.
-Every rank writes ``OUT_DIR/<name>.rank<r>.npy`` (its output) and ``<name>.rank<r>.json`` (step-cache
+for several input images, or null), optionally "mask" ([width, height]: an inpainting box mask) and
+"layouts" (the parallel layouts the case runs under; read by the test)}``.
+Every rank writes ``OUT_DIR/<name>.rank<r>.npy`` (its output; with a sound track, frames and waveform
+flattened into one array) and ``<name>.rank<r>.json`` (step-cache
 stats, seconds), so a test can check every rank returned the same result and compare it with a
 one-process run of the same case (``run_case`` without parallel options). Many cases share one
 launch: starting processes costs more than the tiny models.
@@ -52,7 +54,10 @@ def run_case(case: dict, **engine_overrides) -> tuple[np.ndarray, dict, Any]:
     result = gen.generate(**kwargs)
     info = {"seconds": time.perf_counter() - start, "rank": gen.rank, "cache_stats": result.cache_stats,
             "parallel_stats": dict(gen.pipeline.parallel.stats) if gen.pipeline.parallel is not None else None}
-    return result.output, info, gen
+    output = result.output
+    if result.audios is not None:  # a sound track is compared too: frames and waveform, flattened side by side
+        output = np.concatenate([np.ravel(output), np.ravel(result.audios)])
+    return output, info, gen
 
 
 def main(argv: Optional[list[str]] = None) -> int:

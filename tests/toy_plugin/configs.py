@@ -32,6 +32,20 @@ class ToyConfig(PipelineConfig):
         index = torch.tensor(rows)
         return {k: v[index] for k, v in kwargs.items()}
 
+    def guidance_branches(self, req, step, t) -> tuple[str, ...]:
+        """An extra branch (the prompt's features zeroed) when a row sets ``zero_prompt_scale``, to test the core's
+        multi-branch guidance hooks."""
+        return ("zero_prompt",) if "zero_prompt" in req.condition else ()
+
+    def combine_predictions(self, preds, rows, latents, t, req, expert):
+        out = super().combine_predictions(preds, rows, latents, t, req, expert)
+        if "zero_prompt" not in preds:
+            return out
+        from diffcore.configs.pipeline_config import broadcast_rows, row_scale
+
+        scale = broadcast_rows(row_scale(req.per_row("zero_prompt_scale")), out)
+        return out + scale * (preds["cond"] - preds["zero_prompt"])
+
     def default_size(self, components) -> tuple[int, int]:
         return 32, 32
 
@@ -50,7 +64,11 @@ class ToyConfig(PipelineConfig):
             return dict(encoder_hidden_states=p.embeds.to(dtype), pooled_projections=p.pooled.to(dtype))
 
         neg = req.negative_prompt_embeds
-        return {"cond": kwargs(req.prompt_embeds), "uncond": kwargs(neg) if neg is not None else None}
+        branches = {"cond": kwargs(req.prompt_embeds), "uncond": kwargs(neg) if neg is not None else None}
+        if any(s for s in req.per_row("zero_prompt_scale")):
+            cond = branches["cond"]
+            branches["zero_prompt"] = dict(cond, encoder_hidden_states=0 * cond["encoder_hidden_states"])
+        return branches
 
 
 @attrs.define(kw_only=True)
@@ -68,6 +86,7 @@ class ToySamplingParams(SamplingParams):
     max_sequence_length: int = 16
     max_sequence_length_limit: ClassVar[int] = 77
     cfg_steps: Optional[int] = None  # run the unconditional branch only in the first cfg_steps steps
+    zero_prompt_scale: float = 0.0  # an extra guidance branch (ToyConfig.guidance_branches) when > 0
 
 
 @attrs.define(kw_only=True)

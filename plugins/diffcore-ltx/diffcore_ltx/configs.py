@@ -3,8 +3,9 @@
 The request's latents are one float32 row per video: the packed video tokens (F' x H' x W' x 128) and then
 the packed audio tokens (T x 8 x 16), flattened side by side (``layout.py``). Both streams follow the same
 sigmas (diffusers steps a copy of the scheduler for audio with the same schedule), so one Euler step on the
-joint row is exactly the two steps. Guidance (CFG, STG, modality isolation, rescale, in x0 space) runs inside
-the denoiser call (``guidance.py``), so the core's separate unconditional call is never made.
+joint row is exactly the two steps. Guidance (CFG, STG, modality isolation, rescale, in x0 space) runs through
+the core's guidance hooks: ``wants_cfg``, ``guidance_branches`` (the extra calls) and ``combine_predictions``
+(``guidance.py``).
 """
 from __future__ import annotations
 
@@ -128,7 +129,7 @@ class LTX2Config(PipelineConfig):
     vae_scale_factor: int = 32
     vae_temporal_factor: int = 8
     latent_patch: int = 1  # the transformer's patch size is 1: a latent voxel is a token
-    cfg: str = "cfg"  # negatives are encoded when any CFG scale is active (the guidance is LTX's own)
+    cfg: str = "cfg"  # negatives are encoded when any CFG scale (video or audio) is active: ``wants_cfg``
     default_negative_prompt: str = ""
     is_video: bool = True
     default_fps: Optional[int] = 24
@@ -179,8 +180,18 @@ class LTX2Config(PipelineConfig):
 
         return condition(self, components, req)
 
-    def guidance_active(self, params, step: int, t) -> bool:
-        return False  # LTX-2 guides inside its denoiser call (guidance.py): no separate unconditional call
+    def wants_cfg(self, params) -> bool:
+        """CFG runs when the video *or* the audio guidance scale is above 1 (diffusers' do_classifier_free_guidance)."""
+        return params.guidance_scale > 1.0 or params.audio("guidance_scale") > 1.0
+
+    def guidance_branches(self, req, step: int, t) -> tuple[str, ...]:
+        """The STG and modality-isolation calls, when some row's scale makes them matter (``guidance.condition``)."""
+        return tuple(name for name in ("stg", "modality") if name in req.condition)
+
+    def combine_predictions(self, preds: dict, rows: list, latents, t, req, expert: int):
+        from .guidance import combine
+
+        return combine(self, preds, rows, latents, t, req)
 
     def model_timestep(self, t, latents, req):
         return t.expand(latents.shape[0])  # LTX-2 takes the 0-1000 timestep itself

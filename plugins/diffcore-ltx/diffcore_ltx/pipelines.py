@@ -1,7 +1,7 @@
 """LTX-2 pipelines: the core stages plus three of the family's own (``stages.py``).
 
     input_validation -> text_encoding -> timestep_preparation -> latent_preparation [-> image_conditioning]
-      -> conditioning -> denoising (core loop, guided LTX2Denoiser) -> decoding (video) -> audio_decoding
+      -> conditioning -> denoising (core loop and guidance hooks, LTX2Denoiser) -> decoding (video) -> audio_decoding
 
 The audio decoding stage declares ``audio`` / ``audio_sample_rate`` outputs, which the config's ``has_audio``
 makes the build-time dataflow proof require.
@@ -42,14 +42,15 @@ class LTX2Pipeline(ComposedPipelineBase):
 
     @staticmethod
     def check_engine(engine_args) -> None:
-        """What the LTX-2 denoiser does not take part in yet, refused rather than silently ignored."""
-        from diffcore.errors import ConfigError, ParallelConfigError
+        """What the LTX-2 denoiser does not take part in yet, refused rather than silently ignored. CFG parallelism
+        works through the core (its two ranks share a step's guidance branches); sequence parallelism is refused by
+        the core (``sequence_parallel`` is false: the transformer does not shard its two token streams)."""
+        from diffcore.errors import ConfigError
 
-        if engine_args.cfg_parallel:
-            raise ParallelConfigError("LTX2Pipeline: its guidance branches run inside one denoiser call "
-                                      "(batched [negative, positive]); cfg_parallel is not supported, drop it")
         if engine_args.cache:
-            raise ConfigError("LTX2Pipeline: step caches (cache=...) are not supported by the LTX-2 denoiser yet")
+            raise ConfigError("LTX2Pipeline: step caches (cache=...) are not supported by the LTX-2 denoiser: the "
+                              "core's block caches key on one token stream and one residual per step, LTX-2 has two "
+                              "streams and up to four guidance branches per step")
 
 
 class LTX2ImageToVideoPipeline(LTX2Pipeline):

@@ -11,15 +11,12 @@ from diffcore.stages.base import In, Out, PipelineStage
 
 
 class LTX2InputValidationStage(InputValidationStage):
-    """The core checks, plus LTX-2's: num_frames 8k + 1 (in ``LTX2Config.resolve_size``), and CFG runs when the
-    video *or* the audio guidance scale is above 1 (diffusers' ``do_classifier_free_guidance``)."""
+    """The core checks (CFG when the video or the audio scale is above 1: ``LTX2Config.wants_cfg``), plus LTX-2's:
+    num_frames 8k + 1 (in ``LTX2Config.resolve_size``), registers, STG block indices."""
 
     def forward(self, req: Request) -> Request:
         req = super().forward(req)
         p = req.params
-        if not req.do_cfg and p.audio("guidance_scale") > 1.0:
-            req.do_cfg = True
-            req.negative_prompts = p.negative_prompts(req.batch_size, self.config.default_negative_prompt)
         registers = getattr(getattr(self.components.get("connectors"), "video_connector", None), "num_registers", None)
         if registers and p.max_sequence_length % registers:
             n = max(registers, p.max_sequence_length // registers * registers)
