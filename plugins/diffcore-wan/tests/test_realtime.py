@@ -306,3 +306,56 @@ def test_playground_live_panel_streams_and_switches_the_prompt_in_a_browser(caus
     painted = np.asarray(shown, np.uint8).reshape(32, 48, 4)
     assert (painted[..., 3] == 255).all()
     np.testing.assert_array_equal(painted[..., :3], want[-1])
+
+
+def test_a_second_start_while_one_runs_and_the_request_timeout(causal):
+    """A ``start`` while a generation runs is refused (the running one is cancelled with the connection); a
+    generation past --request-timeout is cancelled at its next step with a ``timeout`` error frame (1011)."""
+    settings = ServeSettings(request_timeout=2.0)
+    with running_server(causal, settings) as (base, app):
+        url, state = base.replace("http://", "ws://") + "/v1/realtime/video", app.state.diffcore
+        cancelled = state.metrics.cancelled
+        counts = {r: cancelled.labels(r)._value.get() for r in ("disconnect", "timeout")}
+        for second, code, close, reason in (({**START, "format": "rgb24"}, "generation_running", 1008, "disconnect"),
+                                            (None, "timeout", 1011, "timeout")):
+            release = threading.Event()
+            with Gate(causal, 1, release) as gate, ws_client.connect(url, open_timeout=WAIT) as ws:
+                ws.send(json.dumps({**START, "format": "rgb24"}))
+                assert json.loads(ws.recv(timeout=WAIT))["type"] == "started"
+                assert json.loads(ws.recv(timeout=WAIT))["type"] == "block" and ws.recv(timeout=WAIT)
+                assert gate.waiting.wait(WAIT)
+                if second is not None:
+                    ws.send(json.dumps(second))
+                error = json.loads(ws.recv(timeout=WAIT))  # the timeout: 2 s after the start, block 1 still held
+                with pytest.raises(ConnectionClosed) as closed:
+                    ws.recv(timeout=WAIT)
+                release.set()
+                for _ in range(WAIT * 10):
+                    if state.runner.queue_depth == 0:
+                        break
+                    release.wait(0.1)
+            assert (error["error"]["code"], closed.value.rcvd.code) == (code, close), error
+            assert gate.finished == [0] and 2 not in gate.started  # stopped in block 1
+            assert cancelled.labels(reason)._value.get() == counts[reason] + 1
+
+
+def test_a_full_queue_is_an_error_frame_that_says_retry(causal):
+    """One generation runs (held), one waits (--max-queue 1): a third start gets 429's queue_full and 1013."""
+    release = threading.Event()
+    with running_server(causal, ServeSettings(max_queue=1)) as (base, _), Gate(causal, 1, release) as gate:
+        url = base.replace("http://", "ws://") + "/v1/realtime/video"
+        with ws_client.connect(url, open_timeout=WAIT) as first, ws_client.connect(url, open_timeout=WAIT) as second, \
+                ws_client.connect(url, open_timeout=WAIT) as third:
+            first.send(json.dumps({**START, "format": "rgb24"}))
+            assert json.loads(first.recv(timeout=WAIT))["type"] == "started" and gate.waiting.wait(WAIT)
+            second.send(json.dumps({**START, "format": "rgb24"}))
+            assert json.loads(second.recv(timeout=WAIT))["type"] == "started"  # queued behind the first
+            third.send(json.dumps({**START, "format": "rgb24"}))
+            error = json.loads(third.recv(timeout=WAIT))
+            with pytest.raises(ConnectionClosed) as closed:
+                third.recv(timeout=WAIT)
+            release.set()
+            for ws in (first, second):
+                assert len(read_until_done(ws)[0]) == 3
+    assert error["error"]["code"] == "queue_full" and error["error"]["type"] == "rate_limit_error"
+    assert closed.value.rcvd.code == 1013
