@@ -330,3 +330,21 @@ def test_a_callback_given_to_the_leader_stays_on_rank_0_and_is_called(toy_gen, f
     (name, payload), = channel.sent
     assert name == "batch" and payload[0]["seed"] == 3 and "callback" not in payload[0]
     leader.stop()
+
+
+def test_previews_are_decoded_on_rank_0_of_a_broadcast_batch(toy_gen, follower):
+    """A streamed request's preview hook stays on rank 0: the batch broadcasts its parameters only, rank 0 calls
+    the hook at the chosen steps, the result equals generate()'s."""
+    channel = Loopback(follower)
+    leader = leader_of(toy_gen, channel)
+    assert leader.can_preview
+    shown = []
+    kw = dict(KW, num_inference_steps=4, seed=5)
+    with leader.make_runner(max_batch_size=2, max_wait_ms=10) as runner:
+        req = leader.attach_previews(leader.request(kw), shown.append, 2)
+        result = runner.submit(req).result(60)
+    np.testing.assert_allclose(result.output, toy_gen.generate(**kw).output, atol=1e-5)
+    assert [p.step for p in shown] == [1, 3] and shown[0].output.shape == (1, 32, 32, 3)
+    (name, payload), = [m for m in channel.sent if m[0] == "batch"]
+    assert payload[0]["seed"] == 5 and not any(callable(v) for v in payload[0].values())
+    leader.stop()

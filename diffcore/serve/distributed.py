@@ -226,6 +226,15 @@ class Leader:
     def unfuse_lora(self) -> None:
         return self._state_call("unfuse_lora", None, self.generator.unfuse_lora)
 
+    @property
+    def can_preview(self) -> bool:
+        """Streamed previews: rank 0 decodes them from its own copy of the batch every rank runs."""
+        return self.generator.can_preview
+
+    def attach_previews(self, req, on_preview, partial_images=None):
+        """The preview hook stays on rank 0 (a function: only the parameters are broadcast)."""
+        return self.generator.attach_previews(req, on_preview, partial_images)
+
     def run(self, params, callback=None, block_callback=None):
         raise DiffcoreError("under torchrun, run requests with generate()/generate_batch() (they reach every rank)")
 
