@@ -76,6 +76,15 @@ class WeightMismatchError(LoaderError):
     """Checkpoint keys or shapes do not fit the module built from its config."""
 
 
+class CheckpointVariantError(WeightMismatchError):
+    """The weight file is another variant of the same model than the folder's config.json describes (e.g. a
+    FLUX.2 [dev] transformer given to a [klein] folder); ``file_variant`` and ``config_variant`` name both."""
+
+    def __init__(self, message: str, *, file_variant=None, config_variant=None):
+        self.file_variant, self.config_variant = file_variant, config_variant
+        super().__init__(message)
+
+
 class UnsafePathError(LoaderError):
     """A model folder refers to a file outside itself (an absolute path, '..', or a link leaving the folder);
     ``file`` is where the reference is, ``entry`` the JSON key or folder entry that makes it."""

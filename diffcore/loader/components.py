@@ -18,7 +18,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ..errors import ConfigError, DiffcoreError, LoaderError, MissingFileError, RegistryError, WeightMismatchError
+from ..errors import (CheckpointVariantError, ConfigError, DiffcoreError, LoaderError, MissingFileError, RegistryError,
+                      WeightMismatchError)
 from . import key_layouts as layouts
 from .config_types import build, check_config
 from .containment import explicit_bool
@@ -26,7 +27,7 @@ from .model_index import ComponentSpec, read_json
 from .required_files import check_transformers_folder
 from .safetensors_io import load_into_module, skip_init
 from .weight_files import check_pickle_consent, find_weight_files
-from .weight_reading import file_keys
+from .weight_reading import file_keys, file_shapes
 from .size_guard import check_depths, guarded_build
 from .transformers_models import load_fast
 
@@ -49,6 +50,7 @@ def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow
         load_into_module(model, files, key_map=cls.map_state_dict_key, dtype=dtype, device=device,
                          on_module=on_module)
     except WeightMismatchError as e:
+        _raise_if_other_variant(files, cls, config, path / "config.json", e)
         hint = _other_model_hint(files, cls, classes or {})
         if hint:
             err = WeightMismatchError(f"{hint} {e}")
@@ -56,6 +58,29 @@ def _load_model(path: Path, spec: ComponentSpec, cls: type, dtype, device, allow
             raise err from e
         raise
     return model.eval().requires_grad_(False)
+
+
+def _raise_if_other_variant(files, cls: type, config: dict, config_file: Path, error: WeightMismatchError) -> None:
+    """A weight file of another variant of this model (its class names variants): a CheckpointVariantError
+    saying which variant the file is and which the folder's config.json describes."""
+    of_config = cls.variant_of_config(config) if hasattr(cls, "variant_of_config") else None
+    if of_config is None:
+        return
+    shapes = {}
+    for key, shape in file_shapes(files, tuple(getattr(cls, "checkpoint_layouts", ()))).items():
+        name = cls.map_state_dict_key(key)
+        if name is not None:
+            shapes[name] = shape
+    of_file = cls.variant_of_weights(shapes)
+    if of_file is None or of_file == of_config:
+        return
+    names = ", ".join(Path(f).name for f in files)
+    err = CheckpointVariantError(
+        f"{names} holds {of_file}, but {config_file} describes {of_config}: load the file with a folder of its "
+        f"own variant, or give this folder a file of its variant. ({error})", file_variant=of_file,
+        config_variant=of_config)
+    err.missing, err.unexpected, err.mismatched, err.files = error.missing, error.unexpected, error.mismatched, error.files
+    raise err from error
 
 
 def _other_model_hint(files, cls: type, classes: Mapping[str, type]) -> str:

@@ -118,6 +118,18 @@ def all_keys(files: Sequence[Path], pickle_cache: dict) -> list[str]:
     return keys
 
 
+def file_shapes(files: Sequence[Path], layouts: Sequence["_layouts.CheckpointLayout"] = ()) -> dict[str, tuple]:
+    """{tensor name as the layout names it: shape} over all files (headers only; pickle files are skipped)."""
+    files = [Path(f) for f in files if Path(f).suffix in (".gguf", ".safetensors") and Path(f).is_file()]
+    every = all_keys(files, {}) if layouts and len(files) > 1 else None
+    shapes: dict[str, tuple] = {}
+    for path in files:
+        with open_weights(path, {}) as reader:
+            view = reader.through(layouts, every)
+            shapes.update({k: tuple(view.shape(k)) for k in view.keys})
+    return shapes
+
+
 def file_keys(path: Path) -> list[str]:
     """The tensor names of one weight file (headers only; pickle files are not opened for this)."""
     path = Path(path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Optional
 
 import torch
 from torch import nn
@@ -93,6 +93,19 @@ class ModelMixin(nn.Module):
     def map_state_dict_key(cls, key: str) -> str:
         """Rename one checkpoint key to this module's parameter name (identity by default)."""
         return key
+
+    @classmethod
+    def variant_of_config(cls, config: Mapping[str, Any]) -> Optional[str]:
+        """Which variant of the model a config describes, in words (e.g. "FLUX.2 [klein] 4B (hidden 3072, ...)"),
+        or None (the default: the class names no variants). With ``variant_of_weights`` it turns a weight file
+        of another variant into a ``CheckpointVariantError`` naming both."""
+        return None
+
+    @classmethod
+    def variant_of_weights(cls, shapes: Mapping[str, tuple]) -> Optional[str]:
+        """Which variant a weight file is, from its tensor shapes (module names -> shape), in the words of
+        ``variant_of_config``; None when the shapes do not say."""
+        return None
 
     @property
     def dtype(self) -> torch.dtype:

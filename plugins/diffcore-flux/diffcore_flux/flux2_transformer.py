@@ -237,6 +237,18 @@ class Flux2Transformer2DModel(ModelMixin):
     diffusers_class_name = "Flux2Transformer2DModel"
     checkpoint_layouts = LAYOUTS
 
+    @classmethod
+    def variant_of_config(cls, config) -> str:
+        from .flux2_variants import of_config
+
+        return of_config(config)
+
+    @classmethod
+    def variant_of_weights(cls, shapes) -> Optional[str]:
+        from .flux2_variants import of_weights
+
+        return of_weights(shapes)
+
     def __init__(self, patch_size: int = 1, in_channels: int = 128, out_channels: Optional[int] = None,
                  num_layers: int = 8, num_single_layers: int = 48, attention_head_dim: int = 128,
                  num_attention_heads: int = 48, joint_attention_dim: int = 15360, timestep_guidance_channels: int = 256,

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from diffcore import DiffGenerator
-from diffcore.errors import SamplingParamError, WeightMismatchError
+from diffcore.errors import CheckpointVariantError, SamplingParamError, WeightMismatchError
 
 SMALL = dict(num_inference_steps=2, max_sequence_length=16, height=32, width=32, output_type="np")
 
@@ -110,10 +110,31 @@ def test_bfl_single_file_equals_the_folder(flux2_folders, gens, tmp_path, kind, 
     assert np.array_equal(gen.generate(**kw).output, gens[kind].generate(**kw).output)
 
 
-def test_dev_single_file_with_klein_config_is_refused(flux2_folders, tmp_path, flux2_to_bfl):
+def test_dev_single_file_with_klein_config_is_refused(flux2_folders, tmp_path, flux2_to_bfl, gens):
+    """A [dev] single file for a [klein] folder: a CheckpointVariantError naming which variant each is (a
+    WeightMismatchError with the keys too); the folder then loads and generates as before."""
     path = _bfl_file(flux2_folders["dev"], tmp_path / "flux2-dev.safetensors", flux2_to_bfl)
-    with pytest.raises(WeightMismatchError, match="guidance_embedder"):
+    with pytest.raises(CheckpointVariantError, match="guidance_embedder") as e:
         DiffGenerator.from_pretrained(flux2_folders["klein"], dtype="float32", progress=False, gguf=path)
+    assert isinstance(e.value, WeightMismatchError)
+    assert e.value.file_variant.startswith("a FLUX.2 [dev]-style transformer (guidance embedding)")
+    assert e.value.config_variant.startswith("a FLUX.2 [klein]-style transformer (no guidance embedding)")
+    assert "flux2-dev.safetensors holds a FLUX.2 [dev]-style" in str(e.value) and "klein" in str(e.value)
+    gen = DiffGenerator.from_pretrained(flux2_folders["klein"], dtype="float32", progress=False)
+    kw = dict(prompt="a cat", seed=6, **SMALL)
+    assert np.array_equal(gen.generate(**kw).output, gens["klein"].generate(**kw).output)
+
+
+def test_file_of_the_same_variant_keeps_the_plain_mismatch(flux2_folders, tmp_path, flux2_to_bfl):
+    """A truncated [klein] file is no other variant: the usual WeightMismatchError, not a variant error."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(_bfl_file(flux2_folders["klein"], tmp_path / "k.safetensors", flux2_to_bfl))
+    save_file({k: v for k, v in sd.items() if "final_layer" not in k}, tmp_path / "cut.safetensors")
+    with pytest.raises(WeightMismatchError, match="proj_out") as e:
+        DiffGenerator.from_pretrained(flux2_folders["klein"], dtype="float32", progress=False,
+                                      gguf=tmp_path / "cut.safetensors")
+    assert not isinstance(e.value, CheckpointVariantError)
 
 
 def test_dataflow_is_proven_for_every_flux2_pipeline(gens):

@@ -117,6 +117,10 @@ def test_real_config_keys_and_shapes(variant):
     want = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert got == want
+    name = {"dev": "FLUX.2 [dev]", "klein-4b": "FLUX.2 [klein] 4B"}[variant]
+    # the variant named from the config and from the weights' shapes (BFL files of the variants share one layout)
+    assert Flux2Transformer2DModel.variant_of_config(cfg).startswith(name + ", hidden")
+    assert Flux2Transformer2DModel.variant_of_weights(want) == Flux2Transformer2DModel.variant_of_config(cfg)
 
 
 def test_bfl_layout_converts_like_diffusers(flux2_to_bfl):
