@@ -49,7 +49,8 @@ def _round(gen, params: dict, c: int, batched: bool) -> float:
 
     def submit(i):
         barrier.wait()
-        futures[i] = scheduler.submit({**params, "prompt": PROMPTS[i % len(PROMPTS)], "seed": i, "output_type": "np"})
+        futures[i] = scheduler.submit(gen.request({**params, "prompt": PROMPTS[i % len(PROMPTS)], "seed": i,
+                                                   "output_type": "np"}))
 
     threads = [threading.Thread(target=submit, args=(i,)) for i in range(c)]
     for t in threads:

@@ -47,7 +47,7 @@ def test_scheduler_serves_many_threads(toy_gen):
     scheduler.on_batch = sizes.append
     requests = [dict(prompt=f"a cat number {i}", seed=i, guidance_scale=2.0 + i, output_type="np") for i in range(6)]
     futures = [None] * len(requests)
-    threads = [threading.Thread(target=lambda i=i: futures.__setitem__(i, scheduler.submit(requests[i])))
+    threads = [threading.Thread(target=lambda i=i: futures.__setitem__(i, scheduler.submit(toy_gen.request(requests[i]))))
                for i in range(len(requests))]
     for t in threads:
         t.start()
@@ -69,7 +69,7 @@ def _blocked(scheduler, toy_gen):
         started.set()
         release.wait(timeout=60)
 
-    future = scheduler.submit(dict(prompt="a slow one", callback=hold))
+    future = scheduler.submit(toy_gen.request(dict(prompt="a slow one", callback=hold)))
     assert started.wait(timeout=60)
     return future, release
 
@@ -78,18 +78,21 @@ def test_bad_request_fails_alone_and_progress_is_reported(toy_gen):
     scheduler = BatchScheduler(toy_gen, max_batch_size=8, max_wait_ms=0)
     first, release = _blocked(scheduler, toy_gen)
     steps = []
-    good = scheduler.submit(dict(prompt="a red circle", num_inference_steps=3), on_step=lambda s, n: steps.append((s, n)))
-    bad = scheduler.submit(dict(prompt="a cat", num_inference_steps=0))
-    unknown = scheduler.submit(dict(prompt="a cat", no_such_parameter=1))
-    also_good = scheduler.submit(dict(prompt="a dog", seed=4))
+    good = scheduler.submit(toy_gen.request(dict(prompt="a red circle", num_inference_steps=3)),
+                            on_step=lambda s, n: steps.append((s, n)))
+    with pytest.raises(SamplingParamError, match="num_inference_steps"):  # refused before it queues
+        toy_gen.request(dict(prompt="a cat", num_inference_steps=0))
+    with pytest.raises(SamplingParamError, match="no_such_parameter"):
+        toy_gen.request(dict(prompt="a cat", no_such_parameter=1))
+    with pytest.raises(SamplingParamError, match="validated Request"):  # keywords are not queued as they are
+        scheduler.submit(dict(prompt="a cat"))
+    also_good = scheduler.submit(toy_gen.request(dict(prompt="a dog", seed=4)))
+    more = [scheduler.submit(toy_gen.request(dict(prompt="a cow", seed=s, height=48))) for s in (5, 6)]
     assert scheduler.queue_depth == 5  # 4 waiting + the running one
     release.set()
     assert good.result(timeout=60).output.shape == (1, 32, 32, 3)
     assert also_good.result(timeout=60).output is not None and first.result(timeout=60) is not None
-    with pytest.raises(SamplingParamError, match="num_inference_steps"):
-        bad.result(timeout=60)
-    with pytest.raises(SamplingParamError, match="no_such_parameter"):
-        unknown.result(timeout=60)
+    assert all(f.result(timeout=60).output.shape == (1, 48, 32, 3) for f in more)
     assert steps == [(1, 3), (2, 3), (3, 3)]
     scheduler.shutdown()
 
@@ -97,24 +100,24 @@ def test_bad_request_fails_alone_and_progress_is_reported(toy_gen):
 def test_queue_limit_cancel_and_shutdown(toy_gen):
     scheduler = BatchScheduler(toy_gen, max_batch_size=2, max_wait_ms=0, max_queue=2)
     running, release = _blocked(scheduler, toy_gen)
-    waiting = [scheduler.submit(dict(prompt="a cat", seed=i)) for i in range(2)]
+    waiting = [scheduler.submit(toy_gen.request(dict(prompt="a cat", seed=i))) for i in range(2)]
     with pytest.raises(QueueFullError, match="queue is full"):
-        scheduler.submit(dict(prompt="one too many"))
+        scheduler.submit(toy_gen.request(dict(prompt="one too many")))
     assert scheduler.cancel(waiting[0]) and waiting[0].cancelled()
     assert not scheduler.cancel(running)  # already started
     assert scheduler.queue_depth == 2  # 1 waiting + the running one
-    scheduler.submit(dict(prompt="room again", seed=7))  # the cancelled one freed its place
+    scheduler.submit(toy_gen.request(dict(prompt="room again", seed=7)))  # the cancelled one freed its place
     release.set()
     scheduler.shutdown(wait=True)  # finishes what was queued
     assert waiting[1].done() and waiting[1].result().output is not None
     with pytest.raises(EngineShutdownError):
-        scheduler.submit(dict(prompt="too late"))
+        scheduler.submit(toy_gen.request(dict(prompt="too late")))
 
 
 def test_scheduler_with_a_step_cache_runs_requests_alone(toy_folder, toy_manager):
     gen = DiffGenerator.from_pretrained(toy_folder, dtype="float32", progress=False, plugin_manager=toy_manager,
                                         cache="toy-cache")
     with BatchScheduler(gen, max_wait_ms=50) as scheduler:
-        futures = [scheduler.submit(dict(prompt=p, num_inference_steps=4)) for p in ("a cat", "a dog")]
+        futures = [scheduler.submit(gen.request(dict(prompt=p, num_inference_steps=4))) for p in ("a cat", "a dog")]
         stats = [f.result(timeout=60).cache_stats for f in futures]
     assert stats == [{"computed": 4, "skipped": 4}] * 2  # each request its own cache, as alone

@@ -3,29 +3,16 @@ denoising step, the other rows of its batch keep their solo result, the next req
 Counted in transformer calls, not seconds."""
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
 from diffcore.engine.batching import BatchScheduler
 from diffcore.errors import RequestCancelledError
 from diffcore.testing.concurrency import count_denoiser_calls
+from diffcore.testing.joining import Gate
 
 STEPS = 12
 LONG = dict(prompt="a long one", seed=5, num_inference_steps=STEPS, guidance_scale=4.0, output_type="np")
-
-
-class Gate:
-    """A step callback that holds the worker after step ``at`` (counted from 0) until released."""
-
-    def __init__(self, at: int):
-        self.at, self.reached, self.release = at, threading.Event(), threading.Event()
-
-    def __call__(self, step, t, latents):
-        if step == self.at:
-            self.reached.set()
-            assert self.release.wait(timeout=60)
 
 
 @pytest.fixture
@@ -49,9 +36,9 @@ def test_cancelled_request_stops_at_the_next_step_and_frees_the_engine(toy_gen, 
     next_calls, next_solo = _solo_calls(toy_gen, calls, nxt)
     with BatchScheduler(toy_gen, max_batch_size=1, max_wait_ms=0) as scheduler:
         gate = Gate(at=2)
-        running = scheduler.submit(dict(LONG, callback=gate))
+        running = scheduler.submit(toy_gen.request(dict(LONG, callback=gate)))
         assert gate.reached.wait(timeout=60)  # 3 steps done, the worker is held after the third
-        queued = scheduler.submit(nxt)
+        queued = scheduler.submit(toy_gen.request(nxt))
         start = len(calls)
         assert not scheduler.cancel(running)  # it runs: asked to stop, not dropped
         gate.release.set()
@@ -71,8 +58,9 @@ def test_a_cancelled_row_ends_at_a_step_and_its_batch_neighbour_keeps_its_solo_r
     with BatchScheduler(toy_gen, max_batch_size=2, max_wait_ms=5000) as scheduler:
         gate = Gate(at=1)
         futures = {}
-        futures["leave"] = scheduler.submit(dict(leave, callback=gate))
-        futures["keep"] = scheduler.submit(dict(keep, callback=lambda s, t, x: seen.append(futures["leave"].done())))
+        futures["leave"] = scheduler.submit(toy_gen.request(dict(leave, callback=gate)))
+        futures["keep"] = scheduler.submit(toy_gen.request(
+            dict(keep, callback=lambda s, t, x: seen.append(futures["leave"].done()))))
         assert gate.reached.wait(timeout=60)
         start = len(calls)
         scheduler.cancel(futures["leave"])
@@ -90,7 +78,7 @@ def test_a_batch_whose_every_request_is_cancelled_stops_at_the_next_step(toy_gen
     b = dict(prompt="second", seed=2, num_inference_steps=STEPS, guidance_scale=3.0, output_type="np")
     with BatchScheduler(toy_gen, max_batch_size=2, max_wait_ms=5000) as scheduler:
         gate = Gate(at=0)
-        fa, fb = scheduler.submit(dict(a, callback=gate)), scheduler.submit(b)
+        fa, fb = scheduler.submit(toy_gen.request(dict(a, callback=gate))), scheduler.submit(toy_gen.request(b))
         assert gate.reached.wait(timeout=60)
         start = len(calls)
         scheduler.cancel(fa)
@@ -100,14 +88,14 @@ def test_a_batch_whose_every_request_is_cancelled_stops_at_the_next_step(toy_gen
         for f, steps in ((fa, 2), (fb, 1)):
             with pytest.raises(RequestCancelledError, match=f"after {steps} denoising step"):
                 f.result(timeout=60)
-        after = scheduler.submit(dict(a, num_inference_steps=2))
+        after = scheduler.submit(toy_gen.request(dict(a, num_inference_steps=2)))
         assert after.result(timeout=60).output is not None  # the engine serves on
     assert len(calls) - start == 2 + 2 * 2  # one more shared step (CFG: 2 calls), then the 2-step request
 
 
 def test_cancelling_a_finished_request_changes_nothing(toy_gen):
     with BatchScheduler(toy_gen, max_batch_size=1, max_wait_ms=0) as scheduler:
-        done = scheduler.submit(dict(prompt="quick", seed=3, num_inference_steps=2, output_type="np"))
+        done = scheduler.submit(toy_gen.request(dict(prompt="quick", seed=3, num_inference_steps=2, output_type="np")))
         out = done.result(timeout=60).output
         assert not scheduler.cancel(done)
         assert done.result().output is out

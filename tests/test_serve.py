@@ -242,7 +242,7 @@ def test_request_timeout_and_disconnect_drop_queued_requests(toy_gen):
     with running_server(toy_gen, ServeSettings(request_timeout=1.5)) as (base, app):
         # straight to the engine: over HTTP it would pass --request-timeout too, and stop at its next step
         runner = app.state.diffcore.runner
-        holder = runner.submit(dict(prompt=PROMPT, height=96, width=96, num_inference_steps=steps, seed=0))
+        holder = runner.submit(toy_gen.request(dict(prompt=PROMPT, height=96, width=96, num_inference_steps=steps, seed=0)))
         deadline, registry = time.monotonic() + 10, app.state.diffcore.metrics.registry
         while not registry.get_sample_value("diffcore_batch_size_count") and time.monotonic() < deadline:
             time.sleep(0.01)  # until the long one is in the engine

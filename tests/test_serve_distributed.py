@@ -63,7 +63,7 @@ def test_each_batch_runs_on_every_rank_and_rank0_answers(toy_gen, follower):
     leader = leader_of(toy_gen, channel)
     steps = []
     with leader.make_runner(max_batch_size=4, max_wait_ms=200) as runner:
-        futures = [runner.submit(dict(KW, seed=s), on_step=lambda i, n: steps.append(i)) for s in range(3)]
+        futures = [runner.submit(leader.request(dict(KW, seed=s)), on_step=lambda i, n: steps.append(i)) for s in range(3)]
         results = [f.result(60) for f in futures]
     for s, result in enumerate(results):
         np.testing.assert_allclose(result.output, toy_gen.generate(**KW, seed=s).output, atol=1e-5)
@@ -90,7 +90,7 @@ def test_video_jobs_report_progress_and_finish_through_the_broadcast_runner(toy_
     mp4 = (lambda result, path: path.write_bytes(b"mp4"), "video/mp4", ".mp4")
     jobs = VideoJobs(runner, files, store, "toy", 4, 60, {"video": mp4},
                      on_step=lambda step, steps: progress.append((step, steps)))
-    job = jobs.create(dict(KW, seed=2), "32x32", None)
+    job = jobs.create(leader.request(dict(KW, seed=2)), "32x32", None)
     deadline = time.monotonic() + 60
     while job.status not in ("completed", "failed") and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -107,7 +107,7 @@ def test_a_request_another_rank_ended_differently_fails_and_breaks_the_leader(to
     told = []
     leader = distributed.Leader(toy_gen, channel, heartbeat_s=3600, on_broken=told.append)
     with leader.make_runner(max_batch_size=2, max_wait_ms=500) as runner:
-        first, second = runner.submit(dict(KW, seed=0)), runner.submit(dict(KW, seed=1))
+        first, second = runner.submit(leader.request(dict(KW, seed=0))), runner.submit(leader.request(dict(KW, seed=1)))
         assert first.result(60).output is not None  # the ranks agree on it
         with pytest.raises(distributed.RanksDisagreeError, match=r"rank 0: ok; rank 1: RuntimeError: boom"):
             second.result(60)

@@ -56,6 +56,10 @@ class PipelineConfig:
     # Whether ``decode`` of a step's predicted clean latents makes a preview of the final picture (diffcore.previews);
     # False where one picture is not what decode makes of the latents (layers, audio + video tokens).
     previews: ClassVar[bool] = True
+    # Rows at different steps may share a transformer call (diffcore.engine.stepping): the hooks take one
+    # timestep per row (``model_timestep`` gets a (B,) ``t``) and the conditioning stages can run again over
+    # rows merged mid-run. False: this family's requests run in start-only batches.
+    step_rows: ClassVar[bool] = True
     # The denoiser components (what quantization and layer offload apply to).
     denoiser_components: ClassVar[tuple[str, ...]] = ("transformer",)
 

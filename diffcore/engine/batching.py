@@ -9,9 +9,10 @@ per-row guidance, so its result equals its solo run. Requests that fail on their
 parameters, an unreadable image) fail alone; the others complete.
 
 Cancellation is step-level: ``BatchScheduler.cancel`` on a running request makes its step callback raise
-``RequestCancelledError`` at the next denoising step boundary. Alone (or with every row of its batch
-cancelled) the run stops there and the compute is free for the next batch; in a batch with live rows its
-future ends there and its rows ride along to the batch's end (``rows._fan_out``), the others unchanged.
+``RequestCancelledError`` at the next denoising step boundary. In a step batch (diffcore.engine.stepping) its
+rows leave the batch there and the others go on; in a start-only batch (``run_batch``) with live rows its
+future ends there and its rows ride along to the batch's end (``rows._fan_out``), the others unchanged; alone
+(or with every row of its batch cancelled) the run stops there.
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from collections import deque
 from typing import Any, Callable, Optional
 
 from .. import ignored
-from ..errors import EngineShutdownError, QueueFullError, RequestCancelledError
+from ..errors import EngineShutdownError, QueueFullError, RequestCancelledError, SamplingParamError
 from ..request import Request
-from . import rows
+from . import rows, stepping
 
 log = logging.getLogger(__name__)
 
@@ -124,27 +125,38 @@ def _alone(pipeline, req: Request):
 
 
 class _Item:
-    __slots__ = ("request", "future", "stop")
+    __slots__ = ("request", "future", "stop", "started")
 
-    def __init__(self, request, future: concurrent.futures.Future):
+    def __init__(self, request: Request, future: concurrent.futures.Future):
         self.request, self.future = request, future
         self.stop = threading.Event()  # set by cancel() while it runs: stop at the next step boundary
+        self.started = 0.0  # step batches: perf_counter when it began to run, less its validation time
 
 
 class BatchScheduler:
-    """Accepts requests from many threads, runs them in batches on one served model, one batch at a time.
+    """Accepts requests from many threads, runs them in batches on one served model.
 
     ``model``: a ``diffcore.protocols.ServedModel`` (a DiffGenerator, or the torchrun Leader whose
     batches run on every rank): it makes Requests (``request``) and runs them (``run_requests``).
     A batch starts when ``max_batch_size`` requests wait or the oldest has waited ``max_wait_ms``.
-    ``submit`` returns a Future of the request's GenerationResult; a request with bad parameters gets
-    its own SamplingParamError on its future while the rest of its batch completes. ``cancel`` drops a
-    waiting request, and stops a running one at its next denoising step (where ``model.stops_at_steps``,
-    true unless the model says otherwise: a batch spread over torchrun ranks runs to its end on all). ``on_batch``
-    (optional, settable) is called with each batch's size, for metrics.
+    ``submit`` returns a Future of the request's GenerationResult. ``cancel`` drops a waiting request, and
+    stops a running one at its next denoising step (where ``model.stops_at_steps``, true unless the model
+    says otherwise: a batch spread over torchrun ranks runs to its end on all). ``on_batch`` (optional,
+    settable) is called with the number of requests that start together (a batch, or the requests that
+    join a running one at a step boundary), for metrics.
+
+    Where the model's pipeline can step rows on their own (``stepping.step_stage``: the standard denoising
+    stage), a batch runs as a ``stepping.StepBatch``: a cancelled or finished request leaves it at a step
+    boundary (its rows are not computed again, the finished one is answered at once), and with
+    ``step_batching`` (default) a compatible request that arrives while it runs joins it at the next step
+    boundary, at its own step 0, up to ``max_batch_size`` requests. A waiting request that cannot join (another
+    size, another composition) stops the joining, so the batch drains and its turn comes (first come, first
+    served). Other pipelines (few-step, block-causal, LTX-2, step caches, torchrun) run start-only batches
+    (``run_batch``).
     """
 
-    def __init__(self, model, max_batch_size: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64):
+    def __init__(self, model, max_batch_size: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64,
+                 step_batching: bool = True):
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_ms >= 0")
         self.model = model
@@ -154,29 +166,28 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._closed = False
         self._running = 0
-        self._current: list[_Item] = []  # the batch that runs now
+        self._current: list[_Item] = []  # the requests that run now
         self._stops = bool(getattr(model, "stops_at_steps", True))
+        self.step_batching = bool(step_batching) and self._stops  # requests join running batches
         self._worker = threading.Thread(target=self._loop, name="diffcore-batch-scheduler", daemon=True)
         self._worker.start()
 
     # -- callers ---------------------------------------------------------------------------
-    def submit(self, request: Request | dict, on_step: Optional[Callable[[int, int], None]] = None
+    def submit(self, request: Request, on_step: Optional[Callable[[int, int], None]] = None
                ) -> concurrent.futures.Future:
-        """Queue one request: a Request the model made (``model.request``: a server validates on arrival and
-        queues what it got), or generate() keywords, converted when its batch forms (a bad one fails on its
-        own future). ``on_step(step, num_steps)`` reports progress after every denoising step (from 1)."""
+        """Queue one validated Request (``model.request(kwargs)``: bad parameters are refused there, before
+        anything queues). ``on_step(step, num_steps)`` reports progress after every denoising step (from 1)."""
+        if not isinstance(request, Request):
+            raise SamplingParamError("request", f"BatchScheduler.submit takes a validated Request (make it with "
+                                                f"model.request(kwargs)), got {type(request).__name__}")
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             if self._closed:
                 raise EngineShutdownError()
             if self._depth() >= self.max_queue:
                 raise QueueFullError(self.max_queue)
-            item = _Item(None, future)
-            if isinstance(request, Request):
-                request.callback = self._progress(item, request.callback, on_step, request.params.num_inference_steps)
-            else:
-                request = (dict(request), on_step)
-            item.request = request
+            item = _Item(request, future)
+            request.callback = self._progress(item, request.callback, on_step, request.params.num_inference_steps)
             self._queue.append(item)
             self._cond.notify_all()
         return future
@@ -200,10 +211,19 @@ class BatchScheduler:
         with self._cond:
             return self._depth() + self._running
 
-    def shutdown(self, wait: bool = True) -> None:
-        """Accept nothing new; what is queued or running still completes. ``wait``: until it has."""
+    def shutdown(self, wait: bool = True, cancel: bool = False) -> None:
+        """Accept nothing new. What is queued or running still completes, unless ``cancel``: then waiting
+        requests are cancelled and running ones stop at their next denoising step (``cancel`` above).
+        ``wait``: until the worker is done."""
         with self._cond:
             self._closed = True
+            if cancel:
+                for item in list(self._queue):
+                    item.future.cancel()
+                self._queue.clear()
+                if self._stops:
+                    for item in self._current:
+                        item.stop.set()
             self._cond.notify_all()
         if wait and threading.current_thread() is not self._worker:
             self._worker.join()
@@ -233,7 +253,7 @@ class BatchScheduler:
             batch = []
             while self._queue and len(batch) < self.max_batch_size:
                 item = self._queue.popleft()
-                if not item.future.cancelled():  # marked running only when its group starts (run_batch)
+                if not item.future.cancelled():  # marked running only when it starts
                     batch.append(item)
             self._running, self._current = len(batch), batch
             return batch
@@ -251,29 +271,23 @@ class BatchScheduler:
                         self._running, self._current = 0, []
 
     def _execute(self, batch: list[_Item]) -> None:
-        reqs, items = [], []
-        for item in batch:
-            try:
-                reqs.append(self._request_of(item))
-                items.append(item)
-            except Exception as exc:  # bad parameters: this request fails alone
-                item.future.set_exception(exc)
-        if not reqs:
-            return
-        if self.on_batch is not None:
-            try:
-                self.on_batch(len(reqs))
-            except Exception:  # metrics must not break serving
-                log.exception("on_batch callback failed")
+        key = self._step_key(batch[0])
+        if key is not None:  # the first request's step group runs now; the others wait for their turn
+            group = [item for item in batch if item is batch[0] or self._step_key(item) == key]
+            self._requeue([item for item in batch if not any(item is g for g in group)])
+            self._observe(len(group))
+            return self._run_steps(group, key)
+        self._observe(len(batch))
+        reqs = [item.request for item in batch]
 
         def starting(indices):  # False: cancelled while an earlier group of the batch ran
-            return [items[i].future.set_running_or_notify_cancel() for i in indices]
+            return [batch[i].future.set_running_or_notify_cancel() for i in indices]
 
         try:
             outcomes = self.model.run_requests(reqs, starting)
         except BaseException as exc:  # nothing of the batch can complete
-            outcomes = [exc if items[i].future.running() else None for i in range(len(reqs))]
-        for item, outcome in zip(items, outcomes):
+            outcomes = [exc if item.future.running() else None for item in batch]
+        for item, outcome in zip(batch, outcomes):
             if outcome is None or item.future.done():  # cancelled: waiting, or at a step (_progress)
                 continue
             if isinstance(outcome, BaseException):
@@ -281,13 +295,99 @@ class BatchScheduler:
             else:
                 item.future.set_result(outcome)
 
-    def _request_of(self, item: _Item) -> Request:
-        if isinstance(item.request, Request):
-            return item.request
-        kwargs, on_step = item.request  # submitted as keywords: made here, once
-        req = self.model.request(kwargs)
-        req.callback = self._progress(item, req.callback, on_step, req.params.num_inference_steps)
-        return req
+    def _observe(self, size: int) -> None:
+        if self.on_batch is not None:
+            try:
+                self.on_batch(size)
+            except Exception:  # metrics must not break serving
+                log.exception("on_batch callback failed")
+
+    # -- step batches (diffcore.engine.stepping) ---------------------------------------------
+    def _step_key(self, item: _Item):
+        if not self._stops:
+            return None
+        try:
+            return stepping.step_key(self.model.pipeline, item.request)
+        except Exception:  # e.g. a composition the model lacks: run_batch gives that request its error
+            return None
+
+    def _requeue(self, items: list[_Item]) -> None:
+        """Put requests back at the head of the queue, in order (they have not started)."""
+        if items:
+            with self._cond:
+                self._queue.extendleft(reversed(items))
+                self._forget(items)
+
+    def _forget(self, items: list[_Item]) -> None:
+        """Requests that no longer run (under the lock)."""
+        gone = {id(item) for item in items}
+        self._current = [item for item in self._current if id(item) not in gone]
+        self._running = len(self._current)
+
+    def _run_steps(self, items: list[_Item], key) -> None:
+        batch = stepping.StepBatch(self.model.pipeline.for_request(items[0].request))
+        self._admit(batch, items)
+        while len(batch):
+            try:
+                left = batch.step()
+            except BaseException as exc:  # the shared step failed: every request in it fails
+                left = [(row.token, exc) for row in batch.rows]
+                batch.rows = []
+            for item, outcome in left:
+                self._settle(item, outcome)
+            with self._cond:
+                self._forget([item for item, _ in left])
+            if self.step_batching and len(batch) < self.max_batch_size:
+                joiners = self._joiners(key, self.max_batch_size - len(batch))
+                if joiners:
+                    self._observe(len(joiners))
+                    self._admit(batch, joiners)
+
+    def _joiners(self, key, room: int) -> list[_Item]:
+        """Waiting requests of step key ``key`` from the head of the queue (up to ``room``); one that cannot
+        join stops the search, so the running batch drains and that one's turn comes."""
+        taken: list[_Item] = []
+        with self._cond:
+            while self._queue and len(taken) < room and not self._closed:
+                head = self._queue[0]
+                if head.future.cancelled():
+                    self._queue.popleft()
+                    continue
+                if self._step_key(head) != key:
+                    break
+                taken.append(self._queue.popleft())
+            self._current = self._current + taken
+            self._running = len(self._current)
+        return taken
+
+    def _admit(self, batch, items: list[_Item]) -> None:
+        """Make requests rows of ``batch`` (each prepared alone up to denoising; a failure is its own)."""
+        failed = []
+        for item in items:
+            if not item.future.set_running_or_notify_cancel():  # cancelled while it waited
+                failed.append(item)
+                continue
+            item.started = time.perf_counter() - sum(item.request.timings.values())  # validation counts
+            try:
+                batch.add(item.request, item)
+            except Exception as exc:
+                item.future.set_exception(exc)
+                failed.append(item)
+        if failed:
+            with self._cond:
+                self._forget(failed)
+
+    def _settle(self, item: _Item, outcome) -> None:
+        if item.future.done():  # cancelled at a step (_progress ended its future)
+            return
+        if isinstance(outcome, BaseException):
+            item.future.set_exception(outcome)
+            return
+        try:
+            outcome.timings["total"] = time.perf_counter() - item.started
+            item.future.set_result(self.model.result(outcome))
+        except Exception as exc:
+            item.future.set_exception(exc)
 
     def _progress(self, item: _Item, user, on_step, num_steps: int):
         """The request's step callback: the cancellation check (end its future, raise ``RequestCancelledError``

@@ -43,12 +43,23 @@ def batch_key(pipeline, req: Request) -> tuple:
     row scaled by its own weights (``LoraManager.request_selection`` gives per-row weight tensors)."""
     if req.step_cache is not None or pipeline.cache_policy is not None:
         return ("alone", id(req))  # a step cache decides per call whether to skip: its rows cannot be shared
-    p = req.params
     cfg = None if pipeline.config.mixed_cfg_batches else req.do_cfg  # see merge_cfg
-    return (req.height, req.width, req.num_frames, cfg, p.num_inference_steps, p.max_sequence_length,
-            p.output_type == "latent", _hashable(p.timesteps), p.flow_shift,
-            len(req.images or ()), getattr(type(p), "task", None), getattr(p, "strength", None),
-            pipeline.config.batch_key(req))
+    return share_key(pipeline, req, cfg) + schedule_key(req)
+
+
+def share_key(pipeline, req: Request, cfg) -> tuple:
+    """What the rows of one transformer call must share (sizes, CFG ``cfg``, sequence length, task, the
+    config's own key); the schedule (``schedule_key``) may differ where rows step on their own
+    (diffcore.engine.stepping)."""
+    p = req.params
+    return (req.height, req.width, req.num_frames, cfg, p.max_sequence_length, p.output_type == "latent",
+            len(req.images or ()), getattr(type(p), "task", None), pipeline.config.batch_key(req))
+
+
+def schedule_key(req: Request) -> tuple:
+    """What decides a request's timesteps: equal in a batch whose rows share one scheduler."""
+    p = req.params
+    return (p.num_inference_steps, _hashable(p.timesteps), p.flow_shift, getattr(p, "strength", None))
 
 
 def _hashable(value):

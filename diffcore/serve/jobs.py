@@ -92,8 +92,8 @@ class VideoJobs:
             self.store.save_video(job.id, job.record())
 
     def create(self, request, size: Optional[str], seconds: Optional[str], has_audio: bool = False) -> VideoJob:
-        """Queue ``request`` (a validated Request, or generate() keywords) as a new job."""
-        prompt = request.get("prompt", "") if isinstance(request, dict) else request.params.prompt
+        """Queue ``request`` (a validated Request: ``model.request(kwargs)``) as a new job."""
+        prompt = request.params.prompt
         job = VideoJob(id="video_" + secrets.token_hex(12), model=self.model, prompt=prompt,
                        size=size, seconds=seconds, created_at=int(time.time()), has_audio=has_audio)
         with self._lock:

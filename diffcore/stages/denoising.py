@@ -26,13 +26,16 @@ class DenoisingStage(DenoisingLoopStage):
               In("do_cfg", bool))
     batch = "rows"
 
-    def _predict_uncond(self, req: Request, model, latents, t, kwargs, step: int, rows: list[int]) -> torch.Tensor:
+    def predict_uncond(self, req: Request, model, latents, t, kwargs, step: int, rows: list[int]) -> torch.Tensor:
         """The unconditional prediction of ``rows`` only: called for just those rows where the config can
-        select them (``condition_rows``), else for the whole batch and narrowed."""
+        select them (``condition_rows``), else for the whole batch and narrowed. ``t``: a timestep, or one
+        per row (B,) (rows at different steps: diffcore.engine.stepping)."""
         narrowed = uncond_kwargs_for(self.config, kwargs, rows, req)
         if narrowed is None:
             return take_rows(self.predict(req, model, latents, t, kwargs, step, "uncond"), rows, req.batch_size)
         view = row_view(req, rows)
+        if t.ndim == 1 and t.shape[0] == req.batch_size:
+            t = take_rows(t, rows, req.batch_size)
         return self.predict(view, model, take_rows(latents, rows, req.batch_size), t, narrowed, step, "uncond")
 
     def _predict_branches(self, req: Request, model, latents, t, step: int, rows: list[int], names: list[str],
@@ -43,7 +46,7 @@ class DenoisingStage(DenoisingLoopStage):
 
         def one(name: str, whole: bool) -> torch.Tensor:
             if name == "uncond" and not whole:
-                return self._predict_uncond(req, model, latents, t, condition.get("uncond"), step, rows)
+                return self.predict_uncond(req, model, latents, t, condition.get("uncond"), step, rows)
             return self.predict(req, model, latents, t, condition[name], step, name)
 
         if groups is None or not groups.cfg_parallel or len(names) == 1:

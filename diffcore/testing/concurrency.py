@@ -60,6 +60,18 @@ def count_denoiser_calls(gen):
     return calls, lambda: [h.remove() for h in handles]
 
 
+def assert_close(name: str, got, want, max_diff: float = 1e-4, min_psnr: float = 60.0) -> None:
+    """``got`` (a GenerationResult) equals ``want`` (its solo run): latents and output within the bounds."""
+    pairs = [("latents", want.latents.float().numpy(), got.latents.float().numpy())]
+    if want.output is not None:
+        pairs.append(("output", np.asarray(want.output), np.asarray(got.output)))
+    for what, a, b in pairs:
+        assert b.shape == a.shape, f"{name} {what} shape {b.shape} != solo {a.shape}"
+        diff, quality = float(np.abs(b - a).max()), psnr_db(b, a)
+        assert diff <= max_diff and quality >= min_psnr, (
+            f"{name} {what} differs from solo: max |diff| {diff:.3g}, PSNR {quality:.1f} dB")
+
+
 def assert_batch_equals_solo(gen, requests: list[dict], max_diff: float = 1e-4, min_psnr: float = 60.0) -> dict:
     """generate_batch(requests) must give every request its solo generate() result (outputs and latents
     within ``max_diff`` and ``min_psnr``). Returns the denoiser call counts ``{"solo": [...], "batch": n}``."""
@@ -77,15 +89,7 @@ def assert_batch_equals_solo(gen, requests: list[dict], max_diff: float = 1e-4, 
         remove()
     assert len(batch) == len(requests)
     for i, (a, b) in enumerate(zip(solo, batch)):
-        pairs = [("latents", a.latents.float().numpy(), b.latents.float().numpy())]
-        if a.output is not None:
-            pairs.append(("output", np.asarray(a.output), np.asarray(b.output)))
-        for name, want, got in pairs:
-            assert got.shape == want.shape, f"request {i}: batched {name} shape {got.shape} != solo {want.shape}"
-            diff, quality = float(np.abs(got - want).max()), psnr_db(got, want)
-            assert diff <= max_diff and quality >= min_psnr, (
-                f"request {i} ({requests[i]}): batched {name} differs from solo: max |diff| {diff:.3g}, "
-                f"PSNR {quality:.1f} dB")
+        assert_close(f"request {i} ({requests[i]}): batched", b, a, max_diff, min_psnr)
     return {"solo": solo_calls, "batch": batch_calls}
 
 

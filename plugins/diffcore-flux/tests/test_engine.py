@@ -7,6 +7,7 @@ from PIL import Image
 
 from diffcore import DiffGenerator
 from diffcore.testing.concurrency import assert_batch_equals_solo, assert_concurrent_equals_solo
+from diffcore.testing.joining import assert_join_equals_solo
 
 
 def _image(seed: int) -> Image.Image:
@@ -79,3 +80,12 @@ def test_generate_batch_groups_cfg_and_sizes(flux_folders):
                 dict(prompt="a dog", seed=4, **{**common, "height": 48})]
     calls = assert_batch_equals_solo(gen, requests)
     assert calls["solo"] == [4, 4, 2, 2] and calls["batch"] == 4 + 2 + 2
+
+
+@pytest.mark.parametrize("variant", ["dev", "kontext"])
+def test_requests_joining_a_running_batch_equal_solo(flux_folders, variant):
+    """Requests that arrive mid-run join at their own step 0 (other step counts, guidance, seeds): each equals solo."""
+    first, *joiners = _batchable(variant)
+    first["num_inference_steps"], joiners[1]["num_inference_steps"] = 4, 3
+    counted = assert_join_equals_solo(_generator(flux_folders, variant), first, joiners, at=1)
+    assert counted["rows"] == [1, 1] + [4, 4] + [1]  # 2 alone, 2 with all 4 rows, the 3-step one's last alone

@@ -9,6 +9,7 @@ from PIL import Image
 
 from diffcore import DiffGenerator
 from diffcore.testing.concurrency import assert_batch_equals_solo, assert_concurrent_equals_solo
+from diffcore.testing.joining import assert_join_equals_solo
 
 SMALL = dict(num_inference_steps=2, max_sequence_length=16, output_type="np")
 
@@ -91,3 +92,14 @@ def test_teacache_reads_the_probe_and_a_zero_threshold_changes_nothing(flux2_fol
     np.testing.assert_allclose(exact.output, plain, atol=1e-6)
     assert exact.cache_stats["skipped"] == 0
     assert _gen(flux2_folders, "dev", cache="teacache", cache_threshold=10.0).generate(**kw).cache_stats["skipped"] > 0
+
+
+@pytest.mark.parametrize("kind", ["dev", "klein-kv"])
+def test_requests_joining_a_running_batch_equal_solo(flux2_folders, kind):
+    """Requests that arrive mid-run join at their own step 0 (other step counts, guidance, seeds): each equals solo."""
+    common = dict(height=32, width=32, max_sequence_length=16, output_type="np")
+    first = dict(prompt="a cat", seed=1, num_inference_steps=4, **common)
+    joiners = [dict(prompt="a red dog", seed=2, guidance_scale=2.0, num_inference_steps=2, **common),
+               dict(prompt=["a hat", "a cup on a table"], seed=3, num_inference_steps=3, **common)]
+    counted = assert_join_equals_solo(_gen(flux2_folders, kind), first, joiners, at=0)
+    assert counted["rows"] == [1, 4, 4, 3]  # 1 alone, 2 with all 4 rows, 1 without the 2-step one

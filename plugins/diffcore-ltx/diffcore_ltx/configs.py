@@ -135,6 +135,7 @@ class LTX2Config(PipelineConfig):
     default_fps: Optional[int] = 24
     has_audio: ClassVar[bool] = True
     previews: ClassVar[bool] = False  # the latents hold video and audio tokens (diffcore.previews)
+    step_rows: ClassVar[bool] = False  # its guided denoiser takes one timestep per call: start-only batches
     required_frames_step: ClassVar[int] = 8
 
     def default_size(self, components) -> tuple[int, int]:

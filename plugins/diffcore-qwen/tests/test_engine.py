@@ -7,6 +7,7 @@ from PIL import Image
 
 from diffcore import DiffGenerator
 from diffcore.testing.concurrency import assert_batch_equals_solo, assert_concurrent_equals_solo
+from diffcore.testing.joining import assert_join_equals_solo
 
 REQUESTS = [dict(prompt="a red circle", seed=1, height=32, width=32, num_inference_steps=2, output_type="np"),
             dict(prompt=["a blue square on a green background", "a cat"], seed=2, height=32, width=64,
@@ -55,3 +56,14 @@ def test_generate_batch_edit_equals_solo(qwen_folders):
     requests.append({**requests[0], "image": _image(7).resize((30, 60)), "seed": 11})  # another grid: alone
     calls = assert_batch_equals_solo(gen, requests)
     assert calls["batch"] == 4 + 4
+
+
+def test_requests_joining_a_running_batch_equal_solo(qwen_folders):
+    """True-CFG requests (negative prompts of other lengths) that arrive mid-run join at their own step 0: each
+    equals solo."""
+    gen = DiffGenerator.from_pretrained(qwen_folders["t2i"], dtype="float32", progress=False)
+    first, *joiners = _batchable()
+    first["num_inference_steps"], joiners[1]["num_inference_steps"] = 4, 3
+    counted = assert_join_equals_solo(gen, first, joiners, at=1)
+    # (cond, uncond) a step: 2 steps alone, 2 with all 4 rows, the 3-step one's last alone
+    assert counted["rows"] == [1] * 4 + [4] * 4 + [1] * 2

@@ -309,8 +309,8 @@ class WanConfig(PipelineConfig):
     def model_timestep(self, t, latents, req):
         """Wan takes t itself (not t/1000); per token (B, S) when the first frame is a clean image."""
         mask = req.condition.get("token_timestep_mask") if self.first_frame(req) else None
-        if mask is not None:
-            return (mask * t).unsqueeze(0).expand(latents.shape[0], -1)
+        if mask is not None:  # t: a scalar, or one per row (rows at different steps: diffcore.engine.stepping)
+            return (mask.unsqueeze(0) * t.reshape(-1, 1)).expand(latents.shape[0], -1)
         return t.expand(latents.shape[0])
 
 

@@ -6,6 +6,7 @@ from wan_testlib import random_image
 
 from diffcore import DiffGenerator
 from diffcore.testing.concurrency import assert_batch_equals_solo, assert_concurrent_equals_solo
+from diffcore.testing.joining import assert_join_equals_solo
 
 REQUESTS = [dict(prompt="a red circle", seed=1, height=32, width=32, num_frames=5, num_inference_steps=2,
                  output_type="np"),
@@ -46,3 +47,16 @@ def test_generate_batch_equals_solo(wan_folders, kind):
         requests = [{**r, "image": random_image(40, 24, seed=i)} for i, r in enumerate(requests)]
     calls = assert_batch_equals_solo(gen, requests)
     assert calls["batch"] == calls["solo"][0] == 6  # 3 steps x (cond + uncond), every row in each call
+
+
+@pytest.mark.parametrize("kind", ["t2v21", "i2v21"])
+def test_requests_joining_a_running_batch_equal_solo(wan_folders, kind):
+    """Requests that arrive mid-run join at their own step 0 (other step counts, guidance, seeds): each equals
+    solo. (Two-expert Wan 2.2 chooses its expert per step: its requests run in start-only batches.)"""
+    gen = DiffGenerator.from_pretrained(wan_folders[kind], dtype="float32", progress=False)
+    first, *joiners = _batchable()
+    first["num_inference_steps"], joiners[0]["num_inference_steps"] = 4, 2
+    if kind.startswith("i2v"):
+        first, *joiners = [{**r, "image": random_image(40, 24, seed=i)} for i, r in enumerate([first, *joiners])]
+    counted = assert_join_equals_solo(gen, first, joiners, at=0)
+    assert counted["rows"] == [1] * 2 + [4] * 4 + [2] * 2  # (cond, uncond) a step; the 2-step one left

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from diffcore.testing.concurrency import assert_batch_equals_solo, assert_concurrent_equals_solo
+from diffcore.testing.joining import assert_join_equals_solo
 from diffcore.testing.step_cache import generate_with_step_cache
 from diffcore.testing.weights import psnr
 
@@ -115,3 +116,15 @@ def test_mixed_batch_runs_the_unconditional_call_for_guided_rows_only(base):
     finally:
         hook.remove()
     assert sizes == [4, 1] * 3  # every step: all 4 rows conditional, the one guided row unconditional
+
+
+def test_requests_joining_a_running_batch_equal_solo(base):
+    """CFG requests that arrive mid-run join at their own step 0; guidance truncation is decided per request at its
+    own step (the unconditional call covers only the rows still guided): each equals solo."""
+    first = dict(prompt="a red circle", seed=1, guidance_scale=2.0, **{**COMMON, "num_inference_steps": 4})
+    joiners = [dict(prompt=["a blue square on a green background", "a cat"], seed=2, guidance_scale=4.5,
+                    cfg_truncation=0.2, **COMMON),
+               dict(prompt="a dog", seed=3, guidance_scale=3.5, cfg_normalization=1.1, negative_prompt="ugly", **COMMON)]
+    counted = assert_join_equals_solo(base, first, joiners, at=0)
+    # step 0 alone; then 3 steps of 4 rows: the truncated request's rows leave the uncond call after 2 of them
+    assert counted["rows"] == [1, 1] + [4, 4] * 2 + [4, 2]
