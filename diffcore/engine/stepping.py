@@ -111,18 +111,20 @@ class StepBatch:
         start = time.perf_counter()
         with self.pipeline.running(batch), ignored.recording(reads), torch.inference_mode():
             preds = self._predict(batch, live, ts)
+            x0s = []
             for r, t, pred in zip(live, ts, preds):  # each request's own scheduler: its own sigmas and state
+                wants = self.stage.wants_x0(r.req)  # previews: the predicted clean latents
+                x0s.append(r.req.scheduler.predicted_x0(pred, t, r.latents) if wants else None)
                 r.latents = r.req.scheduler.step(pred, t, r.latents)
         took = time.perf_counter() - start
         self.steps += 1
         left = []
-        for r, t in zip(live, ts):
+        for r, t, x0 in zip(live, ts, x0s):
             r.req.params_read |= reads
             r.req.timings[self.stage.name] = r.req.timings.get(self.stage.name, 0.0) + took
             r.index += 1
-            try:
-                if r.req.callback is not None:
-                    r.req.callback(r.index - 1, t, r.latents)
+            try:  # its step callback (cancelled: RequestCancelledError), then its preview
+                self.stage.step_done(r.req, r.index - 1, len(r.req.timesteps), t, r.latents, x0)
             except Exception as exc:  # cancelled (RequestCancelledError), or its own callback failed: it alone
                 left.append((r, exc))
                 continue
@@ -142,7 +144,7 @@ class StepBatch:
         if len(parts) == 1:
             return parts[0]
         batch = rows.merge(parts)
-        batch.callback = None
+        batch.callback = batch.x0_callback = None  # StepBatch calls each request's own
         with self.pipeline.running(batch), ignored.recording(batch.params_read), torch.inference_mode():
             for stage in self.pipeline.stages[:self.at]:
                 if any(f.name == "condition" for f in stage.outputs):
