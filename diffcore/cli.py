@@ -74,7 +74,8 @@ def _generate(args) -> int:
         if images is not None and len(images) == 1:
             images = images[0]
         extra = {"timesteps": args.timesteps} if args.timesteps else {}
-        extra.update({k: v for k, v in (("strength", args.strength), ("mask", args.mask)) if v is not None})
+        extra.update({k: v for k, v in (("strength", args.strength), ("mask", args.mask),
+                                        ("padding_mask_crop", args.padding_mask_crop)) if v is not None})
         if loras:
             extra["loras"] = loras
         kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, image=images, height=args.height,
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", nargs="+", help="input image(s) for editing / image-to-video models")
     g.add_argument("--mask", help="inpainting: a mask image (white = repaint, or a PNG whose transparent pixels mark the area)")
     g.add_argument("--strength", type=float, help="image-to-image / inpainting: how much of --image is repainted (0-1]")
+    g.add_argument("--padding-mask-crop", type=int, help="inpainting: paint only the box around the mask, padded by "
+                                                         "this many pixels, at the full output size, and paste it back")
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
     g.add_argument("--num-frames", type=int)

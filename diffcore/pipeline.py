@@ -80,6 +80,7 @@ class ComposedPipelineBase:
     # default ``strength`` of its requests (diffusers' call default).
     task: ClassVar[Optional[str]] = None
     default_strength: ClassVar[float] = 0.6
+    crops_to_mask: ClassVar[bool] = False  # an inpaint composition taking padding_mask_crop (diffcore.mask_crop)
 
     attention_backend: Optional[Backend]  # engine_args.attention_backend resolved (None: the default, sdpa)
     cache_policy: Optional[Callable[..., Any]]  # the step-cache class engine_args.cache names (None: no cache)

@@ -57,20 +57,30 @@ def _mask(inst, attribute, value):
     image_validator(inst, attribute, value)
 
 
-def _fields(task: str, strength: float) -> dict:
+def _padding(inst, attribute, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise SamplingParamError("padding_mask_crop", f"must be a whole number of pixels >= 0 (the margin around "
+                                                      f"the mask's bounding box), got {value!r}")
+
+
+def _fields(task: str, strength: float, mask_crop: bool) -> dict:
     fields = {"strength": attrs.field(default=strength, validator=_strength, type=float)}
     if task == INPAINT:
         fields["mask"] = attrs.field(default=None, validator=_mask, type=Any)
+    if task == INPAINT and mask_crop:  # diffcore.mask_crop
+        fields["padding_mask_crop"] = attrs.field(default=None, validator=_padding, type=Optional[int])
     return fields
 
 
 @functools.lru_cache(maxsize=None)
-def params_class(base: type[SamplingParams], task: str, strength: float = 0.6) -> type[SamplingParams]:
+def params_class(base: type[SamplingParams], task: str, strength: float = 0.6,
+                 mask_crop: bool = False) -> type[SamplingParams]:
     """``base`` (the model's SamplingParams) with the task's parameters; it takes exactly one input image
-    (the picture to start from) beside what ``base`` takes. ``strength`` is the default (diffusers' 0.6)."""
+    (the picture to start from) beside what ``base`` takes. ``strength`` is the default (diffusers' 0.6);
+    ``mask_crop``: inpainting takes ``padding_mask_crop`` (where the composition implements it)."""
     body = {"task": task, "min_images": max(1, base.min_images), "max_images": max(1, base.max_images)}
-    return attrs.make_class(f"{base.__name__}[{task}]", _fields(task, strength), bases=(base,), kw_only=True,
-                            class_body=body)
+    return attrs.make_class(f"{base.__name__}[{task}]", _fields(task, strength, mask_crop), bases=(base,),
+                            kw_only=True, class_body=body)
 
 
 def params_for(kwargs: dict, base: type[SamplingParams], compositions: dict, pipeline_name: str) -> type[SamplingParams]:
@@ -89,7 +99,7 @@ def params_for(kwargs: dict, base: type[SamplingParams], compositions: dict, pip
         what = "mask" if task == INPAINT else "strength"
         raise SamplingParamError(what, f"{pipeline_name} has no {task} composition installed, so it takes no "
                                        f"{what}= (it serves: {served}); `diffcore plugins` lists the compositions")
-    return params_class(base, task, comp.default_strength)
+    return params_class(base, task, comp.default_strength, bool(getattr(comp, "crops_to_mask", False)))
 
 
 # For a pipeline whose own parameters are these (FluxFill): the same checks.

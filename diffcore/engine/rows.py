@@ -53,7 +53,8 @@ def share_key(pipeline, req: Request, cfg) -> tuple:
     (diffcore.engine.stepping)."""
     p = req.params
     return (req.height, req.width, req.num_frames, cfg, p.max_sequence_length, p.output_type == "latent",
-            len(req.images or ()), getattr(type(p), "task", None), pipeline.config.batch_key(req))
+            len(req.images or ()), getattr(type(p), "task", None), req.extra.get("paste_size"),
+            pipeline.config.batch_key(req))
 
 
 def schedule_key(req: Request) -> tuple:

@@ -7,6 +7,7 @@ timestep, after every scheduler step.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import SamplingParamError
@@ -79,6 +80,18 @@ class InpaintValidationStage(InputValidationStage):
         req = super().forward(req)
         req.mask = load_mask(req.params.mask)
         check_fits(req.mask, req.images[0])
+        pad = getattr(req.params, "padding_mask_crop", None)
+        if pad is not None:  # paint the box around the mask at the full output size (diffcore.mask_crop)
+            from ..mask_crop import crop
+
+            picture = req.images[0]
+            if req.mask.size != picture.size:
+                raise SamplingParamError("mask", f"with padding_mask_crop the mask must have the picture's size "
+                                                 f"({picture.size[0]}x{picture.size[1]}), got "
+                                                 f"{req.mask.size[0]}x{req.mask.size[1]}")
+            cropped, req.mask, _ = crop(picture, req.mask, req.width, req.height, pad)
+            req.images = [cropped] + list(req.images[1:])
+            req.extra["paste_size"] = picture.size  # the result's size: requests batch only with the same
         return req
 
 
@@ -145,6 +158,34 @@ class MaskedSteps:
         return getattr(self.scheduler, name)
 
 
+class MaskOverlayStage(PipelineStage):
+    """``padding_mask_crop``: every such row's painted crop pasted back into its original picture, which stays
+    on top wherever its mask is black (diffcore.mask_crop; rows of one batch have one original size)."""
+
+    inputs = (In("output", required=False), In("height", int), In("width", int))
+    outputs = (Out("output", required=False),)
+    batch = "rows"
+
+    def forward(self, req: Request) -> Request:
+        from ..mask_crop import crop_region, paste_back
+        from ..masks import load_mask
+        from ..outputs import to_pil
+        from .input_validation import load_image
+
+        rows = req.row_params or [req.params] * req.batch_size
+        if req.output is None or all(getattr(p, "padding_mask_crop", None) is None for p in rows):
+            return req
+        pasted, loaded = [], {}
+        for i, p in enumerate(rows):
+            if id(p) not in loaded:  # each request's own picture and mask, as it passed them
+                loaded[id(p)] = (load_image(p.images[0], 0), load_mask(p.mask))
+            picture, mask = loaded[id(p)]
+            box = crop_region(mask, req.width, req.height, p.padding_mask_crop)
+            pasted.append(np.asarray(paste_back(mask, picture, to_pil(req.output[i].float().cpu()), box)))
+        req.output = torch.from_numpy(np.stack(pasted).astype(np.float32) / 255.0).to(req.output.device)
+        return req
+
+
 def rewrite(pipeline, inpaint: bool) -> None:
     """Turn a text-to-image composition into image-to-image (or inpainting): ``latent_preparation``
     (noise) becomes ``strength`` + ``init_latents`` (+ ``mask_preparation`` + ``inpaint_blend``); inpainting
@@ -162,6 +203,8 @@ def rewrite(pipeline, inpaint: bool) -> None:
                 pipeline.add_stage("inpaint_blend", InpaintBlendStage())
         else:
             pipeline.stages.append(stage)
+    if inpaint and pipeline.crops_to_mask:
+        pipeline.add_stage("mask_overlay", MaskOverlayStage())
 
 
 class Img2ImgComposition:

@@ -74,6 +74,8 @@ class FluxImg2ImgPipeline(Img2ImgComposition, FluxPipeline):
 class FluxInpaintPipeline(InpaintComposition, FluxPipeline):
     """Inpainting on a FluxPipeline checkpoint (diffusers' FluxInpaintPipeline): ``image`` + ``mask`` + ``strength``."""
 
+    crops_to_mask = True  # padding_mask_crop, as diffusers'
+
 
 class FluxFillPipeline(ComposedPipelineBase):
     """FLUX.1-Fill-dev: inpainting with the masked picture and the mask as extra transformer inputs (diffcore_flux.fill)."""

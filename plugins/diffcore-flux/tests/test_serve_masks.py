@@ -66,3 +66,25 @@ def test_edit_with_mask_equals_generate(flux_folders):
         with pytest.raises(openai.BadRequestError) as info:  # a text-to-image model, an image without strength/mask
             client.images.edit(image=("in.png", _png(picture), "image/png"), prompt="x")
         assert info.value.body["param"] == "image" and "strength" in info.value.body["message"]
+
+
+@pytest.mark.parametrize("kind", ["flux-crop", "klein"])
+def test_edit_route_crop_and_klein_equal_generate(flux_folders, flux2_folders, kind):
+    """padding_mask_crop as a form field (FLUX.1 inpaint: the result has the picture's size), and FLUX.2 [klein]
+    inpainting, through images.edit: pixel for pixel generate()'s."""
+    folder = flux_folders["dev"] if kind == "flux-crop" else flux2_folders["klein"]
+    gen = DiffGenerator.from_pretrained(folder, dtype="float32", progress=False)
+    picture, mask = random_picture(96, 80, 3), box_mask(96, 80, (0.5, 0.4, 0.75, 0.6))
+    extra = {"seed": 5, "num_inference_steps": 3, "strength": 0.8}
+    size = {}
+    if kind == "flux-crop":
+        extra["padding_mask_crop"] = 4
+        size = {"height": 32, "width": 48}
+    want = gen.generate(prompt="a yellow square", image=picture, mask=mask, **size, **extra)
+    assert want.images[0].size == (96, 80)  # the crop is pasted back into the picture; klein paints at its size
+    with running_server(gen, ServeSettings(served_model_name="m")) as (base, _):
+        out = openai_client(base).images.edit(
+            model="m", image=("in.png", _png(picture), "image/png"), mask=("mask.png", _png(_openai_mask(picture, mask)),
+                                                                             "image/png"),
+            prompt="a yellow square", **({"size": "48x32"} if size else {}), extra_body=extra)
+    np.testing.assert_array_equal(decode_b64(out.data[0]), np.asarray(want.images[0]))

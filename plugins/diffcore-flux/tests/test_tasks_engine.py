@@ -59,3 +59,32 @@ def test_lora_per_request_on_inpaint(flux_folders, tmp_path):
     with_lora = dict(mask=mask, seed=2, output_type="np", loras={"a": 0.7}, **kw)
     assert_batch_equals_solo(gen, [with_lora, {**with_lora, "loras": None, "seed": 3}])  # rows with and without
 
+
+
+def test_padding_mask_crop_batches_by_picture_size(dev):
+    """Crop requests on pictures of one size share a batch (each its own box and paste-back); another picture size,
+    or no crop, runs as its own batch (the results have other sizes); every result equals its solo run."""
+    big, other = random_picture(96, 80, 1), random_picture(64, 64, 2)
+    reqs = [dict(prompt="a cat", image=big, mask=box_mask(96, 80, (0.5, 0.4, 0.75, 0.6)), padding_mask_crop=4,
+                 strength=0.75, seed=1, **BASE),
+            dict(prompt=["a dog", "a hat"], image=random_picture(96, 80, 3), mask=box_mask(96, 80, (0, 0, 0.3, 0.5)),
+                 padding_mask_crop=0, strength=0.75, seed=2, **BASE),
+            dict(prompt="a bird", image=other, mask=box_mask(64, 64), padding_mask_crop=2, strength=0.75, seed=3, **BASE),
+            dict(prompt="a bird", image=big, mask=box_mask(96, 80), strength=0.75, seed=4, **BASE)]
+    # the pasted-back pictures are 8-bit (as diffusers'): a value may round one step apart; the latents may not
+    counts = assert_batch_equals_solo(dev, reqs, output_max_diff=1 / 255 + 1e-6)
+    assert counts["solo"] == [3, 3, 3, 3] and counts["batch"] == 3 + 3 + 3
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(padding_mask_crop=-1), "padding_mask_crop.*>= 0"),
+    (dict(padding_mask_crop=2.5), "padding_mask_crop.*whole number"),
+    (dict(padding_mask_crop=4, mask=box_mask(48, 40)), "mask must have the picture's size"),
+    (dict(padding_mask_crop=4, strength=None, mask=None, image=None), "padding_mask_crop"),
+])
+def test_bad_padding_mask_crop(dev, kwargs, match):
+    from diffcore.errors import SamplingParamError
+
+    kw = {**dict(prompt="x", image=random_picture(96, 80), mask=box_mask(96, 80), **BASE), **kwargs}
+    with pytest.raises(SamplingParamError, match=match):
+        dev.generate(**{k: v for k, v in kw.items() if v is not None})

@@ -99,3 +99,18 @@ def test_bad_task_parameters(dev, kwargs, match):
     kwargs = {k: (random_picture(32, 32) if v == "PIC" else v) for k, v in kwargs.items()}
     with pytest.raises(SamplingParamError, match=match):
         dev.generate(prompt="x", height=32, width=32, num_inference_steps=2, **kwargs)
+
+
+@pytest.mark.parametrize("pad,box", [(4, (0.5, 0.4, 0.75, 0.6)), (0, (0.0, 0.5, 0.3, 1.0))])
+def test_flux_inpaint_padding_mask_crop_parity(flux_folders, dev, pad, box, monkeypatch):
+    """The box around the mask painted at 32x48, pasted back into the 96x80 picture: diffusers' result."""
+    from diffusers import FluxInpaintPipeline
+
+    from diffcore.testing.images import assert_mask_crop_parity
+
+    image, mask = random_picture(96, 80, seed=4), box_mask(96, 80, box)
+    kw = dict(prompt=["a yellow square", "a cat"], image=image, strength=0.8, height=48, width=32,
+              num_inference_steps=3, guidance_scale=3.5, max_sequence_length=32, padding_mask_crop=pad)
+    pipe = FluxInpaintPipeline.from_pretrained(flux_folders["dev"], torch_dtype=torch.float32)
+    assert_mask_crop_parity(monkeypatch, dev, pipe, dict(kw, mask=mask, seed=3),
+                            dict(kw, mask_image=mask, generator=torch.Generator("cpu").manual_seed(3)), (96, 80))

@@ -57,6 +57,8 @@ class QwenImageImg2ImgPipeline(Img2ImgComposition, QwenImagePipeline):
 class QwenImageInpaintPipeline(InpaintComposition, QwenImagePipeline):
     """Inpainting on a Qwen-Image checkpoint (diffusers' QwenImageInpaintPipeline): ``image`` + ``mask`` + ``strength``."""
 
+    crops_to_mask = True  # padding_mask_crop, as diffusers'
+
 
 class EditInpaintSizeStage(PipelineStage):
     """Edit-inpainting works at the input image's own ~1 MP size (as diffusers, which ignores height/width):

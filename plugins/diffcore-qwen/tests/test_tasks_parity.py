@@ -65,3 +65,17 @@ def test_qwen_tasks_batch_equals_solo(t2i):
                 dict(prompt="a dog", image=random_picture(32, 32, 3), strength=0.7, seed=3, **base)]
     counts = assert_batch_equals_solo(t2i, requests)
     assert counts["batch"] == sum(counts["solo"]) - counts["solo"][0]  # the two inpaints share their calls
+
+
+def test_qwen_inpaint_padding_mask_crop_parity(qwen_folders, t2i, monkeypatch):
+    """diffusers' padding_mask_crop: the box around the mask painted at 64x32, pasted back into the 100x72 picture."""
+    from diffusers import QwenImageInpaintPipeline
+
+    from diffcore.testing.images import assert_mask_crop_parity
+
+    image, mask = random_picture(100, 72, seed=2), box_mask(100, 72, (0.6, 0.2, 0.8, 0.5))
+    kw = dict(prompt="a yellow square", image=image, strength=0.9, height=64, width=32, num_inference_steps=4,
+              negative_prompt=" ", true_cfg_scale=2.0, padding_mask_crop=6)
+    pipe = QwenImageInpaintPipeline.from_pretrained(qwen_folders["t2i"], dtype=torch.float32)
+    assert_mask_crop_parity(monkeypatch, t2i, pipe, dict(kw, mask=mask, seed=5),
+                            dict(kw, mask_image=mask, generator=torch.Generator("cpu").manual_seed(5)), (100, 72))
