@@ -89,12 +89,16 @@ class ZImageConfig(PipelineConfig):
         return {"cond": kwargs(req.prompt_embeds), "uncond": kwargs(req.negative_prompt_embeds)}
 
     def condition_rows(self, kwargs, rows, req) -> dict:
-        """The unconditional call for the rows still under guidance only (a fresh layout for their captions)."""
+        """The unconditional call for the rows still under guidance only (a layout for their captions, kept in
+        the batch layout's memo, so that the next steps reuse it and its caption stream)."""
         import torch
 
-        layout = kwargs["layout"].rows(rows)
-        embeds = kwargs["encoder_hidden_states"][torch.tensor(rows, device=kwargs["encoder_hidden_states"].device)]
-        return {"encoder_hidden_states": embeds[:, : max(layout.cap_lens)], "layout": layout}
+        memo, key = kwargs["layout"].memo, ("rows", tuple(rows))
+        if key not in memo:
+            layout = kwargs["layout"].rows(rows)
+            embeds = kwargs["encoder_hidden_states"][torch.tensor(rows, device=kwargs["encoder_hidden_states"].device)]
+            memo[key] = {"encoder_hidden_states": embeds[:, : max(layout.cap_lens)], "layout": layout}
+        return memo[key]
 
     def model_input(self, latents, req):
         return latents

@@ -16,6 +16,7 @@ Everything that depends only on the request (caption lengths, RoPE rows, masks) 
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence
 
 import attrs
@@ -65,11 +66,14 @@ class Attention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(head_dim, eps=1e-5), RMSNorm(head_dim, eps=1e-5)
         self.to_out = nn.ModuleList([Linear(dim, dim, bias=False)])
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor], shard=None) -> torch.Tensor:
-        q = self.norm_q(self.to_q(x).unflatten(-1, (self.heads, -1)))
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor], shard=None,
+                queries: Optional[int] = None) -> torch.Tensor:
+        """``queries``: only the first ``queries`` rows ask (every row still serves as key and value)."""
+        xq = x if queries is None else x[:, :queries]
+        q = self.norm_q(self.to_q(xq).unflatten(-1, (self.heads, -1)))
         k = self.norm_k(self.to_k(x).unflatten(-1, (self.heads, -1)))
         v = self.to_v(x).unflatten(-1, (self.heads, -1))
-        q, k = rotate(q, rope), rotate(k, rope)
+        q, k = rotate(q, rope if queries is None else rope[:, :queries]), rotate(k, rope)
         return self.to_out[0](attention(q, k, v, attn_mask=mask, shard=shard).flatten(2).to(x.dtype))
 
 
@@ -102,12 +106,16 @@ class ZImageTransformerBlock(nn.Module):
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=2)
         return 1.0 + scale_msa, gate_msa.tanh(), 1.0 + scale_mlp, gate_mlp.tanh()
 
-    def forward(self, x, rope, mask, adaln: Optional[torch.Tensor] = None, shard=None) -> torch.Tensor:
+    def forward(self, x, rope, mask, adaln: Optional[torch.Tensor] = None, shard=None,
+                queries: Optional[int] = None) -> torch.Tensor:
+        """With ``queries``, returns the first ``queries`` rows only (the others serve as keys and values)."""
+        rows = x if queries is None else x[:, :queries]
         if not self.modulation:
-            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask, shard))
+            x = rows + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask, shard, queries))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.modulations(adaln)
-        x = x + gate_msa * self.attention_norm2(self.attention(self.attention_norm1(x) * scale_msa, rope, mask, shard))
+        attn = self.attention(self.attention_norm1(x) * scale_msa, rope, mask, shard, queries)
+        x = rows + gate_msa * self.attention_norm2(attn)
         return x + gate_mlp * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * scale_mlp))
 
 
@@ -158,6 +166,8 @@ class ZImageLayout:
     cap_mask: Optional[torch.Tensor]  # (B, 1, 1, Lc) bool; None when every padded caption has the same length
     rope: torch.Tensor  # (B, Nx + Lc, 1, D/2, 2): [image, caption] per row
     mask: Optional[torch.Tensor]  # (B, 1, 1, Nx + Lc) bool
+    # what the model computed once for this request and reuses at every step (``ZImageTransformer2DModel.captions``)
+    memo: dict = attrs.field(factory=dict, eq=False, repr=False)
 
     def rows(self, index: Sequence[int]) -> "ZImageLayout":
         """The layout of a subset of the rows (their own longest caption)."""
@@ -194,6 +204,18 @@ def build_layout(spec: RopeSpec, cap_lens: Sequence[int], grid: tuple[int, int],
     return ZImageLayout(spec=spec, cap_lens=tuple(cap_lens), grid=(gh, gw), x_rope=torch.stack(x_rope)[:, :, None],
                         cap_rope=torch.stack(cap_rope)[:, :, None], cap_mask=cap_mask,
                         rope=torch.stack(rope)[:, :, None], mask=mask)
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors (e.g. weights re-laid out for oneDNN under inference_mode) track none
+        return None
+
+
+def _same_weights(saved: list, weights: list) -> bool:
+    """``saved`` ((weakref, version) pairs) describes ``weights``: the same objects, unchanged where tracked."""
+    return len(saved) == len(weights) and all(ref() is w and v == _version(w) for (ref, v), w in zip(saved, weights))
 
 
 class ZImageTransformer2DModel(ModelMixin):
@@ -252,28 +274,52 @@ class ZImageTransformer2DModel(ModelMixin):
         for block in self.noise_refiner:
             x = block(x, layout.x_rope, None, adaln)
 
-        lc = layout.cap_rope.shape[1]
-        cap = self.cap_embedder(encoder_hidden_states.to(dtype)[:, : max(layout.cap_lens)])
-        keep = torch.arange(lc, device=cap.device)[None, :] < torch.tensor(layout.cap_lens, device=cap.device)[:, None]
-        cap = torch.where(keep[..., None], F.pad(cap, (0, 0, 0, lc - cap.shape[1])), self.cap_pad_token)
-        for block in self.context_refiner:
-            cap = block(cap, layout.cap_rope, layout.cap_mask)
-
-        unified = torch.cat([x, cap], dim=1)
+        unified = torch.cat([x, self.captions(encoder_hidden_states, layout)], dim=1)
         rope, shard = layout.rope, sequence_shard(unified.shape[1])
         if shard is not None:  # sequence parallelism: this rank runs a shard of the unified sequence
             unified, rope = shard.split(unified), shard.split(rope)
         return CacheState(hidden=unified, extra={"adaln": adaln, "rope": rope, "mask": layout.mask,
-                                                 "size": (c, h, w)}, shard=shard)
+                                                 "size": (c, h, w), "n_image": n_img}, shard=shard)
+
+    def captions(self, encoder_hidden_states: torch.Tensor, layout: ZImageLayout) -> torch.Tensor:
+        """The caption stream after ``cap_embedder`` and the context refiner: (B, Lc, dim), pad tokens included.
+
+        It depends on neither the latents nor the timestep, so it is computed at the first step of a request
+        and reused from ``layout.memo`` at the others: for the same ``encoder_hidden_states`` tensor and the
+        same weights (each weight's identity and, where tracked, version counter are compared, so weights
+        replaced or changed in place, e.g. by a fused LoRA, recompute it)."""
+        weights = self._caption_weights()
+        hit = layout.memo.get("captions")
+        if hit is not None and hit[0] is encoder_hidden_states and _same_weights(hit[1], weights):
+            return hit[2]
+        lc = layout.cap_rope.shape[1]
+        cap = self.cap_embedder(encoder_hidden_states.to(self.dtype)[:, : max(layout.cap_lens)])
+        keep = torch.arange(lc, device=cap.device)[None, :] < torch.tensor(layout.cap_lens, device=cap.device)[:, None]
+        cap = torch.where(keep[..., None], F.pad(cap, (0, 0, 0, lc - cap.shape[1])), self.cap_pad_token)
+        for block in self.context_refiner:
+            cap = block(cap, layout.cap_rope, layout.cap_mask)
+        if not torch.is_grad_enabled():
+            saved = [(weakref.ref(w), _version(w)) for w in self._caption_weights()]  # after any re-packing
+            layout.memo["captions"] = (encoder_hidden_states, saved, cap)
+        return cap
+
+    def _caption_weights(self) -> list:
+        return [*self.cap_embedder.parameters(), *self.context_refiner.parameters(), self.cap_pad_token]
 
     @property
     def cache_num_blocks(self) -> int:
         return len(self.layers)
 
     def cache_blocks(self, state: CacheState, start: int, stop: int) -> CacheState:
+        """Main layers ``[start, stop)``. ``cache_tail`` reads the image rows only, so the last layer computes
+        queries, output projection and MLP for those (without sequence parallelism, where a rank's shard mixes
+        both); its caption rows pass through unchanged, keeping the shape the step caches' residuals need."""
         e = state.extra
-        for block in self.layers[start:stop]:
-            state.hidden = block(state.hidden, e["rope"], e["mask"], e["adaln"], shard=state.shard)
+        last = len(self.layers) - 1
+        for i in range(start, min(stop, len(self.layers))):
+            n = e["n_image"] if i == last and state.shard is None else None
+            out = self.layers[i](state.hidden, e["rope"], e["mask"], e["adaln"], shard=state.shard, queries=n)
+            state.hidden = out if n is None else torch.cat([out, state.hidden[:, n:]], dim=1)
         return state
 
     def cache_probe(self, state: CacheState) -> torch.Tensor:

@@ -83,3 +83,58 @@ def test_rope_positions_beyond_axes_lens_are_refused(pair):
     ours.layout([5], (64, 4))  # 64 rows of tokens: positions up to 63 fit axes_lens[1] = 64
     with pytest.raises(SamplingParamError, match="height"):
         ours.layout([5], (65, 4))
+
+
+@torch.no_grad()
+def test_caption_stream_is_computed_once_per_request_and_again_when_weights_change(pair):
+    """The context refiner runs at the first step only (same caption tensor, same layout); later steps equal a
+    fresh layout's output bit for bit; a weight changed in place or replaced makes it run again."""
+    ours, _ = pair
+    latents, caps = _inputs([5, 40])
+    embeds = torch.nn.utils.rnn.pad_sequence(caps, batch_first=True)
+    layout = ours.layout([5, 40], (4, 6))
+    calls = []
+    handle = ours.context_refiner[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        def step(t, lay=layout, e=embeds):
+            return ours(hidden_states=latents, timestep=torch.full((2,), t), encoder_hidden_states=e, layout=lay)
+
+        first, second = step(0.3), step(0.6)
+        assert len(calls) == 1
+        torch.testing.assert_close(second, step(0.6, lay=ours.layout([5, 40], (4, 6))), atol=0, rtol=0)
+        assert len(calls) == 2  # a new layout (a new request) computes its own
+        step(0.9)
+        assert len(calls) == 2  # the first layout still holds its own
+        step(0.6, e=embeds.clone())
+        step(0.6), step(0.6)
+        assert len(calls) == 4  # another caption tensor, then the first one again (and kept)
+        weight = ours.get_parameter("context_refiner.0.feed_forward.w2.weight")
+        saved = weight.detach().clone()
+        try:
+            weight.add_(0.5)  # in place: the same object, a new version
+            changed = step(0.6)
+            assert len(calls) == 5 and not torch.allclose(changed, second, atol=1e-6)
+        finally:
+            weight.copy_(saved)
+        torch.testing.assert_close(step(0.6), second, atol=0, rtol=0)
+        assert len(calls) == 6
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def test_last_layer_runs_its_mlp_on_the_image_rows_only(pair):
+    """cache_tail reads the image rows, so the last layer's MLP skips the caption rows (the others do not)."""
+    ours, _ = pair
+    latents, caps = _inputs([5, 40])
+    rows = {}
+    hooks = [ours.layers[i].feed_forward.register_forward_hook(lambda m, a, o, i=i: rows.update({i: a[0].shape[1]}))
+             for i in (0, len(ours.layers) - 1)]
+    try:
+        ours(hidden_states=latents, timestep=torch.full((2,), 0.5),
+             encoder_hidden_states=torch.nn.utils.rnn.pad_sequence(caps, batch_first=True),
+             layout=ours.layout([5, 40], (4, 6)))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert rows == {0: 32 + 64, len(ours.layers) - 1: 4 * 6}  # 24 image tokens padded to 32, captions to 64
