@@ -246,11 +246,13 @@ class DiffGenerator:
     def result(self, req: Request) -> GenerationResult:
         """What the caller gets from a finished Request: numpy output (torch for output_type="pt")."""
         params = req.params
-        output = None
+        output, layers = None, _layers(req, self.config.is_video)
         if params.output_type == "pt":
             output = req.output.float().cpu()
         elif params.output_type != "latent":
             output = req.output.float().cpu().numpy()
+        if output is not None and layers:  # several pictures per prompt: listed prompt by prompt
+            output = output.reshape(-1, *output.shape[2:])
         fps = (params.fps or self.config.default_fps) if self.config.is_video else None
         stats = req.step_cache.stats if req.step_cache is not None else None
         audio = req.audio.float().cpu().numpy() if req.audio is not None and output is not None else None
@@ -258,13 +260,13 @@ class DiffGenerator:
                                 is_video=self.config.is_video, fps=fps, output_type=params.output_type,
                                 cache_stats=dict(stats) if stats is not None else None, audios=audio,
                                 audio_sample_rate=req.audio_sample_rate if audio is not None else None,
-                                layers=_layers(req))
+                                layers=layers)
 
 
-def _layers(req: Request) -> Optional[int]:
-    """Pictures per prompt when a model makes several (Qwen-Image-Layered's RGBA layers); None otherwise."""
-    rows = 0 if req.output is None else req.output.shape[0]
-    return rows // req.batch_size if rows > req.batch_size and rows % req.batch_size == 0 else None
+def _layers(req: Request, is_video: bool) -> Optional[int]:
+    """Pictures per prompt when an image model makes several (Qwen-Image-Layered's RGBA layers: its output is
+    (prompts, layers, H, W, C)); None otherwise."""
+    return req.output.shape[1] if req.output is not None and not is_video and req.output.ndim == 5 else None
 
 
 def _raised(outcomes: list) -> list:

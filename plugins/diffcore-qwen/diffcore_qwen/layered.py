@@ -8,7 +8,7 @@ condition (0); ``mu = sqrt(condition tokens / 256)``; true CFG (with a negative 
 renormalised (``cfg_normalize``); the composite frame is dropped and each layer decoded as RGBA.
 
 One request's ``output`` holds ``layers`` RGBA pictures per prompt: ``(prompts * layers, H, W, 4)``
-(``GenerationResult.layers`` says how many per prompt). diffusers captions the picture with the VL model
+(``GenerationResult.layers`` says how many per prompt; while it runs, ``(prompts, layers, H, W, 4)``). diffusers captions the picture with the VL model
 when the prompt is empty; diffcore refuses an empty prompt instead (pass a description of the picture).
 """
 from __future__ import annotations
@@ -166,14 +166,16 @@ class QwenImageLayeredConfig(QwenImageConfig):
         return out
 
     def decode(self, components, latents, req):
-        """Drop the composite frame, decode every layer as a one-frame RGBA video: (B * layers, H, W, 4)."""
+        """Drop the composite frame, decode every layer as a one-frame RGBA video: (B, layers, H, W, 4), one row per
+        prompt (so a batch splits back into its requests by rows; the result lists them prompt by prompt)."""
         from diffcore.models.latent_norm import denormalize
 
         vae = components["vae"]
         z = denormalize(self.unpack_latents(latents, req), vae)[:, :, 1:]
         b, c, n, h, w = z.shape
         z = z.permute(0, 2, 1, 3, 4).reshape(b * n, c, 1, h, w)
-        return self.to_pixels(vae.decode(z.to(vae.dtype)))
+        pixels = self.to_pixels(vae.decode(z.to(vae.dtype)))
+        return pixels.reshape(b, n, *pixels.shape[1:])
 
 
 class LayeredInputValidationStage(InputValidationStage):
@@ -196,7 +198,6 @@ class LayeredInputValidationStage(InputValidationStage):
 
 
 class LayeredDecodingStage(DecodingStage):
-    """Decoding to ``layers`` pictures per prompt. Its rows are not the request's rows, so Layered requests
-    run one at a time (``batch = None``), not merged into a batch."""
-
-    batch = None
+    """Decoding to ``layers`` pictures per prompt, kept as one row per prompt, ``(B, layers, H, W, 4)``: Layered
+    requests with the same layer count, resolution, condition size and ``cfg_normalize`` share a batch (the
+    config's ``batch_key``), and split back into their requests by rows."""

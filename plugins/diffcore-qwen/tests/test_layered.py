@@ -125,3 +125,20 @@ def test_server_honours_a_transparent_background_with_real_rgba_layers(layered):
         got = Image.open(io.BytesIO(base64.b64decode(entry.b64_json)))
         assert got.mode == "RGBA"
         np.testing.assert_array_equal(np.asarray(got), np.asarray(layer))
+
+
+def test_layered_requests_batch_with_each_other(layered):
+    """Layered requests with the same layer count, resolution and picture aspect share transformer and VAE calls
+    (other pictures, prompts, seeds, guidance scales); each result equals its solo run, its own layers in order."""
+    from diffcore.testing.concurrency import assert_batch_equals_solo
+
+    base = dict(resolution=640, num_inference_steps=2, output_type="np")
+    reqs = [dict(prompt="a red square", image=_rgba(48, 40, 1), layers=2, seed=1, negative_prompt="blurry",
+                 true_cfg_scale=2.0, **base),
+            dict(prompt=["a cat", "a dog"], image=_rgba(96, 80, 2), layers=2, seed=2, negative_prompt=" ",
+                 true_cfg_scale=3.0, **base),  # the same condition size (6:5): one batch
+            dict(prompt="a blue circle", image=_rgba(48, 40, 3), layers=3, seed=3, **base)]  # 3 layers: its own
+    counts = assert_batch_equals_solo(layered, reqs)
+    assert counts["solo"] == [4, 4, 2] and counts["batch"] == 4 + 2  # CFG: two calls a step
+    results = layered.generate_batch(reqs)
+    assert [r.layers for r in results] == [2, 2, 3] and [len(r.output) for r in results] == [2, 4, 3]
