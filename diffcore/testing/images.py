@@ -11,6 +11,16 @@ def random_picture(width: int, height: int, seed: int = 0):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
+def random_rgba(width: int, height: int, seed: int = 0):
+    """A PIL RGBA picture of random pixels: opaque on the left half, random alpha on the right."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (height, width, 4), dtype=np.uint8)
+    arr[..., 3] = np.where(np.arange(width)[None, :] < width // 2, 255, rng.integers(0, 255, (height, width)))
+    return Image.fromarray(arr, "RGBA")
+
+
 def box_mask(width: int, height: int, box: tuple[float, float, float, float] = (0.25, 0.25, 1.0, 0.75)):
     """A diffusers-convention mask ("L", white = repaint) of a box given as fractions (left, top, right, bottom)."""
     from PIL import Image

@@ -13,14 +13,12 @@ from PIL import Image
 
 from diffcore import DiffGenerator
 from diffcore.errors import SamplingParamError
+from diffcore.testing.images import random_rgba
 from diffcore.testing.weights import assert_parity
 
 
 def _rgba(w, h, seed=0):
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 255, (h, w, 4), dtype=np.uint8)
-    arr[..., 3] = np.where(np.arange(w)[None, :] < w // 2, 255, rng.integers(0, 255, (h, w)))  # partly transparent
-    return Image.fromarray(arr, "RGBA")
+    return random_rgba(w, h, seed)  # partly transparent
 
 
 @pytest.fixture(scope="module")
