@@ -167,6 +167,36 @@ def test_generate_runs_a_tiny_zimage_in_the_venv(installed, tmp_path):
         assert image.size == (48, 32)
 
 
+def test_zimage_installs_from_its_folder_into_a_fresh_venv(installed, tmp_path):
+    """``pip install plugins/diffcore-zimage`` (not editable) next to the core's wheel in a venv of its own:
+    discovered from site-packages with every package file, and a tiny Z-Image-Turbo folder generates. pip runs
+    on a copy of the folder (as a fresh checkout), since building writes egg-info and build/ into it."""
+    import shutil
+
+    venvs = _venvs()
+    core_wheel = next(w for w in installed[1] if w.name.startswith("diffcore-"))
+    folder = ROOT / "plugins" / "diffcore-zimage"
+    checkout = tmp_path / "checkout" / folder.name
+    shutil.copytree(folder, checkout, ignore=venvs._ignore(folder))
+    env = venvs.Venv.create(tmp_path / "venv")
+    env.pip_install(core_wheel)
+    env.pip_install("--no-build-isolation", checkout)
+    plugins = {p["name"]: p for p in json.loads(env.run(env.bin("diffcore"), "plugins", "--json").stdout)["plugins"]}
+    assert set(plugins) == {"diffcore", "zimage"} and plugins["zimage"]["distribution"] == "diffcore-zimage", plugins
+    assert {"ZImagePipeline", "ZImageImg2ImgPipeline"} <= set(plugins["zimage"]["pipelines"])
+    package = Path(env.python_code("import diffcore_zimage; print(diffcore_zimage.__file__)").strip()).parent
+    assert package.is_relative_to(env.site) and not list(env.site.glob("__editable__*"))
+    shipped = {p.relative_to(folder / "diffcore_zimage").as_posix() for p in (folder / "diffcore_zimage").rglob("*.py")}
+    assert shipped <= {p.relative_to(package).as_posix() for p in package.rglob("*.py")}
+    from diffcore_zimage.testing import write_tiny_zimage
+
+    model = write_tiny_zimage(tmp_path / "tiny-z-image-turbo")
+    out = tmp_path / "zimage.png"
+    proc = env.run(env.bin("diffcore"), "generate", "--model", model, "--prompt", "a red fox", "--height", "32",
+                   "--width", "32", "--steps", "2", "--dtype", "float32", "--quiet", "--output", out, cwd=tmp_path)
+    assert "wrote" in proc.stdout and out.stat().st_size > 0
+
+
 @pytest.mark.skipif(not (ROOT / "plugins/diffcore-demo/diffcore_demo/model/model_index.json").is_file(),
                     reason="the demo plugin ships no model yet")
 def test_generate_runs_the_bundled_demo_model(installed, tmp_path):
