@@ -237,11 +237,14 @@ class DiffGenerator:
         ``pipeline.forward`` validates it as its first stage)."""
         return intake.new_request(self.pipeline, params, callback, block_callback)
 
-    def make_runner(self, max_batch_size: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64):
-        """The batching scheduler a server hands its requests to (``BatchScheduler``)."""
+    def make_runner(self, max_batch_size: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64,
+                    step_batching: bool = True):
+        """The batching scheduler a server hands its requests to (``BatchScheduler``; ``step_batching``: waiting
+        requests join running batches at step boundaries)."""
         from .engine.batching import BatchScheduler
 
-        return BatchScheduler(self, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue)
+        return BatchScheduler(self, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                              step_batching=step_batching)
 
     def result(self, req: Request) -> GenerationResult:
         """What the caller gets from a finished Request: numpy output (torch for output_type="pt")."""

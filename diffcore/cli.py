@@ -155,7 +155,8 @@ def _serve(args) -> int:
             host=args.host, port=args.port,
             api_key=args.api_key if args.api_key is not None else os.environ.get("DIFFCORE_API_KEY"),
             served_model_name=args.served_model_name, max_batch_size=args.max_batch_size,
-            batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue, request_timeout=args.request_timeout,
+            batch_wait_ms=args.batch_wait_ms, step_batching=args.step_batching == "on", max_queue=args.max_queue,
+            request_timeout=args.request_timeout,
             max_body_bytes=args.max_body_bytes, max_upload_bytes=args.max_upload_bytes,
             max_upload_pixels=args.max_upload_pixels, file_ttl=args.file_ttl, cors_origins=args.cors_origin or (),
             allowed_hosts=args.allowed_host or (),
@@ -209,6 +210,9 @@ def _add_serve(sub) -> None:
     s.add_argument("--served-model-name", help="model id shown by /v1/models and matched against `model` (default: --model)")
     s.add_argument("--max-batch-size", type=int, default=8, help="most requests run as one batch")
     s.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch waits for company")
+    s.add_argument("--step-batching", choices=["on", "off"], default="on",
+                   help="requests join a running batch at its next denoising step (default on; off: batches "
+                        "form only when they start)")
     s.add_argument("--max-queue", type=int, default=64, help="queued requests before 429")
     s.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take before 504")
     s.add_argument("--max-body-bytes", type=int, default=32 * 2**20, help="largest request body (413 past it)")

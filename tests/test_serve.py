@@ -239,7 +239,8 @@ def test_request_timeout_and_disconnect_drop_queued_requests(toy_gen):
     start = time.perf_counter()
     toy_gen.generate(prompt=PROMPT, height=96, width=96, num_inference_steps=20)
     steps = min(1000, int(20 * 5.0 / (time.perf_counter() - start)))  # ~5 s of engine time (1000: the step budget)
-    with running_server(toy_gen, ServeSettings(request_timeout=1.5)) as (base, app):
+    # one request at a time: with room, the short request would run beside the long one (step batches)
+    with running_server(toy_gen, ServeSettings(request_timeout=1.5, max_batch_size=1)) as (base, app):
         # straight to the engine: over HTTP it would pass --request-timeout too, and stop at its next step
         runner = app.state.diffcore.runner
         holder = runner.submit(toy_gen.request(dict(prompt=PROMPT, height=96, width=96, num_inference_steps=steps, seed=0)))

@@ -85,3 +85,27 @@ def test_an_abandoned_request_stops_at_the_next_step(toy_gen, calls, why):
     else:
         assert answer["response"] is None
         assert 'diffcore_requests_total{route="/v1/images/generations",status="499"} 1.0' in metrics
+
+
+def test_a_second_stop_signal_cancels_running_work_at_the_next_step(toy_gen, calls):
+    """The first SIGTERM / SIGINT drains (tests/test_serve_cli.py); a second one stops what runs at its next step."""
+    import signal
+
+    import uvicorn
+
+    from diffcore.errors import RequestCancelledError
+    from diffcore.serve.server import _uvicorn_server
+
+    with running_server(toy_gen, ServeSettings()) as (base, app):
+        state = app.state.diffcore
+        server = _uvicorn_server()(uvicorn.Config(app))
+        server.state = state
+        running = state.runner.submit(toy_gen.request(dict(prompt="long", num_inference_steps=LONG_STEPS)))
+        while not calls:
+            time.sleep(0.01)
+        server.handle_exit(signal.SIGTERM, None)
+        assert state.closing and not running.done()  # the first signal: it runs on
+        server.handle_exit(signal.SIGTERM, None)
+        with pytest.raises(RequestCancelledError):
+            running.result(timeout=60)
+    assert len(calls) < 2 * LONG_STEPS

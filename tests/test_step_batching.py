@@ -69,7 +69,7 @@ def test_a_cancelled_request_frees_its_place_for_a_waiting_one(toy_gen):
     assert_close("next", result, solo)
 
 
-def test_only_compatible_requests_join_and_an_incompatible_head_stops_joining(toy_gen):
+def test_requests_of_other_sizes_or_cfg_run_as_their_own_step_batch_interleaved(toy_gen):
     other_size = dict(prompt="taller", seed=1, height=48, num_inference_steps=2, guidance_scale=4.0, output_type="np")
     no_cfg = dict(prompt="plain", seed=1, num_inference_steps=2, guidance_scale=1.0, output_type="np")
     later = dict(prompt="same size, later", seed=4, num_inference_steps=2, guidance_scale=3.0, output_type="np")
@@ -87,8 +87,9 @@ def test_only_compatible_requests_join_and_an_incompatible_head_stops_joining(to
             results = [f.result(timeout=60) for f in [first, *futures]]
     finally:
         remove()
-    # the 48-px one heads the queue: nothing joins; the batch drains, then it runs, then the others
-    assert rows[:16] == [1] * 16
+    # step 0 alone; then in turn: the 32-px batch (LONG + later: 2 rows, CFG), the 48-px one (CFG), the
+    # guidance-free one (1 call) for two rounds; then LONG alone
+    assert rows == [1, 1] + [2, 2, 1, 1, 1] * 2 + [1, 1] * 5
     for kwargs, got in zip((LONG, other_size, no_cfg, later), results):
         assert_close(kwargs["prompt"], got, toy_gen.generate(**kwargs))
 
@@ -121,3 +122,22 @@ def test_pipelines_that_cannot_step_rows_say_so(toy_gen):
             StepBatch(toy_gen.pipeline)
     finally:
         del config.step_rows
+
+
+def test_shutdown_with_cancel_stops_running_work_at_the_next_step_and_drops_the_queue(toy_gen):
+    rows, remove = count_rows(toy_gen)
+    try:
+        scheduler = BatchScheduler(toy_gen, max_batch_size=1, max_wait_ms=0)
+        gate = Gate(at=0)
+        running = scheduler.submit(toy_gen.request(dict(LONG, num_inference_steps=50, callback=gate)))
+        assert gate.reached.wait(timeout=60)
+        waiting = scheduler.submit(toy_gen.request(dict(LONG, seed=2)))
+        scheduler.shutdown(wait=False, cancel=True)
+        gate.release.set()
+        scheduler.shutdown(wait=True)
+        with pytest.raises(RequestCancelledError, match="after 2 denoising step"):
+            running.result(timeout=0)
+        assert waiting.cancelled()
+    finally:
+        remove()
+    assert rows == [1] * 4  # two steps of the running one (CFG: two calls each), nothing of the waiting one

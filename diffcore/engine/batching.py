@@ -125,10 +125,10 @@ def _alone(pipeline, req: Request):
 
 
 class _Item:
-    __slots__ = ("request", "future", "stop", "started")
+    __slots__ = ("request", "future", "stop", "started", "key")
 
-    def __init__(self, request: Request, future: concurrent.futures.Future):
-        self.request, self.future = request, future
+    def __init__(self, request: Request, future: concurrent.futures.Future, key=None):
+        self.request, self.future, self.key = request, future, key  # key: its step key (None: start-only)
         self.stop = threading.Event()  # set by cancel() while it runs: stop at the next step boundary
         self.started = 0.0  # step batches: perf_counter when it began to run, less its validation time
 
@@ -146,13 +146,14 @@ class BatchScheduler:
     join a running one at a step boundary), for metrics.
 
     Where the model's pipeline can step rows on their own (``stepping.step_stage``: the standard denoising
-    stage), a batch runs as a ``stepping.StepBatch``: a cancelled or finished request leaves it at a step
-    boundary (its rows are not computed again, the finished one is answered at once), and with
-    ``step_batching`` (default) a compatible request that arrives while it runs joins it at the next step
-    boundary, at its own step 0, up to ``max_batch_size`` requests. A waiting request that cannot join (another
-    size, another composition) stops the joining, so the batch drains and its turn comes (first come, first
-    served). Other pipelines (few-step, block-causal, LTX-2, step caches, torchrun) run start-only batches
-    (``run_batch``).
+    stage), requests run in ``stepping.StepBatch``-es, one per step key (size, CFG on/off, task; not the
+    schedule), stepped in turn: a cancelled or finished request leaves at a step boundary (its rows are not
+    computed again, the finished one is answered at once), and with ``step_batching`` (default) waiting
+    requests are admitted at every step boundary, in queue order, each into the step batch of its key (a new
+    one for a new key) at its own step 0, while fewer than ``max_batch_size`` requests run. A waiting request
+    that runs in start-only batches stops the admitting, so the step batches drain and its turn comes (first
+    come, first served). Those (few-step, block-causal, LTX-2, two-expert, step caches, torchrun) run through
+    ``run_batch``.
     """
 
     def __init__(self, model, max_batch_size: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64,
@@ -181,12 +182,13 @@ class BatchScheduler:
             raise SamplingParamError("request", f"BatchScheduler.submit takes a validated Request (make it with "
                                                 f"model.request(kwargs)), got {type(request).__name__}")
         future: concurrent.futures.Future = concurrent.futures.Future()
+        key = self._step_key(request)
         with self._cond:
             if self._closed:
                 raise EngineShutdownError()
             if self._depth() >= self.max_queue:
                 raise QueueFullError(self.max_queue)
-            item = _Item(request, future)
+            item = _Item(request, future, key)
             request.callback = self._progress(item, request.callback, on_step, request.params.num_inference_steps)
             self._queue.append(item)
             self._cond.notify_all()
@@ -271,12 +273,11 @@ class BatchScheduler:
                         self._running, self._current = 0, []
 
     def _execute(self, batch: list[_Item]) -> None:
-        key = self._step_key(batch[0])
-        if key is not None:  # the first request's step group runs now; the others wait for their turn
-            group = [item for item in batch if item is batch[0] or self._step_key(item) == key]
-            self._requeue([item for item in batch if not any(item is g for g in group)])
-            self._observe(len(group))
-            return self._run_steps(group, key)
+        if batch[0].key is not None:  # its steppable requests run now; the others wait for their turn
+            steppable = [item for item in batch if item.key is not None]
+            self._requeue([item for item in batch if item.key is None])
+            self._observe(len(steppable))
+            return self._run_steps(steppable)
         self._observe(len(batch))
         reqs = [item.request for item in batch]
 
@@ -303,11 +304,11 @@ class BatchScheduler:
                 log.exception("on_batch callback failed")
 
     # -- step batches (diffcore.engine.stepping) ---------------------------------------------
-    def _step_key(self, item: _Item):
+    def _step_key(self, request: Request):
         if not self._stops:
             return None
         try:
-            return stepping.step_key(self.model.pipeline, item.request)
+            return stepping.step_key(self.model.pipeline, request)
         except Exception:  # e.g. a composition the model lacks: run_batch gives that request its error
             return None
 
@@ -324,28 +325,33 @@ class BatchScheduler:
         self._current = [item for item in self._current if id(item) not in gone]
         self._running = len(self._current)
 
-    def _run_steps(self, items: list[_Item], key) -> None:
-        batch = stepping.StepBatch(self.model.pipeline.for_request(items[0].request))
-        self._admit(batch, items)
-        while len(batch):
-            try:
-                left = batch.step()
-            except BaseException as exc:  # the shared step failed: every request in it fails
-                left = [(row.token, exc) for row in batch.rows]
-                batch.rows = []
-            for item, outcome in left:
-                self._settle(item, outcome)
-            with self._cond:
-                self._forget([item for item, _ in left])
-            if self.step_batching and len(batch) < self.max_batch_size:
-                joiners = self._joiners(key, self.max_batch_size - len(batch))
+    def _run_steps(self, items: list[_Item]) -> None:
+        """Run step batches, one per step key (interleaved: one step of each in turn), until all have drained;
+        between two rounds, with ``step_batching``, waiting requests join (``_joiners``)."""
+        groups: dict = {}
+        self._admit(groups, items)
+        while groups:
+            for key, batch in list(groups.items()):
+                try:
+                    left = batch.step()
+                except BaseException as exc:  # the shared step failed: every request in it fails
+                    left = [(row.token, exc) for row in batch.rows]
+                    batch.close()
+                for item, outcome in left:
+                    self._settle(item, outcome)
+                with self._cond:
+                    self._forget([item for item, _ in left])
+                if not len(batch):
+                    del groups[key]
+            if self.step_batching:
+                joiners = self._joiners(self.max_batch_size - sum(len(b) for b in groups.values()))
                 if joiners:
                     self._observe(len(joiners))
-                    self._admit(batch, joiners)
+                    self._admit(groups, joiners)
 
-    def _joiners(self, key, room: int) -> list[_Item]:
-        """Waiting requests of step key ``key`` from the head of the queue (up to ``room``); one that cannot
-        join stops the search, so the running batch drains and that one's turn comes."""
+    def _joiners(self, room: int) -> list[_Item]:
+        """Waiting requests from the head of the queue (up to ``room``), in order. One that runs in start-only
+        batches (no step key) stops the search: the running step batches drain, then its turn comes."""
         taken: list[_Item] = []
         with self._cond:
             while self._queue and len(taken) < room and not self._closed:
@@ -353,15 +359,16 @@ class BatchScheduler:
                 if head.future.cancelled():
                     self._queue.popleft()
                     continue
-                if self._step_key(head) != key:
+                if head.key is None:
                     break
                 taken.append(self._queue.popleft())
             self._current = self._current + taken
             self._running = len(self._current)
         return taken
 
-    def _admit(self, batch, items: list[_Item]) -> None:
-        """Make requests rows of ``batch`` (each prepared alone up to denoising; a failure is its own)."""
+    def _admit(self, groups: dict, items: list[_Item]) -> None:
+        """Make requests rows of the step batch of their key in ``groups`` (a new one for a new key); each is
+        prepared alone up to denoising, a failure is its own."""
         failed = []
         for item in items:
             if not item.future.set_running_or_notify_cancel():  # cancelled while it waited
@@ -369,7 +376,9 @@ class BatchScheduler:
                 continue
             item.started = time.perf_counter() - sum(item.request.timings.values())  # validation counts
             try:
-                batch.add(item.request, item)
+                if item.key not in groups:
+                    groups[item.key] = stepping.StepBatch(self.model.pipeline.for_request(item.request))
+                groups[item.key].add(item.request, item)
             except Exception as exc:
                 item.future.set_exception(exc)
                 failed.append(item)

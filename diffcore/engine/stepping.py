@@ -24,6 +24,7 @@ module only runs the rows it is given.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Optional
 
@@ -60,12 +61,14 @@ def step_key(pipeline, req: Request) -> Optional[tuple]:
 
 
 class Row:
-    """One request in a step batch: its Request (prepared up to denoising), its latents now, its next step."""
+    """One request in a step batch: its Request (prepared up to denoising), its latents now, its next step, and
+    the hold on its adapters (``LoraManager.in_use``: unloading one waits until the request has left, as it
+    waits for a running generate)."""
 
-    __slots__ = ("req", "token", "latents", "index")
+    __slots__ = ("req", "token", "latents", "index", "hold")
 
-    def __init__(self, req: Request, token: Any):
-        self.req, self.token, self.latents, self.index = req, token, req.latents, 0
+    def __init__(self, req: Request, token: Any, hold: contextlib.ExitStack):
+        self.req, self.token, self.latents, self.index, self.hold = req, token, req.latents, 0, hold
 
     @property
     def done(self) -> bool:
@@ -94,13 +97,21 @@ class StepBatch:
         return len(self.rows)
 
     def add(self, req: Request, token: Any) -> None:
-        req = self.pipeline.forward(req, stop=self.at)
-        self.rows.append(Row(req, token))
+        hold = contextlib.ExitStack()
+        try:
+            hold.enter_context(self.pipeline.loras.in_use(req))
+            req = self.pipeline.forward(req, stop=self.at)
+        except BaseException:
+            hold.close()
+            raise
+        self.rows.append(Row(req, token, hold))
         self._merged = None
 
-    def drop(self, token: Any) -> None:
-        self.rows = [r for r in self.rows if r.token is not token]
-        self._merged = None
+    def close(self) -> None:
+        """Drop every row (their adapters are released)."""
+        for r in self.rows:
+            r.hold.close()
+        self.rows, self._merged = [], None
 
     def step(self) -> list[tuple[Any, Any]]:
         if self._merged is None:
@@ -134,6 +145,8 @@ class StepBatch:
             gone = {id(r) for r, _ in left}
             self.rows = [r for r in self.rows if id(r) not in gone]
             self._merged = None
+            for r, _ in left:
+                r.hold.close()
         return [(r.token, outcome) for r, outcome in left]
 
     # -- inside ----------------------------------------------------------------------------

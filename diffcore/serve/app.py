@@ -50,7 +50,7 @@ class ServerState:
         s = self.settings
         self.model_name = self.model_name or str(generator.model)
         runner = generator.make_runner(max_batch_size=s.max_batch_size, max_wait_ms=s.batch_wait_ms,
-                                       max_queue=s.max_queue)
+                                       max_queue=s.max_queue, step_batching=s.step_batching)
         runner.on_batch = self.metrics.batch_size.observe
         self.metrics.queue_depth.set_function(lambda: runner.queue_depth)
         self.lora_users = AdapterUsers(runner)  # DELETE /v1/loras/NAME answers 409 while requests use it
@@ -106,6 +106,12 @@ class ServerState:
             last[0] = now
 
         return on_step
+
+    def cancel_work(self) -> None:
+        """Stop everything the engine holds: waiting requests are cancelled, running ones stop at their next
+        denoising step (a second SIGTERM / SIGINT; the first drains)."""
+        if self.runner is not None:
+            self.runner.shutdown(wait=False, cancel=True)
 
     def close(self) -> None:
         """Stop taking work, finish what the engine holds (its videos are written), release the state folder.

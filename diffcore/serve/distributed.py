@@ -239,10 +239,13 @@ class Leader:
         raise DiffcoreError("under torchrun, run requests with generate()/generate_batch() (they reach every rank)")
 
     # -- the server's side ---------------------------------------------------------------------
-    def make_runner(self, max_batch_size: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64):
-        """The batching scheduler whose batches run on every rank (through ``run_requests``); ``stop`` drains it."""
+    def make_runner(self, max_batch_size: int = 8, max_wait_ms: float = 20.0, max_queue: int = 64,
+                    step_batching: bool = True):
+        """The batching scheduler whose batches run on every rank (through ``run_requests``); ``stop`` drains it.
+        Its batches start and end together on every rank (``stops_at_steps`` is False): ``step_batching`` has
+        no effect here."""
         self._runner = BatchScheduler(self, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                                      max_queue=max_queue)
+                                      max_queue=max_queue, step_batching=step_batching)
         return self._runner
 
     def stop(self) -> None:

@@ -34,6 +34,8 @@ def _uvicorn_server():
 
         def handle_exit(self, sig, frame):
             if self.state is not None:
+                if self.state.closing:  # a second signal: stop what runs at its next step, drop what waits
+                    self.state.cancel_work()
                 self.state.closing = True  # requests on open connections get 503 from now on
             super().handle_exit(sig, frame)
 

@@ -40,6 +40,8 @@ class ServeSettings:
     served_model_name: Optional[str] = None  # the id /v1/models shows and `model` must match (default: --model)
     max_batch_size: int = attrs.field(default=8, validator=_positive)
     batch_wait_ms: float = attrs.field(default=20.0, validator=_non_negative)
+    # requests join a running batch at its next denoising step (diffcore.engine.stepping); False: start-only batches
+    step_batching: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     max_queue: int = attrs.field(default=64, validator=_positive)
     request_timeout: float = attrs.field(default=600.0, validator=_positive)  # seconds, per request
     max_body_bytes: int = attrs.field(default=32 * 2**20, validator=_positive)  # whole request body
