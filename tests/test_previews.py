@@ -123,3 +123,34 @@ def test_schedulers_predict_the_x0_their_step_uses():
     masked = MaskedSteps(sched, sched.timesteps, init, torch.randn(1, 4, 8, 8, generator=gen), mask)
     blended = masked.predicted_x0(out, sched.timesteps[1], sample)
     assert torch.equal(blended[..., 4:], init[..., 4:]) and not torch.equal(blended[..., :4], init[..., :4])
+
+
+def test_a_request_joining_a_running_step_batch_previews_as_it_does_alone(toy_gen):
+    """Step-level joining (diffcore.engine.stepping): the joiner's previews come at its own steps, equal to its
+    solo previews; the running request's previews are unchanged by the company."""
+    from diffcore.engine.batching import BatchScheduler
+    from diffcore.testing.joining import Gate, count_rows
+
+    first, late = dict(TOY, num_inference_steps=8, seed=5), dict(TOY, prompt="late", seed=9, num_inference_steps=4)
+    solo = {}
+    for name, kw in (("first", first), ("late", late)):
+        solo[name] = []
+        toy_gen.generate(**kw, on_preview=solo[name].append, partial_images=2)
+    got = {"first": [], "late": []}
+    gate = Gate(at=2)
+    rows, remove = count_rows(toy_gen)
+    try:
+        with BatchScheduler(toy_gen, max_batch_size=2, max_wait_ms=0) as scheduler:
+            running = toy_gen.attach_previews(toy_gen.request(dict(first, callback=gate)), got["first"].append, 2)
+            futures = [scheduler.submit(running)]
+            assert gate.reached.wait(timeout=60)
+            futures.append(scheduler.submit(toy_gen.attach_previews(toy_gen.request(late), got["late"].append, 2)))
+            gate.release.set()
+            [f.result(timeout=120) for f in futures]
+    finally:
+        remove()
+    assert rows[:6] == [1] * 6 and 2 in rows  # three steps alone, then the joiner's rows beside the first's
+    for name in ("first", "late"):
+        assert [p.step for p in got[name]] == [p.step for p in solo[name]] and len(got[name]) == 2
+        for a, b in zip(got[name], solo[name]):
+            np.testing.assert_allclose(a.output, b.output, atol=1e-4)
