@@ -154,3 +154,29 @@ def test_a_request_joining_a_running_step_batch_previews_as_it_does_alone(toy_ge
         assert [p.step for p in got[name]] == [p.step for p in solo[name]] and len(got[name]) == 2
         for a, b in zip(got[name], solo[name]):
             np.testing.assert_allclose(a.output, b.output, atol=1e-4)
+
+
+def test_a_scheduler_without_predicted_x0_serves_no_previews(toy_gen, monkeypatch):
+    """A plugin's scheduler that only steps (plugin-hooks.md's LinearFlowScheduler): the request runs as it would
+    without previews, none are sent."""
+    from diffcore.schedulers.base import SchedulerBase
+
+    class Stepper(SchedulerBase):
+        diffusers_class_name = "Stepper"
+
+        def __init__(self, num_train_timesteps: int = 1000):
+            self._store_config(locals())
+
+        def set_timesteps(self, num_inference_steps, device=None, sigmas=None, mu=None):
+            self.sigmas = torch.linspace(1.0, 0.0, num_inference_steps + 1, device=device)
+            self.timesteps = self.sigmas[:-1] * 1000
+            self._index = 0
+
+        def step(self, model_output, timestep, sample):
+            self._index += 1
+            return sample + (self.sigmas[self._index] - self.sigmas[self._index - 1]) * model_output
+
+    monkeypatch.setattr(toy_gen.pipeline.stage("timestep_preparation"), "scheduler", Stepper())
+    got = []
+    result = toy_gen.generate(**TOY, on_preview=got.append, partial_images=2, output_type="np")
+    assert got == [] and np.array_equal(result.output, toy_gen.generate(**TOY, output_type="np").output)

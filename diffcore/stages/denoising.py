@@ -26,6 +26,10 @@ class DenoisingStage(DenoisingLoopStage):
               In("do_cfg", bool))
     batch = "rows"
 
+    def wants_x0(self, req: Request) -> bool:
+        """A plugin scheduler without ``predicted_x0`` serves no previews (the request runs as without them)."""
+        return super().wants_x0(req) and hasattr(req.scheduler, "predicted_x0")
+
     def predict_uncond(self, req: Request, model, latents, t, kwargs, step: int, rows: list[int]) -> torch.Tensor:
         """The unconditional prediction of ``rows`` only: called for just those rows where the config can
         select them (``condition_rows``), else for the whole batch and narrowed. ``t``: a timestep, or one
