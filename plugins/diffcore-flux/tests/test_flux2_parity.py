@@ -70,3 +70,23 @@ def test_latent_output_is_what_diffusers_returns(flux2_folders, kind, refs):
     c = gen.components["transformer"].config["in_channels"]  # 4x the VAE's latent channels (2x2 patches)
     assert tuple(ours.shape) == tuple(ref.shape) == ((1, 2 * 3, c) if kind == "dev" else (1, c // 4, 4, 6))
     assert float((ours - ref).abs().max()) <= 2e-3
+
+
+@pytest.mark.parametrize("kind", ["dev", "klein"])
+def test_ten_references_match_diffusers_and_eleven_are_refused(flux2_folders, kind):
+    """diffusers' Flux2Pipeline / Flux2KleinPipeline check each reference (side >= 64, aspect <= 8) but not their
+    count; diffcore takes up to 10 (``max_images``: BFL's multi-reference figure for FLUX.2) on every variant. At
+    the limit both engines agree; one more is a SamplingParamError naming ``image``, and the generator still works."""
+    from diffcore.errors import SamplingParamError
+
+    images = [_image(64, 64, i) for i in range(10)]
+    kw = dict(prompt="combine them", height=32, width=32, num_inference_steps=2, max_sequence_length=32)
+    ref = _diffusers(flux2_folders[kind], kind)(generator=torch.Generator("cpu").manual_seed(4), output_type="np",
+                                                  image=images, **kw).images
+    gen = DiffGenerator.from_pretrained(flux2_folders[kind], dtype="float32", progress=False)
+    assert gen.sampling_params_cls.max_images == 10
+    assert_parity(gen.generate(seed=4, output_type="np", image=images, **kw).output, ref)
+    with pytest.raises(SamplingParamError, match="at most 10") as e:
+        gen.generate(seed=4, output_type="np", image=images + [_image(64, 64, 10)], **kw)
+    assert e.value.param == "image"
+    assert gen.generate(seed=4, output_type="np", **kw).output.shape == (1, 32, 32, 3)
