@@ -7,7 +7,10 @@
   final norm) on the device; each block's weights come over just before the block runs and are
   dropped after it, and the next block's copy starts on a side CUDA stream while the current one
   computes (``prefetch`` blocks ahead). Peak device memory: the small parts plus ``1 + prefetch``
-  blocks. The other components are model-offloaded.
+  blocks. Text encoders (``text_encoder*``) are streamed the same way, by their largest layer list
+  (a 24B Mistral does not fit a 24 or 48 GB GPU whole); the other components are model-offloaded.
+* ``"text_layers"``: the text encoders streamed by layer, everything else model-offloaded (a
+  quantized transformer that fits, beside a text encoder that does not).
 
 The CPU copy is the one the loader produced (pinned on CUDA, so copies can overlap compute); the
 device copy is a fresh tensor each time, so nothing is copied back. Blocks are the entries of the
@@ -26,7 +29,8 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-MODES = ("model", "layers")
+MODES = ("model", "layers", "text_layers")
+STREAMS_TEXT = ("layers", "text_layers")  # modes that stream the text encoders' decoder layers
 
 
 def parse_mode(value: Optional[str]) -> Optional[str]:
@@ -46,7 +50,13 @@ def _tensors(module: nn.Module, recurse: bool = True):
 
 
 def _copy_to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    out = t.to(device, non_blocking=True, copy=True)
+    if type(t) in (torch.Tensor, nn.Parameter):
+        out = t.to(device, non_blocking=True, copy=True)
+    else:  # tensor subclasses (torchao's quantized weights) take only device / dtype in .to(), and cannot become
+        with torch.inference_mode(False):  # a Parameter as an inference tensor
+            out = t.to(device)
+        if out is t:  # already there (the CPU "device" of the tests)
+            return t
     return nn.Parameter(out, requires_grad=False) if isinstance(t, nn.Parameter) else out
 
 
@@ -194,6 +204,12 @@ class LayerOffload:
         self.current = None
 
 
+def layer_stack(model: nn.Module) -> Optional[nn.ModuleList]:
+    """A text encoder's decoder layers: its ``nn.ModuleList`` (at any depth) holding the most parameters."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+
+
 def apply(components: dict, mode: str, device: torch.device | str, denoisers: Iterable[str],
           prefetch: int = 1) -> dict:
     """Attach offloading to the loaded ``components`` (all on the CPU); returns the hook objects by name."""
@@ -202,8 +218,11 @@ def apply(components: dict, mode: str, device: torch.device | str, denoisers: It
     for name, comp in components.items():
         if not isinstance(comp, nn.Module):
             continue
-        if mode == "layers" and name in denoisers:
-            hooks[name] = LayerOffload(comp, device, prefetch=prefetch)
+        blocks = None
+        if mode in STREAMS_TEXT and name.startswith("text_encoder") and name not in denoisers:
+            blocks = layer_stack(comp)
+        if (mode == "layers" and name in denoisers) or blocks is not None:
+            hooks[name] = LayerOffload(comp, device, prefetch=prefetch, blocks=blocks)
             for m in [comp, *(c for c in comp.children() if not isinstance(c, nn.ModuleList))]:
                 m.register_forward_pre_hook(lambda _m, _a: models.deactivate())  # step caches call children
         else:

@@ -14,7 +14,7 @@ REQUIRED = {"generate": ["--prompt", "x", "--output", "o.png"], "serve": []}
 # one value per flag, other than EngineArgs' default, so a flag that does not reach its field is seen
 GIVEN = ["--device", "cpu:0", "--dtype", "bf16", "--attention-backend", "sdpa", "--compile", "--cache", "fbcache",
          "--cache-threshold", "0.25", "--quantization", "int8", "--gguf", "t.gguf", "vae=v.safetensors",
-         "--offload", "layers", "--variant", "fp16", "--revision", "v2", "--allow-pickle", "--allow-external-links", "--num-threads", "3",
+         "--offload", "layers", "--memory-preset", "gpu-48gb", "--variant", "fp16", "--revision", "v2", "--allow-pickle", "--allow-external-links", "--num-threads", "3",
          "--max-pixels", "4096", "--max-frames", "9", "--max-steps", "7", "--sp-degree", "2", "--cfg-parallel"]
 
 
@@ -78,3 +78,28 @@ def test_lora_flag_syntax():
     assert parse_lora_flag("C:/x/b.safetensors") == LoraFlag(None, "C:/x/b.safetensors", None)
     assert parse_lora_flag("dir/a=b.safetensors") == LoraFlag(None, "dir/a=b.safetensors", None)  # '=' in a path
     assert parse_lora_flag("=b.safetensors:2") == LoraFlag(None, "=b.safetensors", 2.0)
+
+
+PRESETS = {"gpu-80gb": ("model", None), "gpu-48gb": ("text_layers", "int8_weight_only"), "gpu-24gb": ("layers", None)}
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_memory_preset_is_one_flag_resolving_to_its_engine_args(command, preset):
+    """--memory-preset fills offload / quantization on generate and serve alike (and in Python); an explicit
+    --offload or --quantization wins over the preset."""
+    parser = build_parser()
+    engine = EngineArgs.from_kwargs(**engine_kwargs(parser.parse_args([command, *REQUIRED[command],
+                                                                        "--memory-preset", preset])))
+    assert (engine.offload, engine.quantization) == PRESETS[preset]
+    assert EngineArgs(memory_preset=preset) == engine
+    mine = EngineArgs.from_kwargs(**engine_kwargs(parser.parse_args(
+        [command, *REQUIRED[command], "--memory-preset", preset, "--offload", "model", "--quantization", "int8_dynamic"])))
+    assert (mine.offload, mine.quantization, mine.memory_preset) == ("model", "int8_dynamic", preset)
+
+
+def test_unknown_memory_preset_is_refused():
+    with pytest.raises(ConfigError, match="unknown memory_preset 'gpu-12gb'; accepted: gpu-80gb, gpu-48gb, gpu-24gb"):
+        EngineArgs(memory_preset="gpu-12gb")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--memory-preset", "gpu-12gb"])

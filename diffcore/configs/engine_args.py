@@ -79,6 +79,13 @@ def _variant(inst, attribute, value):
                           f"diffusion_pytorch_model.fp16.safetensors), got {value!r}")
 
 
+def _memory_preset(inst, attribute, value):
+    from .memory_presets import PRESETS
+
+    if value is not None and value not in PRESETS:
+        raise ConfigError(f"unknown memory_preset {value!r}; accepted: {', '.join(PRESETS)}")
+
+
 @attrs.frozen(kw_only=True)
 class EngineArgs:
     """How to run: device, precision override, attention backend, room for speed options, and the size
@@ -96,6 +103,8 @@ class EngineArgs:
     quantization: Optional[str] = attrs.field(default=None, converter=parse_scheme)
     # move weights to the device only while they run: "model" (whole components) or "layers" (transformer blocks)
     offload: Optional[str] = attrs.field(default=None, converter=parse_mode)
+    # one name for a GPU size's weight placement (quantization + offload): diffcore.configs.memory_presets
+    memory_preset: Optional[str] = attrs.field(default=None, validator=_memory_preset)
     # GGUF weight files replacing a component's weights, e.g. {"transformer": "flux1-dev-Q4_K.gguf"}
     gguf: Optional[dict] = attrs.field(default=None, converter=parse_weight_files)
     allow_pickle: bool = attrs.field(default=False, validator=_bool)  # executing pickle: an explicit True only
@@ -108,6 +117,12 @@ class EngineArgs:
     max_pixels: Optional[int] = attrs.field(default=None, validator=_optional_positive_int)  # per frame
     max_frames: Optional[int] = attrs.field(default=None, validator=_optional_positive_int)
     max_steps: Optional[int] = attrs.field(default=None, validator=_optional_positive_int)
+
+    def __attrs_post_init__(self) -> None:
+        from .memory_presets import fill
+
+        for name, value in fill(self).items():  # the preset's fields the user left unset
+            object.__setattr__(self, name, value)
 
     def budget(self) -> Budget:
         """The per-request limits (``DIFFCORE_MAX_*`` is read here; the pipeline reads it once, when built)."""

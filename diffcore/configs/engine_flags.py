@@ -12,6 +12,7 @@ from ..offload import MODES
 from ..quantization import SCHEMES
 from . import budget
 from .engine_args import EngineArgs
+from .memory_presets import PRESETS
 
 
 def gguf_files(values) -> Optional[dict]:
@@ -48,11 +49,13 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
     Flag("cache", "step-cache policy, e.g. fbcache or teacache (default: none)"),
     Flag("cache_threshold", "the step cache's reuse threshold (default 0.1)", {"type": float}),
     Flag("quantization", f"quantize the transformer(s) with torchao: {', '.join(SCHEMES)} (fp8: GPU)"),
+    Flag("memory_preset", "one flag per GPU size: quantization + offload that fit it (gpu-80gb, gpu-48gb, gpu-24gb: "
+                          "docs/api.md); an explicit --offload / --quantization wins", {"choices": list(PRESETS)}),
     Flag("gguf", "load the transformer (or component NAME) from a .gguf (or single-file .safetensors) file, in "
                  "Diffusers names or the model's original layout (docs/api.md lists the layouts); the rest comes "
                  "from --model", {"nargs": "+", "metavar": "[NAME=]PATH"}, gguf_files),
     Flag("offload", "keep weights in CPU memory, on the device only while they run (whole components / "
-                    "transformer blocks)", {"choices": MODES}),
+                    "transformer and text-encoder blocks / text-encoder layers only)", {"choices": MODES}),
     Flag("variant", "load the weight files of this variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)"),
     Flag("revision", "Hugging Face Hub revision (branch, tag or commit) of --model"),
     Flag("allow_pickle", "allow loading pickle (.bin/.pt) weights: runs code from the file", {"action": "store_true"}),

@@ -103,3 +103,37 @@ def test_requests_joining_a_running_batch_equal_solo(flux2_folders, kind):
                dict(prompt=["a hat", "a cup on a table"], seed=3, num_inference_steps=3, **common)]
     counted = assert_join_equals_solo(_gen(flux2_folders, kind), first, joiners, at=0)
     assert counted["rows"] == [1, 4, 4, 3]  # 1 alone, 2 with all 4 rows, 1 without the 2-step one
+
+
+@pytest.mark.parametrize("preset", ["gpu-48gb", "gpu-24gb"])
+def test_memory_presets_stream_the_text_encoder_and_keep_it_off_while_denoising(flux2_folders, preset):
+    """The 48 / 24 GB presets stream the text encoder's decoder layers (a 24B Mistral fits neither GPU whole):
+    while the transformer denoises no text-encoder layer is installed on the device and every layer weight is its
+    resting CPU copy. gpu-24gb streams the transformer too (output equal to resident weights); gpu-48gb quantizes
+    the transformer to int8 (close to it)."""
+    from diffcore.offload import LayerOffload
+
+    from diffcore.testing.weights import psnr
+
+    ref = _gen(flux2_folders, "dev").generate(prompt="a cat", seed=0, height=32, width=32, **SMALL).output
+    gen = _gen(flux2_folders, "dev", memory_preset=preset)
+    hooks = gen.pipeline.offload_hooks
+    te_layers: LayerOffload = hooks["text_encoder"]
+    te = gen.components["text_encoder"]
+    assert te_layers.blocks == list(te.model.language_model.layers)
+    assert isinstance(hooks.get("transformer"), LayerOffload) == (preset == "gpu-24gb")  # else model-offloaded
+    resting = [[p.data_ptr() for p in b.parameters()] for b in te_layers.blocks]
+    seen = []
+
+    def spy(module, args):
+        seen.append(not any(w.installed for w in te_layers.weights)
+                    and [[p.data_ptr() for p in b.parameters()] for b in te_layers.blocks] == resting)
+
+    gen.components["transformer"].register_forward_pre_hook(spy)
+    out = gen.generate(prompt="a cat", seed=0, height=32, width=32, **SMALL).output
+    assert seen and all(seen), seen
+    assert te_layers.loads >= 31  # layers 0..29 ran (hidden state 30 is the last read), each copied in
+    if preset == "gpu-24gb":
+        np.testing.assert_allclose(out, ref, atol=1e-6, rtol=0)
+    else:
+        assert 25 < psnr(out, ref) < 120
