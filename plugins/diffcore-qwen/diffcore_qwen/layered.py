@@ -8,8 +8,9 @@ condition (0); ``mu = sqrt(condition tokens / 256)``; true CFG (with a negative 
 renormalised (``cfg_normalize``); the composite frame is dropped and each layer decoded as RGBA.
 
 One request's ``output`` holds ``layers`` RGBA pictures per prompt: ``(prompts * layers, H, W, 4)``
-(``GenerationResult.layers`` says how many per prompt; while it runs, ``(prompts, layers, H, W, 4)``). diffusers captions the picture with the VL model
-when the prompt is empty; diffcore refuses an empty prompt instead (pass a description of the picture).
+(``GenerationResult.layers`` says how many per prompt; while it runs, ``(prompts, layers, H, W, 4)``). An
+empty prompt (``""`` or ``" "``) is replaced by the picture's caption, written by the text encoder, as diffusers
+does (``diffcore_qwen.captioning``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from diffcore.configs import PipelineConfig
 from diffcore.errors import SamplingParamError
 from diffcore.stages import DecodingStage, InputValidationStage
 
+from .captioning import EMPTY
 from .configs import QwenImageConfig, QwenImageEditConfig, QwenImageSamplingParams, calculate_dimensions
 
 RESOLUTIONS = (640, 1024)
@@ -52,15 +54,16 @@ class QwenImageLayeredSamplingParams(QwenImageSamplingParams):
     layers: int = attrs.field(default=4, validator=_layers)
     resolution: int = attrs.field(default=640, validator=_resolution)
     cfg_normalize: bool = attrs.field(default=False, validator=_flag)
+    use_en_prompt: bool = attrs.field(default=False, validator=_flag)  # the captioning instruction's language
     min_images: ClassVar[int] = 1
     max_images: ClassVar[int] = 1
 
     def check_limits(self) -> None:
         super().check_limits()
-        if any(not p.strip() for p in self.prompts):
-            raise SamplingParamError("prompt", "Qwen-Image-Layered needs a prompt describing the picture: diffusers "
-                                               "captions the picture with the VL model when it is empty, diffcore does "
-                                               "not (caption it yourself, e.g. with Qwen2.5-VL, and pass the caption)")
+        if self.prompt not in EMPTY and any(not p.strip() for p in self.prompts):
+            raise SamplingParamError("prompt", "a blank prompt: pass a description of the picture, or exactly \"\" "
+                                               "(one prompt) to have the text encoder caption the picture, as diffusers "
+                                               "does")
         if self.num_inference_steps < 2:
             raise SamplingParamError("num_inference_steps", "Qwen-Image-Layered needs at least 2 steps (1 step gives "
                                                             "NaN in the reference implementation)")
@@ -72,6 +75,8 @@ class QwenImageLayeredSamplingParams(QwenImageSamplingParams):
 
 @attrs.define(kw_only=True)
 class QwenImageLayeredConfig(QwenImageConfig):
+    optional_components: ClassVar[tuple[str, ...]] = ("processor",)  # only the empty-prompt captioning uses it
+    custom_loaders = QwenImageEditConfig.custom_loaders  # the VL processor without transformers' video processor
     has_alpha: ClassVar[bool] = True  # RGBA layers (the server keeps them for background="transparent")
     previews: ClassVar[bool] = False  # decode makes several layers per prompt, not one picture (diffcore.previews)
     default_negative_prompt: Optional[str] = None  # diffusers: no CFG without a negative prompt

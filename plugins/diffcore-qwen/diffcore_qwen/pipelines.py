@@ -119,10 +119,12 @@ class QwenImageLayeredPipeline(ComposedPipelineBase):
     _required_config_modules = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 
     def create_pipeline_stages(self, engine_args) -> None:
+        from .captioning import CaptionStage
         from .layered import LayeredDecodingStage, LayeredInputValidationStage
 
         c, cfg = self.components, self.config
         self.add_stage("input_validation", LayeredInputValidationStage(cfg, c))
+        self.add_stage("captioning", CaptionStage(cfg, c))  # an empty prompt: the picture's caption
         self.add_stage("text_encoding", TextEncodingStage(cfg, c))
         self.add_stage("image_vae_encoding", ImageVAEEncodingStage(cfg, c))
         self.add_stage("timestep_preparation", TimestepPreparationStage(cfg, c["scheduler"]))

@@ -54,7 +54,8 @@ def test_layered_parity(qwen_layered_folder, make_vl_processor, layered, extra):
 
 
 @pytest.mark.parametrize("kwargs,param", [
-    (dict(prompt=" "), "prompt"),
+    (dict(prompt="   "), "prompt"),
+    (dict(prompt=["", "a cat"]), "prompt"),
     (dict(resolution=512), "resolution"),
     (dict(layers=0), "layers"),
     (dict(num_inference_steps=1), "num_inference_steps"),
@@ -140,3 +141,36 @@ def test_layered_requests_batch_with_each_other(layered):
     assert counts["solo"] == [4, 4, 2] and counts["batch"] == 4 + 2  # CFG: two calls a step
     results = layered.generate_batch(reqs)
     assert [r.layers for r in results] == [2, 2, 3] and [len(r.output) for r in results] == [2, 4, 3]
+
+
+@pytest.mark.parametrize("prompt,extra", [("", {}), (" ", {"use_en_prompt": True, "negative_prompt": " ",
+                                                          "true_cfg_scale": 2.0})])
+def test_empty_prompt_captions_the_picture_as_diffusers(qwen_layered_folder, make_vl_processor, layered, prompt, extra,
+                                                        caplog):
+    """An empty prompt: the text encoder captions the picture (Chinese or English instruction) and that caption is
+    the prompt, as in diffusers; the caption is told in a notice."""
+    from diffusers import QwenImageLayeredPipeline
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    proc_dir = str(Path(qwen_layered_folder) / "processor")
+    processor = make_vl_processor(AutoTokenizer.from_pretrained(proc_dir), AutoImageProcessor.from_pretrained(proc_dir))
+    ref = QwenImageLayeredPipeline.from_pretrained(qwen_layered_folder, processor=processor, dtype=torch.float32)
+    captions = []
+    ref_caption = ref.get_image_caption
+    ref.get_image_caption = lambda *a, **k: captions.append(ref_caption(*a, **k)) or captions[-1]
+    steps = []
+
+    def keep(pipe, i, t, tensors):
+        steps.append(tensors["latents"].clone())
+        return tensors
+
+    kw = dict(prompt=prompt, image=_rgba(40, 48, 4), layers=2, resolution=640, num_inference_steps=2, **extra)
+    want = ref(generator=torch.Generator("cpu").manual_seed(2), output_type="np", callback_on_step_end=keep, **kw).images[0]
+    with caplog.at_level("INFO"):
+        result = layered.generate(seed=2, output_type="np", **kw)
+    assert len(captions) == 1 and captions[0]  # diffusers captioned the picture ...
+    assert repr(captions[0][:300]) in caplog.text  # ... and diffcore used the same caption
+    assert_parity(result.latents, steps[-1])
+    assert_parity(result.output, np.asarray(want))
+    described = layered.generate(seed=2, output_type="np", **{**kw, "prompt": captions[0]})
+    np.testing.assert_array_equal(described.output, result.output)  # the caption is exactly the prompt used
