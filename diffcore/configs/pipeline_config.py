@@ -239,6 +239,14 @@ class PipelineConfig:
         ``combine_predictions`` combines them. None by default."""
         return ()
 
+    def merge_branches(self, branches: list, req: "Request") -> Optional[dict]:
+        """The kwargs of several branches (``[uncond, cond]``) as one model call on the latents stacked branch by
+        branch, or None (the default: one call per branch). A config that merges sees that call through its
+        ``model_input`` / ``model_timestep`` / ``model_output`` with twice the rows of ``req``. Used for CFG when
+        every row is guided, no step cache runs and no CFG parallelism splits the branches (LTX-2: diffusers'
+        batched [negative, positive] call, faster on small batches than two calls)."""
+        return None
+
     def combine_predictions(self, preds: dict, rows: list[int], latents: torch.Tensor, t: torch.Tensor,
                             req: "Request", expert: int) -> torch.Tensor:
         """A step's predictions by branch -> the one the scheduler steps with. ``preds["cond"]`` holds every row;

@@ -54,12 +54,26 @@ class DenoisingStage(DenoisingLoopStage):
             return self.predict(req, model, latents, t, condition[name], step, name)
 
         if groups is None or not groups.cfg_parallel or len(names) == 1:
-            return {name: one(name, whole=False) for name in names}
+            preds = self._predict_cfg_pair(req, model, latents, t, step, rows) if "uncond" in names else {}
+            return {**preds, **{name: one(name, whole=False) for name in names if name not in preds}}
         mine = [one(name, whole=True) for name in names[groups.cfg_rank::2]]
         preds = dict(zip(names, groups.gather_branches(mine, len(names))))
         if "uncond" in preds:
             preds["uncond"] = take_rows(preds["uncond"], rows, req.batch_size)
         return preds
+
+    def _predict_cfg_pair(self, req: Request, model, latents, t, step: int, rows: list[int]) -> dict:
+        """The conditional and unconditional predictions as one call of twice the batch (``[uncond, cond]``, as
+        diffusers batches CFG), when the config merges their kwargs (``merge_branches``), every row is guided and
+        no step cache keys calls by branch; else {} (separate calls)."""
+        if len(rows) != req.batch_size or req.step_cache is not None:
+            return {}
+        condition = req.condition
+        merged = self.config.merge_branches([condition["uncond"], condition["cond"]], req)
+        if merged is None:
+            return {}
+        uncond, cond = self.predict(req, model, torch.cat([latents, latents]), t, merged, step, "cond").chunk(2)
+        return {"cond": cond, "uncond": uncond}
 
     def loop(self, req: Request) -> torch.Tensor:
         scheduler, latents = req.scheduler, req.latents

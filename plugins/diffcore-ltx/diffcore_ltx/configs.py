@@ -189,6 +189,13 @@ class LTX2Config(PipelineConfig):
         """The STG and modality-isolation calls, when some row's scale makes them matter (``guidance.condition``)."""
         return tuple(name for name in ("stg", "modality") if name in req.condition)
 
+    def merge_branches(self, branches: list, req):
+        """CFG as one call on [negative, positive] (diffusers' batching): the branches differ only in their text
+        contexts; the rest (layout, RoPE tables, frame rate) is the same object in each."""
+        from .guidance import merge
+
+        return merge(branches)
+
     def combine_predictions(self, preds: dict, rows: list, latents, t, req, expert: int):
         from .guidance import combine
 

@@ -8,12 +8,13 @@ Per stream (video, audio), with x0 = x - sigma * v for each prediction:
     x0 <- r x0 std(x0_cond) / std(x0) + (1 - r) x0   rescale (r > 0)
 
 and back to a velocity. The core's denoising loop makes the calls: "cond", "uncond" for the rows whose config
-wants CFG (g > 1 for video or audio), and the extra branches ``LTX2Config.guidance_branches`` names ("stg" when a
-row's s > 0 on a transformer that can perturb its attention, "modality" when a row's m > 1), each one call of
-``LTX2Denoiser`` with that branch's kwargs from ``condition``; ``combine`` is the config's
-``combine_predictions``. So a step costs 1 to 4 calls (diffusers batches cond and uncond into one call of twice
-the batch: the same work), and CFG parallelism shares them between two ranks. Scales may differ per row of a
-batch (a row whose scale is off gets an exact zero term).
+wants CFG (g > 1 for video or audio) -- the two as one call on [negative, positive] as diffusers does, through
+``merge`` (``LTX2Config.merge_branches``) -- and the extra branches ``LTX2Config.guidance_branches`` names ("stg"
+when a row's s > 0 on a transformer that can perturb its attention, "modality" when a row's m > 1), each one
+call of ``LTX2Denoiser`` with that branch's kwargs from ``condition``; ``combine`` is the config's
+``combine_predictions``. So a step costs 1 to 3 calls, and CFG parallelism shares the branches (4 with every
+term on) between two ranks. Scales may differ per row of a batch (a row whose scale is off gets an exact zero
+term).
 """
 from __future__ import annotations
 
@@ -88,6 +89,15 @@ def condition(config, components: dict, req) -> dict:
     if passes.modality:
         branches["modality"] = dict(cond, isolate_modalities=True)
     return branches
+
+
+_TEXT = ("ctx", "audio_ctx", "ctx_mask")  # what differs between the branches of CFG
+
+
+def merge(branches: list) -> dict:
+    """Branch kwargs as one call on their rows stacked in order (``LTX2Config.merge_branches``)."""
+    first = branches[0]
+    return {k: torch.cat([b[k] for b in branches]) if k in _TEXT else v for k, v in first.items()}
 
 
 def _sigma(scheduler, t: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,8 @@ def test_concurrent_generate_equals_solo(generator):
 
 def test_generate_batch_equals_solo(generator):
     calls = assert_batch_equals_solo(generator, _requests())
-    # per step: cond, uncond, STG, isolation; the batch makes them once for all its rows
-    assert calls["batch"] == calls["solo"][0] == 4 * SMALL["num_inference_steps"]
+    # per step: [negative, positive] in one call, STG, isolation; the batch makes them once for all its rows
+    assert calls["batch"] == calls["solo"][0] == 3 * SMALL["num_inference_steps"]
 
 
 def test_image_to_video_batch_equals_solo(i2v_generator):
