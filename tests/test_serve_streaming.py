@@ -169,3 +169,15 @@ def test_an_edit_streams_image_edit_events():
     assert [e.type for e in events] == ["image_edit.partial_image"] * 2 + ["image_edit.completed"]
     assert events[-1].b64_json == plain.data[0].b64_json
     assert decode_image(base64.b64decode(events[0].b64_json)).shape == (64, 64, 3)
+
+
+def test_the_async_openai_client_streams_too(server):
+    import asyncio
+
+    async def collect():
+        client = openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0)
+        stream = await client.images.generate(model="toy", prompt="a toy", size="32x32", stream=True,
+                                              partial_images=1, extra_body=EXTRA)
+        return [event.type async for event in stream]
+
+    assert asyncio.run(collect()) == ["image_generation.partial_image", "image_generation.completed"]
