@@ -254,10 +254,8 @@ def test_config_hook_reads_follow_the_stage_class_not_its_name(toy_gen):
         ToyPipeline(toy_gen.components, KeyedByName())
 
 
-def test_the_served_model_protocol_names_what_a_server_uses(toy_gen):
-    """DiffGenerator and the torchrun Leader are both ServedModels (the server and the scheduler use nothing
-    else of them); an object lacking part of it is not one."""
-    from diffcore.protocols import ServedModel
+def _quiet_leader(toy_gen):
+    """A torchrun Leader over ``toy_gen`` alone: a channel that sends nowhere (no other rank), no heartbeat."""
     from diffcore.serve.distributed import Leader
 
     class Silent:
@@ -266,13 +264,47 @@ def test_the_served_model_protocol_names_what_a_server_uses(toy_gen):
         def send(self, message):
             pass
 
-    leader = Leader(toy_gen, Silent(), heartbeat_s=3600)
+    return Leader(toy_gen, Silent(), heartbeat_s=3600)
+
+
+def test_the_served_model_protocol_names_what_a_server_uses(toy_gen):
+    """DiffGenerator and the torchrun Leader are both ServedModels (the server and the scheduler use nothing
+    else of them); an object lacking part of it is not one."""
+    from diffcore.protocols import ServedModel
+
+    leader = _quiet_leader(toy_gen)
     try:
         assert isinstance(toy_gen, ServedModel) and isinstance(leader, ServedModel)
         assert toy_gen.broken is None and leader.broken is None
     finally:
         leader.stop()
     assert not isinstance(toy_gen.pipeline, ServedModel)
+
+
+def test_the_torchrun_leader_implements_every_served_model_member_itself(toy_gen):
+    """The Leader declares ServedModel and defines each of its members in its own class (nothing is forwarded by
+    a catch-all __getattr__, nothing falls through to the protocol's empty stubs); its reads are the local
+    model's."""
+    import typing
+
+    from diffcore.protocols import ServedModel
+    from diffcore.serve.distributed import Leader
+
+    members = typing._get_protocol_attrs(ServedModel)
+    assert {"request", "run_requests", "load_lora", "config", "model", "params_class"} <= members
+    assert ServedModel in Leader.__mro__ and "__getattr__" not in vars(Leader)
+    assert sorted(m for m in members if m not in vars(Leader)) == []
+
+    leader = _quiet_leader(toy_gen)
+    try:
+        assert leader.config is toy_gen.config and leader.pipeline is toy_gen.pipeline
+        assert leader.model == toy_gen.model and leader.sampling_params_cls is toy_gen.sampling_params_cls
+        assert leader.loras == toy_gen.loras and leader.params_class({}) is toy_gen.params_class({})
+        assert leader.request({"prompt": "x", "height": 32, "width": 32}).params.prompt == "x"
+        with pytest.raises(AttributeError):
+            leader.components  # not part of what a server may use
+    finally:
+        leader.stop()
 
 
 def test_the_block_cache_protocol_is_a_protocol():

@@ -10,8 +10,8 @@ failed on every rank, and a disagreement fails the request with a clear error in
 wrong result. After a disagreement the ranks' models may differ, so the Leader is ``broken``: it runs
 nothing more, and the server stops (503 meanwhile) and exits 1 for torchrun ``--max-restarts`` to restart.
 
-* ``Leader``: rank 0's generator. Reads (config, sampling params, loaded LoRAs) go to the local model;
-  state-changing calls go to every rank. The server's runner comes from ``Leader.make_runner``, so the
+* ``Leader``: rank 0's generator, an explicit ``diffcore.protocols.ServedModel``. Reads (config, sampling
+  params, loaded LoRAs, making a Request) go to the local model; state-changing calls go to every rank. The server's runner comes from ``Leader.make_runner``, so the
   routes never know the model is spread over processes.
 * ``Leader.run_requests``: what the server's BatchScheduler (``Leader.make_runner``) runs each batch with:
   the validated Requests' parameters go to every rank (``diffcore.engine.intake.portable``), each rank
@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional
 from ..engine import intake
 from ..engine.batching import BatchScheduler
 from ..errors import DiffcoreError, EngineShutdownError
+from ..protocols import ServedModel
 
 log = logging.getLogger("diffcore.serve")
 HEARTBEAT_S = 60.0  # well under gloo's default 30 min operation timeout
@@ -113,16 +114,18 @@ class _Renamed(Exception):
         self.renamed = (str(copy), original)
 
 
-class Leader:
+class Leader(ServedModel):
     """Rank 0's generator: everything reads the local model; computing and state changes run on every rank.
-    A ``diffcore.protocols.ServedModel``, like the DiffGenerator it wraps."""
+    A ``diffcore.protocols.ServedModel`` like the DiffGenerator it wraps, declared: each member is defined here
+    (tests/test_pipeline_protocols.py checks that none is left to the protocol's empty body)."""
 
     stops_at_steps = False  # a batch runs on every rank: stopping one rank's loop would strand the others
+    broken: Optional[str] = None  # why the ranks fell out of step; once set, nothing more is broadcast
 
     def __init__(self, generator, channel: Channel, heartbeat_s: float = HEARTBEAT_S,
                  on_broken: Optional[Callable[[str], None]] = None):
         self.generator, self.channel = generator, channel
-        self.broken: Optional[str] = None  # why the ranks fell out of step; once set, nothing more is broadcast
+        self.broken = None
         self.on_broken = on_broken  # the server's cue to stop (and exit non-zero, so torchrun restarts it)
         self._lock = threading.Lock()  # one call on the channel at a time, in the same order on every rank
         self._stopped = False
@@ -133,8 +136,35 @@ class Leader:
                                            daemon=True)
         self._heartbeat.start()
 
-    def __getattr__(self, name):  # reads: config, sampling_params_cls, loras, pipeline, request, model, ...
-        return getattr(self.generator, name)
+    # -- reads: rank 0's copy of the model (every rank loaded the same) ---------------------------
+    # Spelled out, member by member of diffcore.protocols.ServedModel: a forwarding __getattr__ would
+    # also forward what must not run on rank 0 alone (a new state-changing method of DiffGenerator).
+    @property
+    def model(self) -> str:
+        return self.generator.model
+
+    @property
+    def sampling_params_cls(self) -> type:
+        return self.generator.sampling_params_cls
+
+    @property
+    def config(self):
+        return self.generator.config
+
+    @property
+    def pipeline(self):
+        return self.generator.pipeline
+
+    @property
+    def loras(self) -> dict:
+        return self.generator.loras
+
+    def request(self, kwargs: dict, check_loras: bool = False):
+        """A validated Request, made here (rank 0): bad parameters never reach the other ranks."""
+        return self.generator.request(kwargs, check_loras=check_loras)
+
+    def params_class(self, kwargs: dict) -> type:
+        return self.generator.params_class(kwargs)
 
     # -- what runs on every rank ---------------------------------------------------------------
     def everywhere(self, name: str, payload, local: Callable[[], Any]):
