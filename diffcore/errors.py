@@ -51,6 +51,18 @@ class RegistryError(DiffcoreError, LookupError):
     """A lookup in the registry failed (unknown model, pipeline, module or scheduler)."""
 
 
+class ComponentClassError(RegistryError):
+    """A folder declared as a pipeline whose components it does not have (``model_index.json``'s
+    ``_class_name`` names another family's pipeline): names the component, the class found and those accepted."""
+
+    def __init__(self, pipeline: str, component: str, found: str, accepted: tuple):
+        self.pipeline, self.component, self.found, self.accepted = pipeline, component, found, tuple(accepted)
+        super().__init__(
+            f"{pipeline}: its component {component!r} is a {found}, but this pipeline runs with "
+            f"{' or '.join(accepted)}; model_index.json's _class_name does not match the folder's components "
+            "(a checkpoint of another family?): fix _class_name, or load the folder with its own pipeline")
+
+
 class LoaderError(DiffcoreError):
     """Loading a checkpoint failed."""
 

@@ -13,7 +13,7 @@ from .configs.engine_args import EngineArgs
 from .configs.pipeline_config import PipelineConfig
 from .engine import rows
 from .engine.context import EngineContext
-from .errors import ConfigError, PipelineDataflowError, RegistryError
+from .errors import ComponentClassError, ConfigError, PipelineDataflowError, RegistryError
 from .lora.manager import LoraManager
 from .lora.runtime import lora_scope
 from .parallel import ParallelGroups
@@ -72,9 +72,10 @@ class ComposedPipelineBase:
 
     pipeline_name: ClassVar[str] = ""
     _required_config_modules: ClassVar[tuple[str, ...]] = ()
-    # Diffusers class names a component must have, where the pipeline cannot run with any other (e.g. the
-    # video VAE of a video pipeline): a folder of another family declared as this pipeline is refused before
-    # loading, instead of failing in the middle of a generation.
+    # Diffusers class names a component must have, where the pipeline cannot run with any other (its
+    # transformer, its VAE): a folder of another family declared as this pipeline is refused before loading
+    # (ComponentClassError naming the component), instead of failing in the middle of a generation. Every
+    # pipeline declares at least its transformer and VAE (tests/test_component_classes.py checks them all).
     component_classes: ClassVar[dict[str, tuple[str, ...]]] = {}
     # A composition registered for another pipeline's components (diffcore.tasks): its task, and the
     # default ``strength`` of its requests (diffusers' call default).
@@ -122,10 +123,7 @@ class ComposedPipelineBase:
             found = getattr(found, "class_name", None) or getattr(found, "diffusers_class_name", None) or \
                 (type(found).__name__ if found is not None else None)
             if found is not None and found not in accepted:
-                raise RegistryError(
-                    f"{cls.pipeline_name}: its component {name!r} is a {found}, but this pipeline runs with "
-                    f"{' or '.join(accepted)}; model_index.json's _class_name does not match the folder's components "
-                    "(a checkpoint of another family?): fix _class_name, or load the folder with its own pipeline")
+                raise ComponentClassError(cls.pipeline_name, name, found, accepted)
 
     def new_step_cache(self):
         """One fresh step cache of this pipeline's policy (a request's own), or None without one."""

@@ -8,6 +8,7 @@ from diffcore.stages import (ConditioningStage, DecodingStage, DenoisingStage, I
 
 class ToyPipeline(ComposedPipelineBase):
     pipeline_name = "ToyPipeline"
+    component_classes = {"transformer": ("ToyTransformer2DModel",), "vae": ("AutoencoderKL",)}
     _required_config_modules = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 
     def create_pipeline_stages(self, engine_args) -> None:

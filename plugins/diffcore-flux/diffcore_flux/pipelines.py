@@ -13,6 +13,7 @@ class FluxPipeline(ComposedPipelineBase):
     """Text-to-image: CLIP + T5 prompt, packed latents, flow-matching Euler, AutoencoderKL decode."""
 
     pipeline_name = "FluxPipeline"
+    component_classes = {"transformer": ("FluxTransformer2DModel",), "vae": ("AutoencoderKL",)}
     _required_config_modules = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer", "vae",
                                 "scheduler")
     encodes_image = False
@@ -41,6 +42,7 @@ class Flux2Pipeline(ComposedPipelineBase):
     """FLUX.2 [dev]: text-to-image, or editing with 1-10 reference images (``image=[...]``) appended as tokens."""
 
     pipeline_name = "Flux2Pipeline"
+    component_classes = {"transformer": ("Flux2Transformer2DModel",), "vae": ("AutoencoderKLFlux2",)}
     _required_config_modules = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 
     def create_pipeline_stages(self, engine_args) -> None:
@@ -81,6 +83,7 @@ class FluxFillPipeline(ComposedPipelineBase):
     """FLUX.1-Fill-dev: inpainting with the masked picture and the mask as extra transformer inputs (diffcore_flux.fill)."""
 
     pipeline_name = "FluxFillPipeline"
+    component_classes = FluxPipeline.component_classes
     _required_config_modules = FluxPipeline._required_config_modules
 
     def create_pipeline_stages(self, engine_args) -> None:

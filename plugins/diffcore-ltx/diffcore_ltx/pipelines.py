@@ -20,6 +20,8 @@ class LTX2Pipeline(ComposedPipelineBase):
     """Text-to-video with a synchronized stereo sound track."""
 
     pipeline_name = "LTX2Pipeline"
+    component_classes = {"transformer": ("LTX2VideoTransformer3DModel",), "vae": ("AutoencoderKLLTX2Video",),
+                         "audio_vae": ("AutoencoderKLLTX2Audio",)}
     _required_config_modules = ("text_encoder", "tokenizer", "connectors", "transformer", "vae", "audio_vae",
                                 "vocoder", "scheduler")
 

@@ -19,6 +19,7 @@ class QwenImagePipeline(ComposedPipelineBase):
     """Text-to-image: Qwen2.5-VL prompt embeddings -> MMDiT with true CFG -> 3D VAE (frame 0)."""
 
     pipeline_name = "QwenImagePipeline"
+    component_classes = {"transformer": ("QwenImageTransformer2DModel",), "vae": ("AutoencoderKLQwenImage",)}
     _required_config_modules = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
     edit = False
 
@@ -76,7 +77,8 @@ class EditInpaintSizeStage(PipelineStage):
         h, w = self.config.vae_size(req.images[0])
         m = self.config.size_multiple
         if (req.params.height, req.params.width) not in ((None, None), (h // m * m, w // m * m)):
-            notice(log, "height/width are ignored: edit-inpainting works at the input image's size, %dx%d", w // m * m, h // m * m)
+            notice(log, "height/width are ignored: edit-inpainting works at the input image's size, %dx%d", w // m * m, h // m * m,
+                   ignored="height")
         req.height, req.width = h // m * m, w // m * m
         return req
 
@@ -116,6 +118,7 @@ class QwenImageLayeredPipeline(ComposedPipelineBase):
     """Qwen-Image-Layered: one RGBA picture in, ``layers`` RGBA layers out (diffcore_qwen.layered)."""
 
     pipeline_name = "QwenImageLayeredPipeline"
+    component_classes = QwenImagePipeline.component_classes
     _required_config_modules = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 
     def create_pipeline_stages(self, engine_args) -> None:

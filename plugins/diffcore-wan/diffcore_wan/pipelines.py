@@ -33,12 +33,15 @@ def _denoiser(pipe, engine_args) -> DenoisingStage:
     return DenoisingStage(pipe.config, [c.get("transformer"), c.get("transformer_2")], engine_args)
 
 
+WAN_TRANSFORMERS = ("WanTransformer3DModel", "CausalWanTransformer3DModel")
+
+
 class WanPipeline(ComposedPipelineBase):
     """Wan 2.1 T2V, Wan 2.2 T2V-A14B (two experts) and Wan 2.2 TI2V-5B (optional first-frame image)."""
 
     pipeline_name = "WanPipeline"
     _required_config_modules = ("tokenizer", "text_encoder", "transformer", "transformer_2", "vae", "scheduler")
-    component_classes = {"vae": ("AutoencoderKLWan",)}  # a FLUX folder declared as WanPipeline: refused
+    component_classes = {"vae": ("AutoencoderKLWan",), "transformer": WAN_TRANSFORMERS, "transformer_2": WAN_TRANSFORMERS}
 
     def create_pipeline_stages(self, engine_args) -> None:
         c, cfg = self.components, self.config
@@ -59,6 +62,7 @@ class WanImageToVideoPipeline(ComposedPipelineBase):
     """Wan 2.1 I2V (CLIP image tokens + first-frame latents) and Wan 2.2 I2V-A14B (two experts, no CLIP)."""
 
     pipeline_name = "WanImageToVideoPipeline"
+    component_classes = WanPipeline.component_classes
     _required_config_modules = ("tokenizer", "text_encoder", "image_encoder", "image_processor", "transformer",
                                 "transformer_2", "vae", "scheduler")
 
@@ -87,6 +91,7 @@ class WanDMDPipeline(ComposedPipelineBase):
     stages with DmdDenoisingStage in place of the scheduler loop; the config's ``dmd`` recipe rules."""
 
     pipeline_name = "WanDMDPipeline"
+    component_classes = WanPipeline.component_classes
     _required_config_modules = ("tokenizer", "text_encoder", "image_encoder", "image_processor", "transformer",
                                 "transformer_2", "vae")
 
@@ -112,6 +117,7 @@ class WanCausalDMDPipeline(ComposedPipelineBase):
     earlier ones, each decoded as soon as it is done (``block_callback``), so video can stream."""
 
     pipeline_name = "WanCausalDMDPipeline"
+    component_classes = WanPipeline.component_classes
     _required_config_modules = ("tokenizer", "text_encoder", "transformer", "vae")
 
     def create_pipeline_stages(self, engine_args) -> None:

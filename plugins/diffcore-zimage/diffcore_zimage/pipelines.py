@@ -17,6 +17,7 @@ class ZImagePipeline(ComposedPipelineBase):
     """Text-to-image: Qwen3 prompt features -> single-stream DiT (CFG policy per step) -> AutoencoderKL."""
 
     pipeline_name = "ZImagePipeline"
+    component_classes = {"transformer": ("ZImageTransformer2DModel",), "vae": ("AutoencoderKL",)}
     _required_config_modules = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 
     def create_pipeline_stages(self, engine_args) -> None:
