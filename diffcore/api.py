@@ -11,6 +11,7 @@ from .errors import SamplingParamError
 from .loader import pretrained as steps
 from .outputs import GenerationResult
 from .plugins import PluginManager, get_plugin_manager
+from . import ignored
 from .notices import notice
 from .engine import intake
 from .request import Request
@@ -263,7 +264,7 @@ class DiffGenerator:
                                 is_video=self.config.is_video, fps=fps, output_type=params.output_type,
                                 cache_stats=dict(stats) if stats is not None else None, audios=audio,
                                 audio_sample_rate=req.audio_sample_rate if audio is not None else None,
-                                layers=layers)
+                                layers=layers, ignored_parameters=tuple(sorted(ignored.unread(req))))
 
 
 def _layers(req: Request, is_video: bool) -> Optional[int]:

@@ -5,11 +5,18 @@ Why: per-family lists of what each model ignores drift (guidance_scale on a mode
 embedding, max_sequence_length on a model without a text limit were silently dropped). Reading is the
 truth: SamplingParams records the fields read while a request runs (``tracking``), and what the caller
 gave but nothing read is said once, by the run (a server's check on arrival stays quiet).
+
+A server refuses such parameters instead (diffcore.serve.unread): what a request was given and its run did
+not read is ``unread(req)`` (``GenerationResult.ignored_parameters``), and ``learn`` / ``predicted`` remember,
+per composition and CFG on/off, the parameters a finished run left unread, so the next request that sets one
+is refused on arrival, before it costs any compute.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import weakref
 from contextvars import ContextVar
 from typing import Iterable, Iterator, Optional
 
@@ -18,8 +25,9 @@ from .notices import notice
 log = logging.getLogger("diffcore")
 
 _READS: ContextVar[Optional[set]] = ContextVar("diffcore_param_reads", default=None)
-# Read by the engine itself around the model's stages (the request's generator, the result's format).
-ENGINE_FIELDS = frozenset({"prompt", "seed", "output_type", "loras"})
+# Read by the engine itself around the model's stages (the request's generator, the result's format, a video's
+# frame rate: an image model's input validation says fps is ignored).
+ENGINE_FIELDS = frozenset({"prompt", "seed", "output_type", "loras", "fps"})
 
 
 def record(name: str) -> None:
@@ -55,3 +63,31 @@ def tracking(params: Iterable) -> Iterator[None]:
             yield
     finally:
         say_unread(params, reads)
+
+
+def unread(req) -> set:
+    """The parameters ``req``'s caller gave that nothing read while it was validated and run."""
+    return set(getattr(req.params, "_given", ())) - req.params_read - ENGINE_FIELDS
+
+
+# composition (a pipeline) -> {do_cfg: (fields some finished run read, fields a finished run left unread)}
+_LEDGERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
+
+
+def learn(pipeline, req) -> None:
+    """After ``req`` ran to its end on ``pipeline`` (its composition): remember what it read and left unread.
+    A parameter any run read is never predicted unread (reads may depend on values; a read wins)."""
+    with _LOCK:
+        read, left = _LEDGERS.setdefault(pipeline, {}).setdefault(bool(req.do_cfg), (set(), set()))
+        read.update(req.params_read)
+        left.update(unread(req))
+        left.difference_update(read)
+
+
+def predicted(pipeline, req) -> set:
+    """The parameters ``req`` (validated, not run) was given that an earlier finished run of the same
+    composition, CFG on or off alike, left unread and no run read."""
+    with _LOCK:
+        read, left = _LEDGERS.get(pipeline, {}).get(bool(req.do_cfg), (set(), set()))
+        return (unread(req) & left) - read

@@ -16,13 +16,14 @@ from typing import Iterator, Optional
 _KEPT: ContextVar[Optional[list]] = ContextVar("diffcore_request_notices", default=None)
 
 
-def notice(logger: logging.Logger, message: str, *args) -> None:
-    """``logger.warning(message, *args)``, now or (inside ``kept``) when the request runs."""
+def notice(logger: logging.Logger, message: str, *args, ignored: Optional[str] = None) -> None:
+    """``logger.warning(message, *args)``, now or (inside ``kept``) when the request runs. ``ignored``: the
+    parameter this notice says is ignored (a server refuses such a request: ``ignored_params``)."""
     kept_for = _KEPT.get()
     if kept_for is None:
         logger.warning(message, *args)
     else:
-        kept_for.append((logger, message, args))
+        kept_for.append((logger, message, args, ignored))
 
 
 @contextlib.contextmanager
@@ -38,5 +39,10 @@ def kept(into: list) -> Iterator[None]:
 def say(pending: list) -> None:
     """Log the kept notices (once: the list is emptied)."""
     while pending:
-        logger, message, args = pending.pop(0)
+        logger, message, args, _ = pending.pop(0)
         logger.warning(message, *args)
+
+
+def ignored_params(pending: list) -> dict[str, str]:
+    """``{parameter: the notice's text}`` for the kept notices that say a parameter is ignored."""
+    return {name: message % args for _, message, args, name in pending if name is not None}

@@ -79,6 +79,8 @@ class GenerationResult:
     item, float32 (B, channels, samples) in [-1, 1] at ``audio_sample_rate`` Hz (None for silent models);
     ``audio``: the first item's, (channels, samples). ``layers``: for a model that makes several pictures per
     prompt (Qwen-Image-Layered: RGBA layers, ``output`` (prompts * layers, H, W, 4)), how many per prompt.
+    ``ignored_parameters``: the parameters the caller set that the model never read (each was warned about:
+    diffcore.ignored; a server refuses them).
     """
 
     output: Optional[np.ndarray]
@@ -91,6 +93,7 @@ class GenerationResult:
     audios: Optional[np.ndarray] = None
     audio_sample_rate: Optional[int] = None
     layers: Optional[int] = None
+    ignored_parameters: tuple = ()  # what the caller set and the model never read (warned; a server refuses it)
     _pil: Optional[list] = None
 
     @property

@@ -94,7 +94,9 @@ def run_batch(pipeline, requests: list[Request], starting=None) -> list:
                 errors[i] = exc
             continue
         for part in parts:  # the ignored-parameter rule, as for a request run alone
-            ignored.say_unread([part.params], part.params_read | shared_reads)
+            part.params_read |= shared_reads
+            ignored.say_unread([part.params], part.params_read)
+            ignored.learn(pipeline, part)
     return [errors[i] if i in errors else live[i] for i in range(len(requests))]
 
 
@@ -121,6 +123,7 @@ def _alone(pipeline, req: Request):
         ignored.say_unread([req.params], req.params_read)
         return exc
     ignored.say_unread([req.params], req.params_read)
+    ignored.learn(pipeline, req)
     return out
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import attrs
 
 from .errors import APIError, bad_param, from_exception
+from . import unread
 from .files import FileStore
 from .store import StateStore
 
@@ -143,6 +144,11 @@ class VideoJobs:
             error = from_exception(exc)
             if error.status >= 500:
                 log.error("video job %s failed", job.id, exc_info=exc)
+            self._fail(job, error)
+            return
+        try:
+            unread.check_result(future.result(), [])
+        except APIError as error:  # it set a field nothing read (serve.unread)
             self._fail(job, error)
             return
         self._encoder.submit(self._write, job, future.result())

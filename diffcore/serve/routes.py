@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import QueueFullError, SamplingParamError
-from . import schemas
+from . import schemas, unread
 from .errors import APIError, bad_param, from_exception
 from .peers import warning_headers
 
@@ -70,13 +70,15 @@ async def read_body(request: Request) -> tuple[dict, dict[str, list], bool]:
     return body, {}, False
 
 
-def prevalidate(state, kwargs: dict, image_field: str = "image"):
+def prevalidate(state, kwargs: dict, image_field: str = "image", warnings: Optional[list] = None):
     """The request made and checked on arrival, once (``generate()``'s own refusals, no compute: parameters,
-    the checkpoint's input validation, loaded adapters): a bad request costs no queue slot and never becomes a
-    failed job, and the validated Request is what is queued. The error names the request's field: ``size``
-    for height / width, ``image_field`` for the input images."""
+    the checkpoint's input validation, loaded adapters, fields the model will not read: serve.unread): a bad
+    request costs no queue slot and never becomes a failed job, and the validated Request is what is queued.
+    The error names the request's field: ``size`` for height / width, ``image_field`` for the input images."""
     try:
-        return state.generator.request(kwargs, check_loras=True)
+        req = state.generator.request(kwargs, check_loras=True)
+        unread.check_arrival(state.generator, req, [] if warnings is None else warnings)
+        return req
     except Exception as exc:
         error = from_exception(exc)
         if error.param in ("height", "width"):
@@ -109,8 +111,9 @@ def cancel_all(state, futures: list, reason: str) -> None:
             state.metrics.cancelled.labels(reason).inc()
 
 
-async def wait_all(request: Request, state, futures: list) -> list:
-    """Wait for the engine; a client that disconnects or a request past --request-timeout is dropped."""
+async def wait_all(request: Request, state, futures: list, warnings: Optional[list] = None) -> list:
+    """Wait for the engine; a client that disconnects or a request past --request-timeout is dropped. A result
+    whose request set a field nothing read is a 400 (serve.unread)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.settings.request_timeout
     pending = {asyncio.wrap_future(f) for f in futures}
@@ -137,6 +140,7 @@ async def wait_all(request: Request, state, futures: list) -> list:
                 log.error("generation failed (request id %s)", request.scope.get("state", {}).get("request_id"),
                           exc_info=exc)
             raise error
+        unread.check_result(f.result(), [] if warnings is None else warnings)
         results.append(f.result())
     return results
 
@@ -151,12 +155,12 @@ async def render_images(request: Request, state, job: schemas.ImageJob) -> tuple
     for a layered model (one entry per layer), else empty. Raises ClientGone when the client left."""
     if state.generator.config.is_video:
         raise bad_param("model", f"model {state.model_name!r} generates videos; use POST /v1/videos")
-    reqs = [prevalidate(state, kwargs) for kwargs in job.kwargs]
+    reqs = [prevalidate(state, kwargs, warnings=job.warnings) for kwargs in job.kwargs]
     try:
         futures = submit_all(state, reqs)
     except QueueFullError as exc:
         raise from_exception(exc) from None
-    results = await wait_all(request, state, futures)
+    results = await wait_all(request, state, futures, job.warnings)
 
     def encode():
         out = [item for i, r in enumerate(results) for item in encode_result(job, i, r)]

@@ -73,7 +73,7 @@ async def video_request(request: Request, state) -> tuple:
         image = (await run_in_threadpool(upload_images, state, raw, "input_reference"))[0]
     fps = gen.config.default_fps
     spec = schemas.video_spec(body, state.model_names, gen.sampling_params_cls, fps, form=form, image=image)
-    return spec, prevalidate(state, spec.kwargs, image_field="input_reference")
+    return spec, prevalidate(state, spec.kwargs, image_field="input_reference", warnings=spec.warnings)
 
 
 @router.post("/v1/videos")
@@ -98,7 +98,7 @@ async def create_video_sync(request: Request):
     except QueueFullError as exc:
         raise from_exception(exc) from None
     try:
-        result, = await wait_all(request, state, futures)
+        result, = await wait_all(request, state, futures, spec.warnings)
     except ClientGone:
         return Response(status_code=499)
 

@@ -100,12 +100,14 @@ def _warn_ignored(cfg, p, do_cfg: bool) -> None:
     if not cfg.is_video:
         for name in ("num_frames", "fps"):
             if getattr(p, name) is not None:
-                notice(log, "%s=%s is ignored: this model makes images, not videos", name, getattr(p, name))
+                notice(log, "%s=%s is ignored: this model makes images, not videos", name, getattr(p, name),
+                       ignored=name)
     if p.negative_prompt is not None and not do_cfg:
         why = {"cfg": "guidance_scale <= 1", "true_cfg": "true_cfg_scale <= 1"}.get(cfg.cfg, "this model does not use it")
-        notice(log, "negative_prompt is ignored: classifier-free guidance is off (%s)", why)
+        notice(log, "negative_prompt is ignored: classifier-free guidance is off (%s)", why, ignored="negative_prompt")
     if cfg.cfg == "true_cfg" and p.true_cfg_scale > 1 and not do_cfg:
-        notice(log, "true_cfg_scale=%s is ignored: true CFG needs a negative_prompt", p.true_cfg_scale)
+        notice(log, "true_cfg_scale=%s is ignored: true CFG needs a negative_prompt", p.true_cfg_scale,
+               ignored="true_cfg_scale")
 
 
 class InputValidationStage(PipelineStage):

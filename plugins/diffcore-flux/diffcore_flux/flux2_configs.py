@@ -267,7 +267,7 @@ class Flux2KleinConfig(Flux2DevConfig):
     def check_guidance(self, params) -> None:
         if self.is_distilled and params.guidance_scale > 1.0:
             notice(log, "guidance_scale=%s is ignored: this FLUX.2 [klein] checkpoint is step-distilled (no CFG)",
-                   params.guidance_scale)
+                   params.guidance_scale, ignored="guidance_scale")
 
     def text_inputs(self, components, prompts, req) -> dict:
         return qwen3_inputs(components["tokenizer"], prompts, req.params.max_sequence_length)

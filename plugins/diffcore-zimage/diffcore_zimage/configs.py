@@ -157,7 +157,7 @@ class ZImageTurboConfig(ZImageConfig):
     def wants_cfg(self, params) -> bool:
         if params.guidance_scale > 0:
             notice(log, "guidance_scale=%s is ignored: Z-Image-Turbo is guidance-distilled (8 steps, no CFG)",
-                   params.guidance_scale)
+                   params.guidance_scale, ignored="guidance_scale")
         return False
 
 
