@@ -120,8 +120,9 @@ class ComposedPipelineBase:
             )
         for name, accepted in cls.component_classes.items():
             found = components.get(name)
+            # a model_index entry, or a loaded module (a conformance check's placeholder has no class to compare)
             found = getattr(found, "class_name", None) or getattr(found, "diffusers_class_name", None) or \
-                (type(found).__name__ if found is not None else None)
+                (type(found).__name__ if isinstance(found, torch.nn.Module) else None)
             if found is not None and found not in accepted:
                 raise ComponentClassError(cls.pipeline_name, name, found, accepted)
 
