@@ -60,3 +60,18 @@ def test_a_text_encoder_config_with_absurd_depth_is_refused(toy_copy, toy_manage
     _edit(toy_copy, "text_encoder", num_hidden_layers=10**8)
     with pytest.raises(ConfigFileError, match="num_hidden_layers"):
         _load(toy_copy, toy_manager)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("n_layers", 10**9), ("n_refiner_layers", 10**9),  # Z-Image's transformer
+    ("video_connector_num_layers", 10**9),  # LTX-2's text connectors
+    ("layers_per_block", [4, 6, 10**9, 2]),  # LTX-2's video VAE: one count per stage
+    ("num_single_layers", 10**9),  # FLUX.2's transformer
+])
+def test_every_familys_spelling_of_a_depth_is_refused_from_the_config(toy_copy, toy_manager, key, value):
+    """The new families name their depths otherwise than num_layers (issue 30, rechecked for FLUX.2, Z-Image,
+    LTX-2): each spelling, in a component's config.json, is refused before anything is built."""
+    _edit(toy_copy, "transformer", **{key: value})
+    with pytest.raises(ConfigFileError, match=f"{key}=1,000,000,000") as e:
+        _load(toy_copy, toy_manager)
+    assert e.value.field == key

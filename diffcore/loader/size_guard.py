@@ -2,7 +2,7 @@
 
 Why: a ``config.json`` is data. ``"num_layers": 10**9`` made the loader build blocks on the meta device
 for hours; ``"hidden_size": 10**7`` asks for a 10**14-parameter layer. Two cheap guards, both naming the
-file: a depth count (any ``num_*layers`` / ``*_blocks`` / ``depth`` entry) above ``MAX_DEPTH`` is refused
+file: a depth count (any ``*layers`` / ``*blocks`` / ``depth`` entry, or one of its per-stage list) above ``MAX_DEPTH`` is refused
 from the config alone (no real model has more than a few hundred); and the parameters created while the
 module is built on the meta device are counted, the build stopping with the count as soon as it passes
 the budget: ``DIFFCORE_MAX_PARAMS`` (default 10**11 per component; the largest real components hold about
@@ -22,7 +22,9 @@ from ..errors import ConfigError, ConfigFileError
 
 MAX_DEPTH = 10_000
 DEFAULT_MAX_PARAMS = 10**11
-_DEPTH = re.compile(r"(num_\w*layers|\w*_blocks|num_blocks|depth|layers_per_block|num_hidden_layers)$")
+# Any key naming a count of layers or blocks, whatever the family's spelling (num_layers, n_layers,
+# n_refiner_layers, video_connector_num_layers, num_blocks, depth, layers_per_block: an int or a list per stage).
+_DEPTH = re.compile(r"(layers|blocks|depth|layers_per_block)$")
 
 
 def max_params() -> int:
@@ -41,7 +43,11 @@ def max_params() -> int:
 
 def check_depths(config: dict, file) -> None:
     for key, value in config.items():
-        if isinstance(value, int) and not isinstance(value, bool) and _DEPTH.match(str(key)) and value > MAX_DEPTH:
+        if not _DEPTH.search(str(key)):
+            continue
+        if isinstance(value, (list, tuple)):  # per stage (LTX-2's VAE: layers_per_block [4, 6, 6, 2, 2])
+            value = max((v for v in value if isinstance(v, int) and not isinstance(v, bool)), default=0)
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_DEPTH:
             raise ConfigFileError(f"{file}: {key}={value:,} is not a real model's depth (at most {MAX_DEPTH:,} here); "
                                   "the file is corrupt or crafted, re-download it", file=file, field=key)
 
