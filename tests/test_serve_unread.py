@@ -4,6 +4,7 @@ allow-list of harmless peer fields is a warning instead; Python keeps warning; a
 server gives the identical picture."""
 from __future__ import annotations
 
+import json
 import logging
 import weakref
 
@@ -110,3 +111,14 @@ def test_python_keeps_warning_and_the_result_names_the_field(toy_gen, caplog):
     assert any("true_cfg_scale is ignored" in r.getMessage() for r in caplog.records)
     assert toy_gen.generate(prompt="a red circle", height=32, width=32, num_inference_steps=2,
                             guidance_scale=3.0, output_type="np").ignored_parameters == ()
+
+
+def test_a_streamed_request_gets_the_same_refusals(server, fresh_ledger):
+    """stream=true answers server-sent events: the refusal on arrival is the 400 itself, the one after the run
+    is the stream's error event."""
+    r = _post(server, stream=True, true_cfg_scale=4.0)
+    events = [json.loads(line[len("data:"):]) for line in r.text.splitlines() if line.startswith("data:")]
+    assert r.status_code == 200 and events[-1]["type"] == "error", r.text[:500]
+    assert events[-1]["error"]["code"] == "unused_parameter" and events[-1]["error"]["param"] == "true_cfg_scale"
+    _refused(_post(server, stream=True, true_cfg_scale=4.0), "true_cfg_scale")
+    _refused(_post(server, stream=True, num_frames=9), "num_frames")

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import QueueFullError
 from ..outputs import to_pil
-from . import schemas
+from . import schemas, unread
 from .errors import APIError, bad_param, from_exception
 from .peers import warning_headers
 
@@ -58,7 +58,7 @@ async def stream_images(request: Request, state, job: schemas.ImageJob, kind: st
 
     reqs = []
     for i, kwargs in enumerate(job.kwargs):
-        req = prevalidate(state, kwargs)
+        req = prevalidate(state, kwargs, warnings=job.warnings)
         if job.partial_images:
             state.generator.attach_previews(req, lambda p, i=i: post(("partial", i, p)), job.partial_images)
         reqs.append(req)
@@ -116,6 +116,12 @@ async def stream_images(request: Request, state, job: schemas.ImageJob, kind: st
                     error = from_exception(item.exception())
                     if error.status >= 500:
                         log.error("generation failed (streamed)", exc_info=item.exception())
+                    stop("failed")
+                    yield sse({"type": "error", **error.body()})
+                    return
+                try:
+                    unread.check_result(item.result(), [])  # it set a field nothing read: a 400 (serve.unread)
+                except APIError as error:
                     stop("failed")
                     yield sse({"type": "error", **error.body()})
                     return

@@ -151,3 +151,24 @@ def test_a_two_expert_model_takes_guidance_scale_2_and_a_single_expert_one_refus
     with pytest.raises(openai.BadRequestError) as info:  # a name no Wan model has
         client.videos.create(prompt="x", size="32x32", extra_body={**EXTRA, "guidance_scale_3": 1.0})
     assert info.value.body["param"] == "guidance_scale_3"
+
+
+def test_a_field_the_video_model_does_not_read_fails_its_job_then_is_a_400(server, monkeypatch):
+    """Wan guides with guidance_scale, never true_cfg_scale: a job that sets it is judged when it ran (it cannot be
+    known before), and fails with the 400's error naming it; the next request that sets it is a 400 on arrival
+    (diffcore.serve.unread)."""
+    import weakref
+
+    from diffcore import ignored
+
+    monkeypatch.setattr(ignored, "_LEDGERS", weakref.WeakKeyDictionary())  # no earlier run's knowledge
+    base, _, _ = server
+    body = {"prompt": "a cat surfing", "size": "32x32", "num_frames": 5, "true_cfg_scale": 4.0, **EXTRA}
+    job = httpx.post(base + "/v1/videos", json=body, timeout=60).json()
+    deadline = time.monotonic() + 120
+    while job["status"] in ("queued", "in_progress") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        job = httpx.get(f"{base}/v1/videos/{job['id']}", timeout=10).json()
+    assert job["status"] == "failed" and job["error"]["code"] == "unused_parameter", job
+    again = httpx.post(base + "/v1/videos", json=body, timeout=60)
+    assert again.status_code == 400 and again.json()["error"]["param"] == "true_cfg_scale", again.text
