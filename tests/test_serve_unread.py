@@ -122,3 +122,17 @@ def test_a_streamed_request_gets_the_same_refusals(server, fresh_ledger):
     assert events[-1]["error"]["code"] == "unused_parameter" and events[-1]["error"]["param"] == "true_cfg_scale"
     _refused(_post(server, stream=True, true_cfg_scale=4.0), "true_cfg_scale")
     _refused(_post(server, stream=True, num_frames=9), "num_frames")
+
+
+def test_a_notice_about_a_default_value_refuses_nothing(server, monkeypatch):
+    """A notice names a parameter the client did not set (a model's default true_cfg_scale without a negative
+    prompt, as Qwen-Image-Layered's): nothing to leave out, so the request is served."""
+    from diffcore.stages import input_validation
+
+    def default_notice(cfg, p, do_cfg):
+        input_validation.notice(input_validation.log, "true_cfg_scale=%s is ignored: true CFG needs a negative_prompt",
+                                4.0, ignored="true_cfg_scale")
+
+    monkeypatch.setattr(input_validation, "_warn_ignored", default_notice)
+    _picture(_post(server))
+    _refused(_post(server, true_cfg_scale=4.0), "true_cfg_scale")

@@ -49,8 +49,9 @@ def _allowed(name: str, why: str, warnings: list) -> bool:
 
 def check_arrival(generator, req, warnings: list) -> None:
     """Refuse (APIError 400) a validated, not yet run ``req`` that sets a field its model will not read."""
+    given = set(getattr(req.params, "_given", ()))  # a notice about a default value is not the client's doing
     for name, text in sorted(notices.ignored_params(req.notices).items()):
-        if not _allowed(name, text, warnings):
+        if name in given and not _allowed(name, text, warnings):
             raise _refuse(name, text)
     for name in sorted(ignored.predicted(generator.pipeline.for_request(req), req)):
         if not _allowed(name, "nothing reads it", warnings):
