@@ -205,5 +205,6 @@ class StepBatch:
         except Exception as exc:
             return exc
         ignored.say_unread([req.params], req.params_read)
+        ignored.learn(self.pipeline.for_request(req), req)  # what it left unread, for a server's next arrivals
         return req
 
