@@ -4,7 +4,8 @@ Real gloo process groups: each configuration is one ``torchrun`` launch of
 ``diffcore.testing.parallel`` running every case (FLUX dev and Kontext, Qwen-Image T2I and Edit,
 Wan 2.1 T2V and I2V (CLIP image context), Wan 2.2 A14B with two experts, Wan 2.2 TI2V-5B with an image,
 Qwen-Image-Edit-2509 (Edit Plus) with two input images of different sizes, FLUX.2 [klein] base with CFG and
-two references, Z-Image with CFG truncation, FLUX inpainting and Qwen-Image image-to-image, FBCache, and LTX-2.0 /
+two references, Z-Image with CFG truncation, FLUX.1 and FLUX.2 [klein] inpainting and Qwen-Image image-to-image,
+FBCache, and LTX-2.0 /
 2.3 with their extra guidance branches under CFG parallelism, frames and sound), on tiny
 perturbed checkpoints built by the plugins' builders. Each rank's output must equal
 rank 0's bit for bit and the one-process output (this pytest process, same code without parallel
@@ -106,6 +107,9 @@ def cases(tmp_path_factory):
     out.append({"name": "flux_dev_inpaint", "model": folders["flux_dev"], "engine": {},
                 "generate": dict(specs[0][2], num_inference_steps=3, strength=0.8), "image": [48, 48, 5],
                 "mask": [48, 48]})
+    out.append({"name": "flux2_klein_inpaint", "model": folders["flux2_klein_base"], "engine": {},  # picture = reference
+                "generate": dict(prompt="a red ball", num_inference_steps=3, guidance_scale=3.0, max_sequence_length=16,
+                                 strength=0.8, seed=3), "image": [64, 64, 7], "mask": [64, 64]})
     out.append({"name": "qwen_t2i_img2img", "model": folders["qwen_t2i"], "engine": {},
                 "generate": dict(specs[2][2], num_inference_steps=3, strength=0.7), "image": [40, 96, 6]})
     # the step cache takes the same skip decision on every rank (and as in one process)
