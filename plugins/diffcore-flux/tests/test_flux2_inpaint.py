@@ -86,3 +86,30 @@ def test_bad_input_is_a_typed_error(gens, kwargs, match):
     kw["mask"] = box_mask(64, 48) if "image" in kwargs else box_mask(64, 64)
     with pytest.raises(SamplingParamError, match=match):
         gens["klein"].generate(**kw)
+
+
+def test_lora_per_request_on_klein_inpaint(flux2_folders, tmp_path):
+    """A PEFT adapter chosen per request on a klein inpaint equals diffusers' Flux2KleinInpaintPipeline with it set;
+    a row with it and a row without share a batch, each equal to its solo run."""
+    from diffusers import Flux2KleinInpaintPipeline, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    from diffcore.testing.lora import diffusers_with_loras, save_peft_lora
+    from diffcore.testing.weights import psnr
+
+    folder = flux2_folders["klein"]
+    path = save_peft_lora(Flux2KleinPipeline, Flux2Transformer2DModel, folder, tmp_path / "a",
+                          ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "to_add_out", "to_qkv_mlp_proj", "linear_in",
+                           "linear_out", "x_embedder", "context_embedder"], rank=4, alpha=16, seed=2)
+    gen = DiffGenerator.from_pretrained(folder, dtype="float32", progress=False)
+    gen.load_lora(path.parent, name="a")
+    picture, mask = random_picture(64, 64, seed=8), box_mask(64, 64)
+    kw = dict(prompt="a red ball", strength=0.9, num_inference_steps=3, max_sequence_length=32)
+    pipe = diffusers_with_loras(Flux2KleinInpaintPipeline.from_pretrained(folder, torch_dtype=torch.float32),
+                                {"a": (path, 0.7)})
+    want = pipe(image=picture, mask_image=mask, generator=torch.Generator("cpu").manual_seed(6), output_type="np",
+                **kw).images
+    with_lora = dict(image=picture, mask=mask, seed=6, output_type="np", loras={"a": 0.7}, **kw)
+    got = gen.generate(**with_lora).output
+    assert psnr(gen.generate(**{**with_lora, "loras": None}).output, want) < 40  # the adapter matters here
+    assert_parity(got, want)
+    assert_batch_equals_solo(gen, [with_lora, {**with_lora, "loras": None, "seed": 7}])
