@@ -162,3 +162,51 @@ def test_engine_args_bad_dtype(value, toy_folder, toy_manager):
 def test_engine_args_dtype_names():
     assert parse_dtype("BF16") is torch.bfloat16 and parse_dtype("float32") is torch.float32
     assert parse_dtype(None) is None and EngineArgs(dtype="fp16").dtype is torch.float16
+
+
+def test_every_installed_models_scales_get_the_guidance_range():
+    """Issue 30 rechecked on the new families: every ``*_scale`` parameter of every installed model (LTX-2's
+    stg_scale / modality_scale / audio_guidance_scale, Wan 2.2 T2V's guidance_scale_2, whose subclass default
+    had dropped its validator) refuses 1e308 before anything runs, as guidance_scale does."""
+    import re
+
+    import attrs
+
+    from diffcore.plugins import PluginManager
+    from diffcore.records import resolve_ref
+
+    registry = PluginManager().registry
+    checked = set()
+    for name in registry.names("configs"):
+        cls = resolve_ref(registry.origin("configs", name).record.sampling_params)
+        try:
+            cls(prompt="x")
+        except SamplingParamError:  # a composition that needs a mask or an image: its model's class is checked
+            continue
+        for field in attrs.fields(cls):
+            if re.search(r"(^|_)scale(_\d+)?$", field.name) and (cls, field.name) not in checked:
+                checked.add((cls, field.name))
+                with pytest.raises(SamplingParamError, match=f"'{field.name}': must be at most 100"):
+                    cls(prompt="x", **{field.name: 1e308})
+    names = {n for _, n in checked}
+    assert {"guidance_scale", "true_cfg_scale", "guidance_scale_2", "stg_scale", "audio_guidance_scale"} <= names
+
+
+def test_a_plugin_subclass_default_keeps_its_parents_own_validator():
+    import attrs
+
+    def small(inst, attribute, value):
+        if value is not None and value > 5:
+            raise SamplingParamError(attribute.name, "must be at most 5")
+
+    @attrs.define(kw_only=True)
+    class Parent(SamplingParams):
+        knob: int = attrs.field(default=1, validator=small)
+
+    @attrs.define(kw_only=True)
+    class Child(Parent):
+        knob: int = 2  # a plain default: attrs drops the parent's validator
+
+    with pytest.raises(SamplingParamError, match="'knob': must be at most 5"):
+        Child(prompt="x", knob=9)
+    assert Child(prompt="x", knob=3).knob == 3

@@ -1,7 +1,9 @@
 """Per-request sampling parameters: typed, validated, with per-model defaults in subclasses."""
 from __future__ import annotations
 
+import functools
 import math
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
@@ -69,6 +71,30 @@ def _check_finite(name: str, value) -> None:
     NaN compares false with everything, so it would silently turn CFG off or give an all-NaN picture."""
     if isinstance(value, float) and not math.isfinite(value):
         raise SamplingParamError(name, f"must be a finite number, got {value}")
+
+
+_SCALE = re.compile(r"(^|_)scale(_\d+)?$")  # guidance_scale, true_cfg_scale, guidance_scale_2, stg_scale, ...
+
+
+def _check_scale(name: str, value) -> None:
+    """Every model's guidance-like scales (a field named ``*_scale``, a plugin's own too: LTX-2's stg_scale,
+    audio_guidance_scale) get the guidance range: 1e308 overflowed to a black picture."""
+    if _SCALE.search(name) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        problem = ranges.guidance_problem(value)
+        if problem:
+            raise SamplingParamError(name, problem)
+
+
+@functools.lru_cache(maxsize=None)
+def _inherited_validators(cls) -> dict:
+    """``{field: validator}``: for each field, the validator of the nearest class in ``cls``'s MRO that gave it one."""
+    found: dict = {}
+    for klass in cls.__mro__:
+        if attrs.has(klass):
+            for field in attrs.fields(klass):
+                if field.validator is not None:
+                    found.setdefault(field.name, field.validator)
+    return found
 
 
 def _prompt(inst, attribute, value):
@@ -155,12 +181,15 @@ class SamplingParams:
 
     def __attrs_post_init__(self) -> None:
         # A subclass overriding a default with a plain ``height: int = 1024`` replaces the whole attrs
-        # field and drops its validator; re-apply the base validators so every model's params validate.
+        # field and drops its validator; re-apply the nearest ancestor's validator (the base's, or a plugin
+        # class's own: Wan 2.2's guidance_scale_2) so every model's params validate.
         for field in attrs.fields(type(self)):
-            check = _BASE_VALIDATORS.get(field.name)
+            value = getattr(self, field.name)
+            check = _inherited_validators(type(self)).get(field.name)
             if check is not None and field.validator is None:
-                check(self, field, getattr(self, field.name))
-            _check_finite(field.name, getattr(self, field.name))
+                check(self, field, value)
+            _check_finite(field.name, value)
+            _check_scale(field.name, value)
 
     @classmethod
     def parameter_names(cls) -> list[str]:
