@@ -94,8 +94,12 @@ def check_fields(body: dict, route_fields: tuple[str, ...], params_cls) -> None:
                                     f"accepted: {', '.join(sorted(allowed))}")
 
 
-def _prompt(body: dict) -> str:
+def _prompt(body: dict, params_cls=None) -> str:
+    """The prompt: a non-empty string, or ``""`` for a model that captions the picture itself when the prompt
+    is empty (its SamplingParams' ``captions_empty_prompt``: Qwen-Image-Layered, as diffusers)."""
     prompt = body.get("prompt")
+    if prompt == "" and getattr(params_cls, "captions_empty_prompt", False):
+        return prompt
     if not isinstance(prompt, str) or not prompt.strip():
         raise bad_param("prompt", "prompt is required: a non-empty string")
     return prompt
@@ -137,7 +141,7 @@ def image_job(body: dict, served: str, params_cls, form: bool = False, images: O
     body, warnings = normalize(body, form, video=False)
     check_fields(body, IMAGE_FIELDS, params_cls)
     check_model(body, served)
-    prompt = _prompt(body)
+    prompt = _prompt(body, params_cls)
     n = _int_field(body, "n", form, default=1, lo=1, hi=MAX_N)
     height, width = parse_size(body.get("size"))
     response_format = body.get("response_format") or "b64_json"

@@ -57,6 +57,7 @@ class QwenImageLayeredSamplingParams(QwenImageSamplingParams):
     use_en_prompt: bool = attrs.field(default=False, validator=_flag)  # the captioning instruction's language
     min_images: ClassVar[int] = 1
     max_images: ClassVar[int] = 1
+    captions_empty_prompt: ClassVar[bool] = True  # "" is captioned (diffcore_qwen.captioning); the server lets it in
 
     def check_limits(self) -> None:
         super().check_limits()

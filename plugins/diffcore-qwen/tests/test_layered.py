@@ -174,3 +174,35 @@ def test_empty_prompt_captions_the_picture_as_diffusers(qwen_layered_folder, mak
     assert_parity(result.output, np.asarray(want))
     described = layered.generate(seed=2, output_type="np", **{**kw, "prompt": captions[0]})
     np.testing.assert_array_equal(described.output, result.output)  # the caption is exactly the prompt used
+
+
+def test_server_takes_an_empty_prompt_for_captioning(layered):
+    """OpenAI's edits need a prompt; a captioning model takes "" over HTTP too (the answer equals generate's)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    from diffcore.serve.settings import ServeSettings
+    from diffcore.testing.serving import openai_client, png_bytes, running_server
+
+    image = _rgba(40, 48, 5)
+    want = layered.generate(prompt="", image=image, layers=2, num_inference_steps=2, seed=4, use_en_prompt=True)
+    with running_server(layered, ServeSettings(served_model_name="layered")) as (base, _):
+        out = openai_client(base).images.edit(image=("in.png", png_bytes(image), "image/png"), prompt="",
+                                              extra_body={"layers": 2, "num_inference_steps": 2, "seed": 4,
+                                                          "use_en_prompt": True})
+    for entry, layer in zip(out.data, want.images):
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(entry.b64_json)))),
+                                      np.asarray(layer))
+
+
+def test_only_a_captioning_model_takes_an_empty_prompt_over_http():
+    pytest.importorskip("fastapi")
+    from diffcore.configs import SamplingParams
+    from diffcore.serve.errors import APIError
+    from diffcore.serve.schemas import _prompt
+    from diffcore_qwen.layered import QwenImageLayeredSamplingParams
+
+    assert _prompt({"prompt": ""}, QwenImageLayeredSamplingParams) == ""
+    for params_cls, body in ((SamplingParams, {"prompt": ""}), (QwenImageLayeredSamplingParams, {"prompt": "  "}),
+                             (QwenImageLayeredSamplingParams, {})):
+        with pytest.raises(APIError, match="prompt is required"):
+            _prompt(body, params_cls)
