@@ -108,3 +108,25 @@ def test_nan_guidance_is_refused_and_ignored_negative_prompt_warns(dev, caplog):
     import numpy as np
 
     assert np.isfinite(out).all()
+
+
+def test_guidance_scale_on_schnell_is_named_as_ignored_and_refused_over_http(flux_folders, caplog):
+    """Issue 30's case: FLUX.1-schnell has no guidance embedding, so a guidance_scale changes nothing. Python warns
+    and the result names it; the server refuses it with a 400 naming the field (after the first run, on arrival)."""
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from diffcore.serve.settings import ServeSettings
+    from diffcore.testing.serving import running_server
+
+    schnell = DiffGenerator.from_pretrained(flux_folders["schnell"], dtype="float32", progress=False)
+    small = dict(prompt="a cat", height=32, width=32, num_inference_steps=1, output_type="np")
+    with caplog.at_level(logging.WARNING):
+        result = schnell.generate(**small, guidance_scale=3.5)
+    assert result.ignored_parameters == ("guidance_scale",)
+    assert any("guidance_scale is ignored" in r.getMessage() for r in caplog.records)
+    with running_server(schnell, ServeSettings(served_model_name="schnell")) as (base, _):
+        r = httpx.post(base + "/v1/images/generations", timeout=60,
+                       json={"prompt": "a cat", "size": "32x32", "num_inference_steps": 1, "guidance_scale": 3.5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guidance_scale", r.text
+    assert r.json()["error"]["code"] == "unused_parameter"
