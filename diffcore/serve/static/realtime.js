@@ -1,13 +1,43 @@
 // The playground's live video panel: WebSocket /v1/realtime/video (docs/serve.md), shown for block-causal models.
+// With "H.264 video" the blocks are fragmented-MP4 chunks appended to a Media Source Extensions buffer instead.
 // Uses playground.js's globals ($, info, storedKey, userError); playground.js shows the panel (info.realtime). Frames come as raw rgb24 (exact, no codec needed)
 // and are painted on a canvas at the model's frame rate as the blocks arrive; the prompt can change mid-stream.
 "use strict";
-const live = { ws: null, queue: [], shown: 0, timer: null, fps: 16, received: 0 };
+const live = { ws: null, queue: [], shown: 0, timer: null, fps: 16, received: 0, media: null };
+
+// fMP4: one MediaSource per generation; chunks are appended in order (a SourceBuffer takes one at a time).
+function mediaAppend(chunk, mimeType) {
+  if (!live.media) {
+    const ms = new MediaSource();
+    live.media = { source: ms, buffer: null, pending: [], ended: false };
+    const video = $("live-video");
+    video.dataset.chunks = "0";
+    video.src = URL.createObjectURL(ms);
+    ms.addEventListener("sourceopen", () => {
+      live.media.buffer = ms.addSourceBuffer(mimeType);
+      live.media.buffer.addEventListener("updateend", () => {
+        video.dataset.chunks = String(+video.dataset.chunks + 1);
+        mediaPump();
+      });
+      mediaPump();
+    });
+  }
+  live.media.pending.push(chunk);
+  mediaPump();
+}
+
+function mediaPump() {
+  const m = live.media;
+  if (!m || !m.buffer || m.buffer.updating) return;
+  if (m.pending.length) m.buffer.appendBuffer(m.pending.shift());
+  else if (m.ended && m.source.readyState === "open") m.source.endOfStream();
+}
+
 
 function liveStatus(text) { $("live-status").textContent = text; }
 
 function liveParams() {
-  const p = { type: "start", format: "rgb24", prompt: $("prompt").value };
+  const p = { type: "start", format: $("live-format").value, prompt: $("prompt").value };
   const add = (name, id) => { const v = $(id).value; if (v !== "") p[name] = parseInt(v, 10); };
   add("seed", "seed");
   add("num_frames", "frames");
@@ -39,7 +69,9 @@ function liveStart() {
   if (!info || !info.realtime) return;
   liveStop();
   $("live-error").textContent = "";
-  live.queue = []; live.shown = 0; live.received = 0;
+  live.queue = []; live.shown = 0; live.received = 0; live.media = null;
+  const fmp4 = $("live-format").value === "fmp4";
+  $("live-canvas").classList.toggle("hidden", fmp4); $("live-video").classList.toggle("hidden", !fmp4);
   $("live-canvas").dataset.framesShown = "0";
   $("live-log").replaceChildren();
   const scheme = location.protocol === "https:" ? "wss://" : "ws://";
@@ -55,6 +87,12 @@ function liveStart() {
     liveStatus("starting...");
   };
   ws.onmessage = (event) => {
+    if (typeof event.data !== "string" && header.mime_type) {  // the binary half of a block: an fMP4 chunk
+      mediaAppend(event.data, header.mime_type);
+      live.received += header.num_frames;
+      liveStatus("block " + (header.index + 1) + " received (" + live.received + " frames)");
+      return;
+    }
     if (typeof event.data !== "string") {  // the binary half of a block: its frames, h * w * 3 bytes each
       const bytes = new Uint8Array(event.data);
       const size = header.width * header.height * 3;
@@ -78,6 +116,7 @@ function liveStart() {
       note("prompt \"" + m.prompt + "\" from block " + (m.from_block + 1));
     } else if (m.type === "done") {
       note("done: " + m.num_frames + " frames");
+      if (live.media) { live.media.ended = true; mediaPump(); }
       liveStop("done");
     } else if (m.type === "error") {
       $("live-error").textContent = userError(m.error.code === "invalid_api_key" ? 401 : 400, m).message;

@@ -359,3 +359,50 @@ def test_a_full_queue_is_an_error_frame_that_says_retry(causal):
                 assert len(read_until_done(ws)[0]) == 3
     assert error["error"]["code"] == "queue_full" and error["error"]["type"] == "rate_limit_error"
     assert closed.value.rcvd.code == 1013
+
+
+def test_playground_live_panel_plays_fmp4_through_media_source_in_a_browser(server, causal):
+    """"H.264 video" in the live panel: the three fMP4 chunks go into a Media Source Extensions buffer in
+    chromium, which holds the whole clip (21 frames at 16 fps) and shows, at the last frame's time, the
+    generation's last frame (lossy: the nearest of the 21 frames, and close to it)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
+    from diffcore.testing.browser import FLAGS, chromium
+
+    exe = chromium()
+    want = frames_of(causal, "a red cat")
+    base = server[0].replace("ws://", "http://").removesuffix("/v1/realtime/video")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(base + "/")
+            page.wait_for_selector("#live-box:not(.hidden)", timeout=WAIT * 1000)
+            for field, value in (("#prompt", "a red cat"), ("#width", "48"), ("#height", "32"), ("#frames", "21"),
+                                 ("#seed", "2")):
+                page.fill(field, value)
+            page.select_option("#live-format", "fmp4")
+            page.click("#live-start")
+            page.wait_for_function("document.getElementById('live-status').textContent === 'done' && "
+                                   "document.getElementById('live-video').dataset.chunks === '3'",
+                                   timeout=WAIT * 1000)
+            buffered = page.evaluate("(() => { const b = document.getElementById('live-video').buffered;"
+                                     " return [b.length, b.start(0), b.end(0)]; })()")
+            shown = page.evaluate("""async () => {
+                const v = document.getElementById('live-video');
+                v.pause();
+                await new Promise((done) => { v.onseeked = done; v.currentTime = 20 / 16 + 0.01; });
+                const c = document.createElement('canvas'); c.width = v.videoWidth; c.height = v.videoHeight;
+                const ctx = c.getContext('2d'); ctx.drawImage(v, 0, 0);
+                return [v.videoWidth, v.videoHeight, Array.from(ctx.getImageData(0, 0, c.width, c.height).data)];
+            }""")
+            assert page.inner_text("#live-error") == "" and page.is_hidden("#live-canvas")
+        finally:
+            browser.close()
+    assert buffered[0] == 1 and buffered[1] < 0.01 and abs(buffered[2] - 21 / 16) < 0.5 / 16, buffered
+    width, height, data = shown
+    frame = np.asarray(data, np.uint8).reshape(height, width, 4)[..., :3].astype(float)
+    assert (width, height) == (48, 32)
+    distances = [np.abs(frame - w).mean() for w in want]
+    psnr = 10 * np.log10(255**2 / np.mean((frame - want[20]) ** 2))
+    print(f"fmp4 in chromium: last frame PSNR {psnr:.1f} dB")
+    assert int(np.argmin(distances)) == 20 and psnr > 20, (int(np.argmin(distances)), psnr)
