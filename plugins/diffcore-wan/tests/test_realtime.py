@@ -406,3 +406,23 @@ def test_playground_live_panel_plays_fmp4_through_media_source_in_a_browser(serv
     psnr = 10 * np.log10(255**2 / np.mean((frame - want[20]) ** 2))
     print(f"fmp4 in chromium: last frame PSNR {psnr:.1f} dB")
     assert int(np.argmin(distances)) == 20 and psnr > 20, (int(np.argmin(distances)), psnr)
+
+
+def test_diffcore_serve_command_streams_with_the_key_in_the_header(fewstep_folders, causal):
+    """The real `diffcore serve` process (its uvicorn picks the WebSocket implementation the serve extra
+    installs): the Authorization header authorizes, blocks stream, and the rgb24 frames equal generate()'s."""
+    from diffcore.testing.serving import serve_process
+
+    proc, base = serve_process("--model", str(fewstep_folders["causal"]), "--dtype", "float32", "--api-key", "k",
+                               "--log-level", "warning")
+    try:
+        url = base.replace("http://", "ws://") + "/v1/realtime/video"
+        with ws_client.connect(url, additional_headers={"Authorization": "Bearer k"}, open_timeout=WAIT) as ws:
+            ws.send(json.dumps({**START, "format": "rgb24"}))
+            blocks, _, done = read_until_done(ws)
+    finally:
+        proc.terminate()
+        proc.wait(WAIT)
+    assert [h["index"] for h, _ in blocks] == [0, 1, 2] and done["num_frames"] == 21
+    got, want = np.concatenate(rgb(blocks)).astype(int), frames_of(causal, "a red cat").astype(int)
+    assert np.abs(got - want).max() <= 1  # another process (its own thread count): float rounding at most
