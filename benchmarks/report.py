@@ -50,6 +50,15 @@ def markdown(doc: dict) -> str:
             f"| {a['load']['median']:.2f} / {b['load']['median']:.2f} | {r['load_speedup']:.2f}x | {cast} "
             f"| {a['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f} "
             f"| {_f(o.get('max_abs_diff'), '.1e')} | {_f(o.get('psnr_db'), '.1f')} |")
+    cpu = [r for r in doc["results"] if "cpu_speedup" in r]
+    if cpu:
+        lines += ["", "The same runs in process CPU time (user + system; with one torch thread it leaves out the time "
+                      "spent waiting for a core, which dominates wall time when other jobs share the machine):", "",
+                  "| workload | dtype | diffusers CPU s | diffcore CPU s | speed-up (median, min–max) |", "|---|---|---|---|---|"]
+        for r in cpu:
+            a, b, s = r["engines"]["diffusers"]["cpu_s"], r["engines"]["diffcore"]["cpu_s"], r["cpu_speedup"]
+            lines.append(f"| {r['workload']} | {r['dtype']} | {a['median']:.2f} | {b['median']:.2f} "
+                         f"| **{s['median']:.2f}x** ({s['min']:.2f}–{s['max']:.2f}) |")
     flops = [r for r in doc["results"] if "achieved_gflops" in r]
     if flops:
         lines += ["", "FLUX transformer step (diffcore), achieved vs measured matmul peak:", "",

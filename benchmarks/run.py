@@ -170,6 +170,11 @@ def bench_pair(w, folder: Path, dtype: str, args, params: dict, cast_folder: Pat
     ratios = [a["total_s"] / b["total_s"] for a, b in zip(res["engines"]["diffusers"]["runs"],
                                                            res["engines"]["diffcore"]["runs"])]
     res["speedup"] = _summary(ratios)
+    runs = {e: res["engines"][e]["runs"] for e in ENGINES}
+    if all("cpu_s" in r for e in ENGINES for r in runs[e]):  # the same pairs in process CPU time
+        for e in ENGINES:
+            res["engines"][e]["cpu_s"] = _summary([r["cpu_s"] for r in runs[e]])
+        res["cpu_speedup"] = _summary([a["cpu_s"] / b["cpu_s"] for a, b in zip(runs["diffusers"], runs["diffcore"])])
     res["load_speedup"] = res["engines"]["diffusers"]["load"]["median"] / res["engines"]["diffcore"]["load"]["median"]
     res["output"] = compare(TMP / f"{tag}-diffusers.npy", TMP / f"{tag}-diffcore.npy")
     return res

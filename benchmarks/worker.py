@@ -262,10 +262,12 @@ def serve(args) -> None:
             weights = sum(_tensor_bytes(p) for p in engine.transformer.parameters()) / 2**20
             _reply({"load_s": time.perf_counter() - t0, "transformer_mb": weights, **_status()})
         elif name == "run":
+            cpu = time.process_time()  # CPU time of this process: what waiting for a core on a busy machine leaves out
             output, total, stages = engine.run(cmd["params"], cmd.get("cache"))
+            cpu = time.process_time() - cpu
             if cmd.get("out"):
                 np.save(cmd["out"], output)
-            _reply({"total_s": total, "stages": stages, **_status()})
+            _reply({"total_s": total, "cpu_s": cpu, "stages": stages, **_status()})
         elif name == "flops":
             _reply({"flops": engine.flops(cmd["params"])})
         elif name == "rss":
