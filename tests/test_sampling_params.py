@@ -210,3 +210,10 @@ def test_a_plugin_subclass_default_keeps_its_parents_own_validator():
     with pytest.raises(SamplingParamError, match="'knob': must be at most 5"):
         Child(prompt="x", knob=9)
     assert Child(prompt="x", knob=3).knob == 3
+
+
+@pytest.mark.parametrize("fps", [10**9, 241])
+def test_a_frame_rate_outside_the_range_is_refused(fps):
+    with pytest.raises(SamplingParamError, match="'fps': must be in \\[1, 240\\] frames per second"):
+        SamplingParams.from_user(prompt="x", fps=fps)
+    assert SamplingParams.from_user(prompt="x", fps=240).fps == 240

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 MAX_GUIDANCE = 100.0  # guidance_scale, true_cfg_scale
 FLOW_SHIFT = (1e-3, 1e3)  # flow_shift, and a scheduler config's shift / flow_shift
+FRAME_RATE = (1, 240)  # fps, LTX-2's frame_rate: 1e-6 fps made LTX-2 size its audio for ~1e8 latent frames
 
 
 def guidance_problem(value: float):
@@ -24,4 +25,12 @@ def shift_problem(value: float):
     if not low <= value <= high:
         return (f"must be in [{low:g}, {high:g}] (real models use 0.5-20; beyond, the schedule collapses to "
                 f"NaN timesteps), got {value:g}")
+    return None
+
+
+def frame_rate_problem(value: float):
+    """Why a (finite, > 0) frame rate is refused, or None."""
+    low, high = FRAME_RATE
+    if not low <= value <= high:
+        return f"must be in [{low}, {high}] frames per second (real videos use 8-60), got {value:g}"
     return None

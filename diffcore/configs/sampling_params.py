@@ -46,6 +46,13 @@ def _flow_shift(inst, attribute, value):
         raise SamplingParamError(attribute.name, problem)
 
 
+def _fps(inst, attribute, value):
+    _positive_int(inst, attribute, value)
+    problem = None if value is None else ranges.frame_rate_problem(value)
+    if problem:
+        raise SamplingParamError(attribute.name, problem)
+
+
 def _guidance(inst, attribute, value):
     _non_negative_float(inst, attribute, value)
     problem = None if value is None else ranges.guidance_problem(value)
@@ -159,7 +166,7 @@ class SamplingParams:
     height: Optional[int] = attrs.field(default=None, validator=_positive_int)
     width: Optional[int] = attrs.field(default=None, validator=_positive_int)
     num_frames: Optional[int] = attrs.field(default=None, validator=_positive_int)
-    fps: Optional[int] = attrs.field(default=None, validator=_positive_int)
+    fps: Optional[int] = attrs.field(default=None, validator=_fps)
     num_inference_steps: int = attrs.field(default=50, validator=_positive_int)
     guidance_scale: float = attrs.field(default=1.0, validator=_guidance)  # sane ranges: configs/ranges.py
     true_cfg_scale: float = attrs.field(default=1.0, validator=_guidance)

@@ -15,7 +15,7 @@ from typing import ClassVar, Optional
 import attrs
 import torch
 
-from diffcore.configs import PipelineConfig, SamplingParams
+from diffcore.configs import PipelineConfig, SamplingParams, ranges
 from diffcore.configs.sampling_params import non_negative_float
 from diffcore.errors import SamplingParamError
 from diffcore.request import PromptEmbeds
@@ -23,9 +23,12 @@ from diffcore.request import PromptEmbeds
 from .layout import Layout
 
 
-def _positive_number(inst, attribute, value):
+def _frame_rate(inst, attribute, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise SamplingParamError(attribute.name, f"must be a finite number > 0, got {value!r}")
+    problem = ranges.frame_rate_problem(value)
+    if problem:
+        raise SamplingParamError(attribute.name, problem)
 
 
 def _optional_scale(inst, attribute, value):
@@ -56,7 +59,7 @@ class LTX2SamplingParams(SamplingParams):
     height: int = 512
     width: int = 768
     num_frames: int = 121
-    frame_rate: float = attrs.field(default=24.0, validator=_positive_number)
+    frame_rate: float = attrs.field(default=24.0, validator=_frame_rate)
     num_inference_steps: int = 30
     guidance_scale: float = 3.0
     stg_scale: float = attrs.field(default=1.0, validator=non_negative_float)

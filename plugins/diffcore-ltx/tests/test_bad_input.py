@@ -23,6 +23,11 @@ PROMPT = "a red cat"
     (dict(sigmas=[0.5, 0.9]), "sigmas"),  # not decreasing
     (dict(sigmas=[1.0, 0.5, 0.2]), "sigmas"),  # 3 sigmas for 2 steps
     (dict(guidance_rescale=-0.5), "guidance_rescale"),
+    # issue 30 rechecked on LTX-2: absurd finite values (audio sized for ~1e8 latent frames; a black picture)
+    (dict(frame_rate=1e-6), "frame_rate"),
+    (dict(frame_rate=1e308), "frame_rate"),
+    (dict(stg_scale=1e308), "stg_scale"),
+    (dict(audio_guidance_scale=1e308), "audio_guidance_scale"),
 ])
 def test_refused_with_the_parameter_named(generator, kwargs, param):
     with pytest.raises(SamplingParamError) as info:
