@@ -132,7 +132,13 @@ const maskBlob = () => new Promise((resolve) => $("mask-canvas").toBlob(resolve,
 
 function params() {
   const p = { prompt: $("prompt").value };
-  const add = (name, id, parse) => { const v = $(id).value; if (v !== "") p[name] = parse(v); };
+  // A field still at the model's default (prefilled from /v1/playground/info) is left out: the server uses the same
+  // default, and a model that does not read it (Qwen-Image-Layered's guidance_scale) would refuse it as unused.
+  const d = info.defaults || {};
+  const add = (name, id, parse) => {
+    const v = $(id).value;
+    if (v !== "" && !(d[name] !== undefined && d[name] !== null && String(d[name]) === v)) p[name] = parse(v);
+  };
   add("negative_prompt", "negative", String);
   add("num_inference_steps", "steps", parseInt);
   add("guidance_scale", "guidance", parseFloat);

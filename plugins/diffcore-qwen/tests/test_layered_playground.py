@@ -39,8 +39,8 @@ def test_playground_shows_the_layers_side_by_side(qwen_layered_folder, tmp_path)
             page.set_input_files("#image", str(tmp_path / "in.png"))
             page.click("#generate")
             page.wait_for_function("(() => { const i = document.querySelectorAll('#result .layers figure img');"
-                                   " return i.length > 0 && [...i].every((e) => e.complete && e.naturalWidth > 0); })()",
-                                   timeout=120_000)
+                                   " return document.getElementById('error').textContent !== '' || (i.length > 0 &&"
+                                   " [...i].every((e) => e.complete && e.naturalWidth > 0)); })()", timeout=180_000)
             assert page.inner_text("#error") == ""
             figures = page.locator("#result .layers figure")
             captions = [figures.nth(i).locator("figcaption").inner_text() for i in range(figures.count())]
