@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/serve.json", help="the JSON results file, relative to benchmarks/")
     ap.add_argument("--mixed", action="store_true", help="the open-loop mixed workload, joining off vs on")
     ap.add_argument("--per-client", type=int, default=2, help="--mixed: requests each client sends")
-    ap.add_argument("--gap", type=float, default=4.0, help="--mixed: mean seconds between a client's requests")
+    ap.add_argument("--gap", type=float, default=16.0, help="--mixed: mean seconds between a client's requests")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.mixed:
