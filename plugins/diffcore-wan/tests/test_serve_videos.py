@@ -28,7 +28,8 @@ def frames(path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def server(wan_folders):
     gen = ours(wan_folders["ti2v"])  # TI2V: text-to-video, and image-to-video with an input image
-    with running_server(gen, ServeSettings(served_model_name="wan")) as (base, app):
+    # one job at a time: with room, a queued job would join the running one at its next step (step batching)
+    with running_server(gen, ServeSettings(served_model_name="wan", max_batch_size=1)) as (base, app):
         yield base, app, gen
 
 
