@@ -138,3 +138,25 @@ def test_last_layer_runs_its_mlp_on_the_image_rows_only(pair):
         for h in hooks:
             h.remove()
     assert rows == {0: 32 + 64, len(ours.layers) - 1: 4 * 6}  # 24 image tokens padded to 32, captions to 64
+
+
+def test_bfloat16_tracks_fp32(pair, fastpath_mode):
+    """bf16 weights and inputs stay close to diffusers' fp32 result at two steps of one request (the second reuses
+    the caption stream), with the CPU fast paths and with the portable ones (what an AVX2-only CPU runs)."""
+    _, ref = pair
+    ours = tiny_transformer(seed=3).bfloat16()
+    cap_lens, (h, w) = [5, 40], (8, 12)
+    latents, caps = _inputs(cap_lens, h, w)
+    embeds = torch.nn.utils.rnn.pad_sequence(caps, batch_first=True).bfloat16()
+    layout = ours.layout(cap_lens, (h // 2, w // 2))
+    for t in (0.3, 0.7):
+        times = torch.full((2,), t)
+        with torch.no_grad():
+            expected = torch.stack(ref(list(latents.unsqueeze(2).unbind(0)), times, caps, return_dict=False)[0]).squeeze(2)
+        with torch.inference_mode():
+            got = ours(hidden_states=latents.bfloat16(), timestep=times, encoder_hidden_states=embeds, layout=layout)
+        assert got.dtype == torch.bfloat16
+        cos = torch.nn.functional.cosine_similarity(got.float().flatten(), expected.flatten(), dim=0)
+        print(f"zimage transformer bf16 ({fastpath_mode}, t={t}) vs diffusers fp32: cosine={float(cos):.6f}")
+        assert cos >= 0.999, (fastpath_mode, t, float(cos))
+    assert "captions" in layout.memo
