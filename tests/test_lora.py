@@ -278,3 +278,25 @@ def test_hub_repo_ids_load_from_the_cache_offline(gen, files, tmp_path, monkeypa
     assert name == "style_v2" and gen.loras[name].source.endswith("style_v2.safetensors")
     gen.load_lora(files["style"], name="local")
     assert np.array_equal(_run(gen, loras={"style_v2": 0.5}), _run(gen, loras={"local": 0.5}))
+
+
+def test_step_batch_rows_keep_their_own_adapters_and_hold_them_between_steps(gen, files):
+    """A request with an adapter and one without share a step batch (joined mid-run) and each equals its solo run;
+    while a request is a row its adapter cannot be unloaded, even between two steps."""
+    from diffcore.engine.batching import BatchScheduler
+    from diffcore.errors import LoraInUseError
+    from diffcore.testing.joining import Gate, assert_join_equals_solo
+
+    gen.load_lora(files["style"])
+    styled = dict(KW, seed=3, num_inference_steps=4, loras={"style": 0.8})
+    counted = assert_join_equals_solo(gen, styled, [dict(KW, seed=4, num_inference_steps=2)], at=0)
+    assert max(counted["rows"]) == 2  # they shared calls, each row with its own adapters
+    gate = Gate(at=0)
+    with BatchScheduler(gen, max_batch_size=2, max_wait_ms=0) as scheduler:
+        running = scheduler.submit(gen.request(dict(styled, callback=gate)))
+        assert gate.reached.wait(timeout=60)  # between its first and second step
+        with pytest.raises(LoraInUseError, match="style"):
+            gen.unload_lora("style", timeout=0.2)
+        gate.release.set()
+        assert running.result(timeout=60).output is not None
+    gen.unload_lora("style", timeout=0)  # it left: free to go
