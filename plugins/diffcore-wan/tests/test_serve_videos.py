@@ -33,15 +33,6 @@ def server(wan_folders):
         yield base, app, gen
 
 
-@pytest.fixture
-def one_at_a_time(server):
-    """The same loaded model served with --max-batch-size 1: a second job waits in the queue while the first
-    runs (with step-level joining and room in the batch it would join the running one at the next step)."""
-    gen = server[2]
-    with running_server(gen, ServeSettings(served_model_name="wan", max_batch_size=1)) as (base, app):
-        yield base, app, gen
-
-
 def test_text_and_image_to_video_jobs(server, tmp_path):
     base, app, gen = server
     client = openai_client(base)
@@ -73,8 +64,8 @@ def test_text_and_image_to_video_jobs(server, tmp_path):
         client.videos.retrieve(job.id)
 
 
-def test_progress_then_delete_a_running_and_a_queued_job(one_at_a_time):
-    base, app, _ = one_at_a_time
+def test_progress_then_delete_a_running_and_a_queued_job(server):
+    base, app, _ = server
     client = openai_client(base)
     long = client.videos.create(prompt="a long one", size="32x32", extra_body={"seed": 0, "num_inference_steps": 60,
                                                                                 "num_frames": 5})
