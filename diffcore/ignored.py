@@ -65,9 +65,26 @@ def tracking(params: Iterable) -> Iterator[None]:
         say_unread(params, reads)
 
 
+def is_default(params, name: str) -> bool:
+    """Whether ``params.<name>`` is the model's own default (sending it changes nothing: a playground or a
+    client that fills every field with the defaults it was shown)."""
+    import attrs
+
+    field = attrs.fields_dict(type(params)).get(name)
+    if field is None:
+        return False
+    default = field.default.factory() if isinstance(field.default, attrs.Factory) else field.default
+    try:
+        return bool(object.__getattribute__(params, name) == default)
+    except Exception:  # values that do not compare (arrays)
+        return False
+
+
 def unread(req) -> set:
-    """The parameters ``req``'s caller gave that nothing read while it was validated and run."""
-    return set(getattr(req.params, "_given", ())) - req.params_read - ENGINE_FIELDS
+    """The parameters ``req``'s caller gave, other than at the model's default, that nothing read while it was
+    validated and run."""
+    left = set(getattr(req.params, "_given", ())) - req.params_read - ENGINE_FIELDS
+    return {name for name in left if not is_default(req.params, name)}
 
 
 # composition (a pipeline) -> {do_cfg: (fields some finished run read, fields a finished run left unread)}

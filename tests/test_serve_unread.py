@@ -136,3 +136,12 @@ def test_a_notice_about_a_default_value_refuses_nothing(server, monkeypatch):
     monkeypatch.setattr(input_validation, "_warn_ignored", default_notice)
     _picture(_post(server))
     _refused(_post(server, true_cfg_scale=4.0), "true_cfg_scale")
+
+
+def test_a_field_sent_at_the_models_default_is_served(server, fresh_ledger):
+    """The playground (and clients that fill every field with the defaults they were shown) sends e.g. the default
+    guidance of a model that never reads it: that changes nothing, so it is served; another value is refused."""
+    default = _post(server, true_cfg_scale=1.0)  # the toy's default true_cfg_scale, which it never reads
+    np.testing.assert_array_equal(_picture(default), _picture(_post(server)))
+    _refused(_post(server, true_cfg_scale=4.0), "true_cfg_scale")
+    _picture(_post(server, true_cfg_scale=1.0))  # still served once the rule has learned the field

@@ -49,7 +49,8 @@ def _allowed(name: str, why: str, warnings: list) -> bool:
 
 def check_arrival(generator, req, warnings: list) -> None:
     """Refuse (APIError 400) a validated, not yet run ``req`` that sets a field its model will not read."""
-    given = set(getattr(req.params, "_given", ()))  # a notice about a default value is not the client's doing
+    # a notice about a value the client did not set, or set to the model's default, is not the client's doing
+    given = {n for n in getattr(req.params, "_given", ()) if not ignored.is_default(req.params, n)}
     for name, text in sorted(notices.ignored_params(req.notices).items()):
         if name in given and not _allowed(name, text, warnings):
             raise _refuse(name, text)
