@@ -94,6 +94,10 @@ def test_a_stream_abandoned_mid_way_stops_at_the_next_step(toy_gen, why):
     """The client reads the first preview and leaves (or the stream passes --request-timeout): the request stops
     within one step (two transformer calls: CFG), far before its 400 steps."""
     calls, remove = count_denoiser_calls(toy_gen)
+    # 10 ms per transformer call: the 400 steps (800 calls) take >= 8 s, past the 3 s timeout on any machine (an idle
+    # one ran the toy's 400 steps in 1.5 s, so the request finished before its timeout and nothing was cancelled)
+    slow = [m.register_forward_pre_hook(lambda *a: time.sleep(0.01))
+            for m in toy_gen.pipeline.stage("denoising").transformers] if why == "timeout" else []
     settings = ServeSettings(served_model_name="toy", request_timeout=3.0 if why == "timeout" else 600.0)
     try:
         with running_server(toy_gen, settings) as (base, app):
@@ -111,6 +115,8 @@ def test_a_stream_abandoned_mid_way_stops_at_the_next_step(toy_gen, why):
             metrics = httpx.get(base + "/metrics").text
     finally:
         remove()
+        for handle in slow:
+            handle.remove()
     assert marks, "the server never cancelled the request"
     assert stopped_at - marks[0] <= 2 and stopped_at < 400 * 2
     assert f'diffcore_requests_cancelled_total{{reason="{why}"}} 1.0' in metrics
