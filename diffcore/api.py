@@ -25,6 +25,7 @@ class DiffGenerator:
     ``diffcore.protocols.ServedModel``: what ``diffcore serve`` serves."""
 
     broken: Optional[str] = None  # (diffcore.protocols.ServedModel) one process never falls out of step
+    stops_at_steps = True  # (ServedModel) a cancelled request stops at its next denoising step
 
     def __init__(self, pipeline, sampling_params_cls, model: str, folder: Path, load_time: float, registry=None):
         self.pipeline, self.sampling_params_cls = pipeline, sampling_params_cls

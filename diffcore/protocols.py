@@ -33,6 +33,7 @@ class ServedModel(Protocol):
     model: str  # the name it was loaded with
     sampling_params_cls: type
     broken: Optional[str]  # why it can run nothing more (torchrun ranks out of step); None while it can
+    stops_at_steps: bool  # a running request can stop at a step boundary (False: its batch runs to its end)
 
     @property
     def config(self) -> "PipelineConfig": ...
@@ -42,6 +43,12 @@ class ServedModel(Protocol):
 
     @property
     def loras(self) -> dict: ...
+
+    @property
+    def streams_blocks(self) -> bool: ...  # hands out finished video blocks (WebSocket /v1/realtime/video)
+
+    @property
+    def can_preview(self) -> bool: ...  # streamed previews (stream=true, partial_images)
 
     def request(self, kwargs: dict, check_loras: bool = False) -> "Request": ...
 

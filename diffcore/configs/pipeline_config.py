@@ -50,6 +50,8 @@ class PipelineConfig:
     # The pipeline writes a sound track beside its frames: some stage must produce ``audio`` and
     # ``audio_sample_rate`` (the dataflow proof checks), and results, mp4s and the server carry it.
     has_audio: ClassVar[bool] = False
+    # Its pictures carry an alpha channel (Qwen-Image-Layered): the server honours background="transparent".
+    has_alpha: ClassVar[bool] = False
     # Rows with and without CFG may share a batch (the engine leaves do_cfg out of the batch key): the config's
     # wants_cfg alone decides per row whether CFG runs (no other condition, such as true CFG's negative prompt).
     mixed_cfg_batches: ClassVar[bool] = False

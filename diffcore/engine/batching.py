@@ -171,7 +171,7 @@ class BatchScheduler:
         self._closed = False
         self._running = 0
         self._current: list[_Item] = []  # the requests that run now
-        self._stops = bool(getattr(model, "stops_at_steps", True))
+        self._stops = bool(model.stops_at_steps)
         self.step_batching = bool(step_batching) and self._stops  # requests join running batches
         self._worker = threading.Thread(target=self._loop, name="diffcore-batch-scheduler", daemon=True)
         self._worker.start()

@@ -67,16 +67,16 @@ def check_parallel(sp_degree: int, cfg_parallel: bool, config, folder: Path, pip
                 f"= {launched}, or start one process (for more requests per second: serve --replicas)")
         return
     layout = f"sp_degree={sp_degree}" + (" with cfg_parallel" if cfg_parallel else "")
-    if sp_degree > 1 and not getattr(config, "sequence_parallel", False):
+    if sp_degree > 1 and not config.sequence_parallel:
         raise ParallelConfigError(
             f"{pipeline_name} ({type(config).__name__}) does not support sequence parallelism; "
             "use sp_degree=1 (cfg_parallel may still apply)")
-    if cfg_parallel and getattr(config, "cfg", "none") == "none":
+    if cfg_parallel and config.cfg == "none":
         raise ParallelConfigError(
             f"{pipeline_name} ({type(config).__name__}) runs without classifier-free guidance, so cfg_parallel "
             "would leave half the ranks idle; drop cfg_parallel")
     if sp_degree > 1:
-        for name, heads in _denoiser_heads(folder, getattr(config, "denoiser_components", ("transformer",))).items():
+        for name, heads in _denoiser_heads(folder, config.denoiser_components).items():
             if heads % sp_degree:
                 divisors = [d for d in range(1, heads + 1) if heads % d == 0]
                 raise ParallelConfigError(

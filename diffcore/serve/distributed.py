@@ -257,6 +257,12 @@ class Leader(ServedModel):
         return self._state_call("unfuse_lora", None, self.generator.unfuse_lora)
 
     @property
+    def streams_blocks(self) -> bool:
+        """No block streaming under torchrun: a block callback cannot be broadcast, and a realtime session's
+        prompt changes would reach rank 0 only."""
+        return False
+
+    @property
     def can_preview(self) -> bool:
         """Streamed previews: rank 0 decodes them from its own copy of the batch every rank runs."""
         return self.generator.can_preview

@@ -216,7 +216,7 @@ class Session:
                                 "another connection)", code="generation_running")
         self.state.require_ready()
         gen = self.state.generator
-        if not getattr(gen, "streams_blocks", False):
+        if not gen.streams_blocks:
             raise APIError(400, f"model {self.state.model_name!r} does not make its video block by block (it has no "
                                 "causal blocks): /v1/realtime/video needs a block-causal (self-forcing) video "
                                 "model; use /v1/videos or /v1/images/generations for this one", param="model", code="model_not_realtime")

@@ -147,7 +147,7 @@ async def wait_all(request: Request, state, futures: list, warnings: Optional[li
 
 def has_alpha(state) -> bool:
     """Whether the served model makes pictures with an alpha channel (its config says ``has_alpha``)."""
-    return bool(getattr(state.generator.config, "has_alpha", False))
+    return state.generator.config.has_alpha
 
 
 async def render_images(request: Request, state, job: schemas.ImageJob) -> tuple[list[tuple[bytes, int, dict]], str]:
@@ -376,7 +376,7 @@ async def playground_info(request: Request):
     params = gen.sampling_params_cls()
     tasks = sorted(getattr(gen.pipeline, "compositions", {}))
     return {"model": state.model_name, "video": bool(gen.config.is_video), "audio": bool(gen.config.has_audio),
-            "realtime": bool(getattr(gen, "streams_blocks", False)),  # WebSocket /v1/realtime/video (serve.realtime)
+            "realtime": gen.streams_blocks,  # WebSocket /v1/realtime/video (serve.realtime)
             "tasks": tasks,
             "max_images": gen.sampling_params_cls.max_images, "min_images": gen.sampling_params_cls.min_images,
             "defaults": {"num_inference_steps": params.num_inference_steps, "guidance_scale": params.guidance_scale,

@@ -39,7 +39,7 @@ def sse(event: dict) -> bytes:
 
 def check_streamable(state, job: schemas.ImageJob) -> None:
     """A 400 naming ``stream`` where previews were asked of a model that has none."""
-    if job.partial_images and not getattr(state.generator, "can_preview", False):
+    if job.partial_images and not state.generator.can_preview:
         raise bad_param("stream", f"model {state.model_name!r} cannot stream partial images (its denoising does not "
                                   "make one picture per step): send partial_images=0 or leave stream out")
 
